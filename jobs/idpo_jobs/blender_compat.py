@@ -1,0 +1,83 @@
+"""Make llm-blender 0.0.2 (the PairRM runtime) work under transformers 5, without forking it.
+
+Two things broke upstream:
+1. `from transformers.utils.hub import TRANSFORMERS_CACHE` at import time: the constant is gone.
+   We restore it as the hub cache directory before the first import (what it used to alias).
+2. Its collators call `tokenizer.batch_encode_plus`, which transformers 5 removed. We give the
+   ranker's own tokenizer instance a `batch_encode_plus` that forwards to `__call__` (the
+   documented replacement), instead of patching the tokenizer class for the whole process.
+
+Also, a ranker directory's `config.json` names its backbone (`model_name`); a relative name that
+exists inside the ranker directory is resolved there, so a self-contained ranker directory loads
+with no network (the tiny test ranker and air-gapped PVC copies of PairRM rely on this).
+"""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+from typing import Any
+
+RANKER_FILES = ("config.json",)
+RANKER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def _restore_transformers_cache() -> None:
+    import transformers.utils.hub as hub
+
+    if not hasattr(hub, "TRANSFORMERS_CACHE"):
+        from huggingface_hub import constants
+
+        hub.TRANSFORMERS_CACHE = constants.HF_HUB_CACHE
+
+
+def import_llm_blender() -> types.ModuleType:
+    _restore_transformers_cache()
+    import llm_blender
+
+    return llm_blender
+
+
+def _batch_encode_plus(tokenizer: Any) -> Any:
+    def batch_encode_plus(texts: list[str], **kwargs: Any) -> Any:
+        return tokenizer(texts, **kwargs)
+
+    return batch_encode_plus
+
+
+def add_batch_encode_plus(tokenizer: Any) -> Any:
+    """Give one tokenizer instance the pre-v5 `batch_encode_plus` (no-op where it exists)."""
+    if not hasattr(tokenizer, "batch_encode_plus"):
+        tokenizer.batch_encode_plus = _batch_encode_plus(tokenizer)
+    return tokenizer
+
+
+def check_ranker_dir(path: Path) -> dict[str, Any]:
+    """The ranker's RankerConfig as a dict, or a clear error naming what is missing."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"ranker directory {path} does not exist")
+    missing = [f for f in RANKER_FILES if not (path / f).is_file()]
+    if not any((path / w).is_file() for w in RANKER_WEIGHTS):
+        missing.append(" or ".join(RANKER_WEIGHTS))
+    if missing:
+        raise FileNotFoundError(f"ranker directory {path} lacks {', '.join(missing)}")
+    return json.loads((path / "config.json").read_text())
+
+
+def backbone_override(path: Path, ranker_config: dict[str, Any]) -> dict[str, Any]:
+    name = ranker_config.get("model_name")
+    if name and not Path(name).is_absolute() and (path / name).is_dir():
+        return {"model_name": str(path / name)}
+    return {}
+
+
+def load_blender(ranker_path: str, device: str) -> Any:
+    """An `llm_blender.Blender` with its ranker loaded from `ranker_path` (dir or hub id)."""
+    llm_blender = import_llm_blender()
+    path = Path(ranker_path)
+    overrides = backbone_override(path, check_ranker_dir(path)) if path.exists() else {}
+    blender = llm_blender.Blender()
+    blender.loadranker(str(path), device=device, **overrides)
+    add_batch_encode_plus(blender.ranker_tokenizer)
+    return blender

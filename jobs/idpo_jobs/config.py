@@ -1,0 +1,303 @@
+"""Typed configuration shared by the operator (which writes it) and the stages (which read it).
+
+The per-stage parameter models (`GenerationSpec`, `RankingSpec`, `TrainingSpec`, ...) are also the
+sections of the `IterativeDPORun` spec, so a field is defined and documented exactly once: here.
+Its description flows into the generated CRD and `kubectl explain`.
+
+This module imports pydantic only: the operator image has no torch.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+DEFAULT_BASE_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
+DEFAULT_PROMPT_DATASET = "snorkelai/Snorkel-Mistral-PairRM-DPO-Dataset"
+DEFAULT_RANKER_MODEL = "llm-blender/PairRM"
+# Mistral-7B-Instruct-v0.2's own format; used when neither the spec nor the tokenizer has a template.
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+PVC_SCHEME = "pvc://"
+
+
+class Model(BaseModel):
+    """Base for every spec/config model: camelCase on the wire, unknown fields rejected."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+Quantity = Annotated[str | int | float, Field(description="A Kubernetes quantity, e.g. '16Gi' or 4.")]
+
+
+class Resources(Model):
+    """Container resources, as in a Pod spec (`nvidia.com/gpu` goes in limits)."""
+
+    requests: dict[str, Quantity] = Field(default_factory=dict, description="Minimum resources.")
+    limits: dict[str, Quantity] = Field(default_factory=dict, description="Maximum resources.")
+
+
+class Stage(enum.StrEnum):
+    GENERATE = "generate"
+    RANK = "rank"
+    TRAIN = "train"
+
+
+STAGE_ORDER: tuple[Stage, ...] = (Stage.GENERATE, Stage.RANK, Stage.TRAIN)
+
+
+# ---------------------------------------------------------------------------------------------
+# Spec sections
+# ---------------------------------------------------------------------------------------------
+class ModelSpec(Model):
+    name: str = Field(
+        DEFAULT_BASE_MODEL,
+        min_length=1,
+        description="Base policy: a Hugging Face model id, a local directory, or `pvc://<path>` on the "
+        "run's volume. Iteration 1 starts from it; iteration n>1 starts from iteration n-1's output.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `name`.")
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template. None: the tokenizer's own, or Mistral's `[INST] ... [/INST]` "
+        "when the tokenizer has none. Saved with every checkpoint so later iterations use it too.",
+    )
+
+
+class PromptsSpec(Model):
+    source: str = Field(
+        DEFAULT_PROMPT_DATASET,
+        min_length=1,
+        description="Hugging Face dataset id, or a `.jsonl`/`.parquet` file (local path or `pvc://`).",
+    )
+    column: str = Field("prompt", min_length=1, description="Column holding the prompt text.")
+    id_column: str | None = Field(
+        "prompt_id", description="Column with a stable prompt id; missing: a hash of the prompt text."
+    )
+    split: str = Field("train", description="Dataset split, when `splitPattern` is not set.")
+    split_pattern: str | None = Field(
+        "train_iteration_{n}",
+        description="Per-iteration split name with `{n}` = iteration number (1-based), e.g. the "
+        "Snorkel recipe's disjoint UltraFeedback thirds. Ignored for files.",
+    )
+    per_iteration: int | None = Field(
+        None,
+        ge=1,
+        description="Take this many prompts per iteration from one seeded shuffle of `split` "
+        "(iteration n gets the n-th disjoint slice). Exclusive with `splitPattern`.",
+    )
+    limit: int | None = Field(None, ge=1, description="Cap on prompts per iteration (after selection).")
+    seed: int = Field(0, description="Seed of the `perIteration` shuffle.")
+
+    @model_validator(mode="after")
+    def _one_selection(self) -> PromptsSpec:
+        if self.per_iteration is not None and self.split_pattern is not None:
+            raise ValueError("set either splitPattern or perIteration, not both (splitPattern: null)")
+        if self.split_pattern is not None and "{n}" not in self.split_pattern:
+            raise ValueError("splitPattern must contain '{n}' (the iteration number)")
+        return self
+
+
+class GenerationSpec(Model):
+    engine: Literal["vllm", "transformers"] = Field(
+        "vllm", description="vllm for GPUs; transformers for CPU runs, tests and the local demo."
+    )
+    responses_per_prompt: int = Field(5, ge=2, le=64, description="Samples per prompt (n).")
+    temperature: float = Field(0.7, gt=0, le=2.0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1.0, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(512, ge=1, description="Maximum tokens per response.")
+    batch_size: int = Field(8, ge=1, description="Prompts per forward batch (transformers engine).")
+    seed: int = Field(0, description="Sampling seed; combined with the iteration number.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel degree (GPUs per pod).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1.0, description="vLLM GPU memory fraction.")
+    max_model_length: int | None = Field(None, ge=16, description="vLLM max context; None: model's.")
+    dtype: str = Field("auto", description="Weights dtype: auto, bfloat16, float16 or float32.")
+    shards: int = Field(1, ge=1, le=256, description="Parallel pods (Indexed Job completions).")
+    resources: Resources = Field(default_factory=Resources, description="Per-pod resources.")
+
+
+class PairingSpec(Model):
+    strategy: Literal["best-vs-worst"] = Field(
+        "best-vs-worst", description="Highest score is chosen, lowest is rejected."
+    )
+    drop_ties: bool = Field(True, description="Drop prompts whose best and worst scores tie.")
+    tie_epsilon: float = Field(0.0, ge=0, description="Scores closer than this count as a tie.")
+    length_penalty: float = Field(
+        0.0,
+        ge=0,
+        description="Subtracted from a response's score per 100 characters before pairing (counters "
+        "rankers that favour length). Stored scores stay raw.",
+    )
+
+
+class RankingSpec(Model):
+    ranker: Literal["pairrm", "reward-model", "function"] = Field(
+        "pairrm",
+        description="pairrm: PairRM through llm-blender; reward-model: a sequence-classification "
+        "reward model (score = logit 0); function: a Python callable `module:function`.",
+    )
+    model: str | None = Field(
+        DEFAULT_RANKER_MODEL,
+        description="Ranker checkpoint (HF id, directory or `pvc://`), for pairrm and reward-model.",
+    )
+    function: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="`module:callable` taking (prompt, response) and returning a float; the module "
+        "must be importable in the stage image (or on PYTHONPATH via runtime env).",
+    )
+    batch_size: int = Field(8, ge=1, description="Prompts per ranker batch.")
+    max_source_length: int = Field(1224, ge=8, description="Prompt tokens the ranker sees (PairRM).")
+    max_candidate_length: int = Field(412, ge=8, description="Response tokens the ranker sees.")
+    pairing: PairingSpec = Field(default_factory=PairingSpec)
+    shards: int = Field(1, ge=1, le=256, description="Parallel pods (Indexed Job completions).")
+    resources: Resources = Field(default_factory=Resources, description="Per-pod resources.")
+
+    @model_validator(mode="after")
+    def _ranker_needs(self) -> RankingSpec:
+        if self.ranker == "function" and not self.function:
+            raise ValueError("ranker 'function' needs `function: module:callable`")
+        if self.ranker != "function" and not self.model:
+            raise ValueError(f"ranker '{self.ranker}' needs `model`")
+        return self
+
+
+class LoraSpec(Model):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="Modules to adapt; 'all-linear' or a list of names."
+    )
+
+
+class TrainingSpec(Model):
+    beta: float = Field(0.01, gt=0, description="DPO beta (KL strength); Zephyr/handbook value.")
+    learning_rate: float = Field(5e-7, gt=0, description="Peak learning rate.")
+    epochs: float = Field(1.0, gt=0, description="Epochs over this iteration's pairs.")
+    per_device_batch_size: int = Field(8, ge=1, description="Pairs per device per step.")
+    gradient_accumulation_steps: int = Field(2, ge=1, description="Steps per optimizer update.")
+    max_length: int = Field(1024, ge=16, description="Prompt+response tokens; longer are truncated.")
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair"] = Field(
+        "sigmoid", description="TRL DPO loss."
+    )
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps for linear warmup.")
+    scheduler: str = Field("cosine", description="transformers lr_scheduler_type.")
+    reference_policy: Literal["rolling", "initial"] = Field(
+        "rolling",
+        description="rolling: the reference is this iteration's start model (Snorkel recipe); "
+        "initial: always the base model.",
+    )
+    lora: LoraSpec | None = Field(
+        None, description="Train LoRA adapters (peft); merged into the weights before hand-off."
+    )
+    precompute_ref_log_probs: bool = Field(
+        False, description="Compute reference log-probs once up front (saves memory, not time)."
+    )
+    gradient_checkpointing: bool = Field(True, description="Trade compute for activation memory.")
+    seed: int = Field(42, description="Training seed.")
+    gpus: int = Field(1, ge=0, description="GPUs per pod; >1 launches with accelerate.")
+    resources: Resources = Field(default_factory=Resources, description="Per-pod resources.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Workspace layout: the one place that names paths on the volume.
+# ---------------------------------------------------------------------------------------------
+SUCCESS_FILE = "_SUCCESS.json"
+MODEL_DIR = "model"
+
+
+class Workspace:
+    """`<root>/iter-<n>/<stage>/`; sharded stages hold `part-<k>` directories."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def stage_dir(self, iteration: int, stage: Stage) -> Path:
+        return self.root / f"iter-{iteration}" / stage.value
+
+    def checkpoint(self, iteration: int) -> Path:
+        return self.stage_dir(iteration, Stage.TRAIN) / MODEL_DIR
+
+
+def part_name(shard: int) -> str:
+    return f"part-{shard:05d}"
+
+
+def resolve_uri(uri: str, pvc_root: str | Path) -> str:
+    """`pvc://a/b` -> `<pvc_root>/a/b`; anything else (HF id, local path) is returned unchanged."""
+    if uri.startswith(PVC_SCHEME):
+        return str(Path(pvc_root) / uri[len(PVC_SCHEME) :].lstrip("/"))
+    return uri
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage configs: what one stage process receives (`--config file.json`).
+# ---------------------------------------------------------------------------------------------
+class StageConfig(Model):
+    run: str = Field(description="Run name (for logs and summaries).")
+    iteration: int = Field(ge=1)
+    workspace: str = Field(description="Run workspace root on the volume.")
+    pvc_root: str = Field("/workspace", description="Where `pvc://` URIs point inside the pod.")
+    shards: int = Field(1, ge=1)
+    termination_log: str | None = Field(
+        None, description="Summary path; None: /dev/termination-log when it exists."
+    )
+
+    @property
+    def stage_dir(self) -> Path:
+        return Workspace(self.workspace).stage_dir(self.iteration, self.stage)
+
+    def dump(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_wire(), indent=2))
+
+
+class GenerateConfig(StageConfig):
+    stage: Literal[Stage.GENERATE] = Stage.GENERATE
+    model: str = Field(description="Policy to sample from (resolved path or HF id).")
+    revision: str | None = None
+    chat_template: str | None = None
+    prompts: PromptsSpec
+    generation: GenerationSpec
+
+
+class RankConfig(StageConfig):
+    stage: Literal[Stage.RANK] = Stage.RANK
+    input_dir: str = Field(description="The generate stage directory (all its parts are read).")
+    input_shards: int = Field(ge=1)
+    ranking: RankingSpec
+
+
+class TrainConfig(StageConfig):
+    stage: Literal[Stage.TRAIN] = Stage.TRAIN
+    model: str = Field(description="Policy at the start of this iteration.")
+    reference_model: str = Field(description="Reference policy for the DPO KL term.")
+    revision: str | None = None
+    chat_template: str | None = None
+    input_dir: str = Field(description="The rank stage directory (all its parts are read).")
+    input_shards: int = Field(ge=1)
+    training: TrainingSpec
+
+
+AnyStageConfig = Annotated[GenerateConfig | RankConfig | TrainConfig, Field(discriminator="stage")]
+
+
+def load_stage_config(path: str | Path, expected: type[StageConfig]) -> StageConfig:
+    from pydantic import TypeAdapter
+
+    config = TypeAdapter(AnyStageConfig).validate_json(Path(path).read_text())
+    if not isinstance(config, expected):
+        raise ValueError(f"{path} is a {config.stage} config, not {expected.__name__}")
+    return config

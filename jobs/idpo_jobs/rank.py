@@ -1,0 +1,169 @@
+"""Rank stage: score every candidate, keep best-vs-worst pairs.
+
+    python -m idpo_jobs.rank --config iter-1-rank.json
+
+Reads all generate parts, takes shard k of K of their rows, writes `part-<k>/pairs.jsonl`
+(Snorkel / TRL preference layout, loadable with `datasets.load_dataset("json", ...)`).
+Rankers share one interface: `score(prompts, candidates) -> scores` (higher is better).
+"""
+
+from __future__ import annotations
+
+import importlib
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from idpo_jobs import contract, data, pairing
+from idpo_jobs.config import RankConfig, RankingSpec, Stage, resolve_uri
+from idpo_jobs.generate import OUTPUT as GENERATIONS
+
+OUTPUT = "pairs.jsonl"
+
+
+class Ranker(Protocol):
+    def score(self, prompts: list[str], candidates: list[list[str]]) -> list[list[float]]: ...
+
+
+class PairRMRanker:
+    """PairRM (pairwise cross-encoder) through llm-blender; scores come from its comparison matrix."""
+
+    def __init__(self, spec: RankingSpec, model: str) -> None:
+        from idpo_jobs.blender_compat import load_blender
+        from idpo_jobs.models import device
+
+        try:
+            self.blender = load_blender(model, device())
+        except FileNotFoundError as err:
+            raise contract.StageError(str(err)) from None
+        self.spec = spec
+
+    def score(self, prompts: list[str], candidates: list[list[str]]) -> list[list[float]]:
+        scores = self.blender.rank(
+            prompts, candidates, return_scores=True, batch_size=self.spec.batch_size, disable_tqdm=True,
+            source_max_length=self.spec.max_source_length, candidate_max_length=self.spec.max_candidate_length,
+        )  # fmt: skip
+        return [[float(s) for s in row] for row in scores]
+
+
+class RewardModelRanker:
+    """A scalar reward model (AutoModelForSequenceClassification); score = logit 0 of the chat."""
+
+    def __init__(self, spec: RankingSpec, model: str) -> None:
+        from transformers import AutoModelForSequenceClassification
+
+        from idpo_jobs.models import check_model_path, device, load_tokenizer
+
+        check_model_path(model, "reward model")
+        self.tokenizer = load_tokenizer(model)
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(model).to(device()).eval()
+        except (OSError, ValueError) as err:
+            raise contract.StageError(f"cannot load reward model {model!r}: {err}") from None
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.spec = spec
+
+    def score(self, prompts: list[str], candidates: list[list[str]]) -> list[list[float]]:
+        import torch
+
+        texts = [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}, {"role": "assistant", "content": c}], tokenize=False
+            )
+            for p, cands in zip(prompts, candidates, strict=True)
+            for c in cands
+        ]
+        flat: list[float] = []
+        limit = self.spec.max_source_length + self.spec.max_candidate_length
+        for start in range(0, len(texts), self.spec.batch_size):
+            enc = self.tokenizer(texts[start : start + self.spec.batch_size], add_special_tokens=False,
+                                 padding=True, truncation=True, max_length=limit, return_tensors="pt")  # fmt: skip
+            with torch.no_grad():
+                logits = self.model(**enc.to(self.model.device)).logits
+            flat.extend(logits[:, 0].float().tolist())
+        n = len(candidates[0]) if candidates else 0
+        return [flat[i * n : (i + 1) * n] for i in range(len(candidates))]
+
+
+class FunctionRanker:
+    """A user's `module:callable(prompt, response) -> float`: the programmatic reward."""
+
+    def __init__(self, spec: RankingSpec, model: str | None = None) -> None:
+        self.fn = load_function(spec.function or "")
+
+    def score(self, prompts: list[str], candidates: list[list[str]]) -> list[list[float]]:
+        return [[float(self.fn(p, c)) for c in cands] for p, cands in zip(prompts, candidates, strict=True)]
+
+
+def load_function(ref: str) -> Callable[[str, str], float]:
+    module_name, _, attr = ref.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise contract.StageError(f"ranking.function {ref!r} cannot be loaded: {err}") from None
+    if not callable(fn):
+        raise contract.StageError(f"ranking.function {ref!r} is not callable")
+    return fn
+
+
+RANKERS: dict[str, Callable[[RankingSpec, str], Ranker]] = {
+    "pairrm": PairRMRanker,
+    "reward-model": RewardModelRanker,
+    "function": FunctionRanker,
+}
+
+
+def read_generations(config: RankConfig) -> list[dict[str, Any]]:
+    parts = contract.require_input(config.input_dir, config.input_shards, Stage.GENERATE)
+    return [row for part in parts for row in data.read_jsonl(part / GENERATIONS)]
+
+
+def compute(config: RankConfig, out: Path, shard: int) -> dict[str, Any]:
+    spec = config.ranking
+    rows = data.shard_slice(read_generations(config), shard, config.shards)
+    model = resolve_uri(spec.model, config.pvc_root) if spec.model else ""
+    ranker = RANKERS[spec.ranker](spec, model)
+    pairs, ties = [], 0
+    for start in range(0, len(rows), spec.batch_size):
+        batch = rows[start : start + spec.batch_size]
+        scores = ranker.score([r["prompt"] for r in batch], [r["all_generated_responses"] for r in batch])
+        for row, row_scores in zip(batch, scores, strict=True):
+            pair = pairing.choose(row_scores, row["all_generated_responses"], spec.pairing)
+            if pair is None:
+                ties += 1
+            else:
+                pairs.append(pairing.preference_row(row, row_scores, pair))
+        contract.report_progress(min(start + spec.batch_size, len(rows)), len(rows))
+    data.write_jsonl(out / OUTPUT, pairs)
+
+    def mean(values: list[float]) -> float:
+        return round(statistics.fmean(values), 4) if values else 0.0
+
+    return {
+        "prompts": len(rows),
+        "pairs": len(pairs),
+        "dropped_ties": ties,
+        "mean_chosen_score": mean([p["score_chosen"] for p in pairs]),
+        "mean_rejected_score": mean([p["score_rejected"] for p in pairs]),
+        "mean_chosen_chars": mean([len(p["chosen"][-1]["content"]) for p in pairs]),
+        "mean_rejected_chars": mean([len(p["rejected"][-1]["content"]) for p in pairs]),
+        "ranker": spec.ranker,
+    }
+
+
+def inputs(config: RankConfig) -> dict[str, str]:
+    found = {"generations": config.input_dir}
+    if config.ranking.model and config.ranking.ranker != "function":
+        found["ranker"] = resolve_uri(config.ranking.model, config.pvc_root)
+    return found
+
+
+def main() -> int:
+    return contract.cli(RankConfig, compute, inputs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

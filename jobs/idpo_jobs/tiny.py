@@ -1,0 +1,197 @@
+"""Tiny models built locally in seconds, so tests and the demo need no download.
+
+- `policy/`: a random-weight Mistral (head_dim 32, as vLLM's CPU attention requires) with a BPE
+  tokenizer trained in-process and Mistral's chat template.
+- `pairrm/`: a PairRM-format ranker in llm-blender's directory layout (`config.json` RankerConfig,
+  `model.safetensors`, backbone in `backbone/`), briefly trained to prefer responses with more
+  distinct words, so its scores are not ties.
+- `prompts.jsonl`: templated prompts with ids.
+
+    idpo make-tiny .idpo/tiny
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+from idpo_jobs.config import MISTRAL_CHAT_TEMPLATE
+
+WORDS = """
+the a an and or but of to in on at for with from by about as into like through after over between
+out against during without before under around among time person year way day thing man world life
+hand part child eye woman place work week case point number group problem fact water tree river
+mountain city garden ocean forest cat dog bird fish horse music song book story poem letter plan
+idea question answer reason color light sound voice dream memory friend teacher doctor student
+write explain describe list compare give tell make find think know help show try ask need feel
+become leave put mean keep let begin seem talk turn start hold bring happen provide sit stand lose
+pay meet include continue set learn change lead understand watch follow stop create speak read
+allow add spend grow open walk win offer remember love consider appear buy wait serve die send
+expect build stay fall cut reach kill remain good new first last long great little own other old
+right big high different small large next early young important few public bad same able blue
+red green yellow bright dark quiet loud happy sad simple clear short warm cold fast slow strong
+soft sweet careful honest gentle brave calm curious friendly helpful polite kind wise funny
+""".split()
+TOPICS = """
+gardening cooking chess astronomy volcanoes bicycles photosynthesis rainbows friendship robots
+libraries honeybees tides coffee deserts violins glaciers sleep kites bridges recycling penguins
+thunderstorms pottery maps trains lighthouses origami dolphins mushrooms clocks
+""".split()
+TEMPLATES = [
+    "Write a short poem about {t}.",
+    "Explain how {t} works to a child.",
+    "Give three tips about {t}.",
+    "Describe {t} in two sentences.",
+    "What is the most interesting fact about {t}?",
+    "Tell a funny story about {t}.",
+    "Compare {t} and {u} in a few words.",
+    "Why do people like {t}?",
+]
+SPECIALS = ["<unk>", "<s>", "</s>"]
+RANKER_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def tiny_prompts() -> list[str]:
+    prompts = []
+    for n, (tmpl, t) in enumerate(itertools.product(TEMPLATES, TOPICS)):
+        prompts.append(tmpl.format(t=t, u=TOPICS[(n * 7 + 3) % len(TOPICS)]))
+    return prompts
+
+
+def _corpus(seed: int, lines: int = 3000) -> list[str]:
+    rng = random.Random(seed)
+    text = tiny_prompts() + ["[INST] " + p + " [/INST]" for p in tiny_prompts()]
+    for _ in range(lines):
+        text.append(" ".join(rng.choice(WORDS + TOPICS) for _ in range(rng.randint(4, 16))).capitalize() + ".")
+    return text
+
+
+def _train_bpe(corpus: list[str], vocab_size: int, specials: list[str]):  # -> tokenizers.Tokenizer
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=specials[0] if "<unk>" in specials else "[UNK]"))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+def build_tiny_policy(out: str | Path, seed: int = 0, vocab_size: int = 1024) -> Path:
+    import torch
+    from tokenizers import processors
+    from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+
+    out = Path(out)
+    raw = _train_bpe(_corpus(seed), vocab_size, SPECIALS)
+    bos = raw.token_to_id("<s>")
+    # Like Mistral's tokenizer: encode() adds BOS; apply_chat_template emits it in the text instead.
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>", model_max_length=1024
+    )
+    tok.chat_template = MISTRAL_CHAT_TEMPLATE
+    config = MistralConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=1024,
+        bos_token_id=bos,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+        sliding_window=None,
+    )
+    torch.manual_seed(seed)
+    model = MistralForCausalLM(config)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _distinct_words(text: str) -> float:
+    return float(len(set(text.lower().split())))
+
+
+def build_tiny_pairrm(out: str | Path, seed: int = 0, steps: int = 40) -> Path:
+    import safetensors.torch
+    import torch
+    from tokenizers import processors
+    from transformers import DebertaV2Config, DebertaV2Model, PreTrainedTokenizerFast
+
+    from idpo_jobs.blender_compat import add_batch_encode_plus, import_llm_blender
+
+    import_llm_blender()
+    from llm_blender.pair_ranker.config import RankerConfig
+    from llm_blender.pair_ranker.model_util import build_collator, build_ranker, build_tokenizer
+
+    out = Path(out)
+    backbone = out / "backbone"
+    raw = _train_bpe(_corpus(seed + 1, lines=1500), 768, RANKER_SPECIALS)
+    cls, sep = raw.token_to_id("[CLS]"), raw.token_to_id("[SEP]")
+    raw.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]", model_max_length=512,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    config = DebertaV2Config(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    DebertaV2Model(config).save_pretrained(backbone)
+    tok.save_pretrained(backbone)
+
+    ranker_config = RankerConfig(
+        ranker_type="pairranker", model_type="deberta", model_name="backbone",
+        source_maxlength=64, candidate_maxlength=48, fp16=False, drop_out=0.0,
+    )  # fmt: skip
+    # The same construction llm-blender's load_ranker performs (collator first: it adds tokens).
+    tokenizer = add_batch_encode_plus(build_tokenizer(str(backbone)))
+    collator = build_collator("pairranker", tokenizer, 64, 48)
+    ranker_config.model_name = str(backbone)
+    ranker = build_ranker("pairranker", "deberta", str(backbone), None, ranker_config, tokenizer)
+
+    rng = random.Random(seed)
+    optim = torch.optim.AdamW(ranker.parameters(), lr=3e-3)
+    ranker.train()
+    for _ in range(steps):
+        batch = []
+        for _ in range(4):
+            cands = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12))) for _ in range(4)]
+            batch.append({
+                "source": rng.choice(tiny_prompts()), "candidates": cands,
+                "scores": [[_distinct_words(c)] for c in cands],
+            })  # fmt: skip
+        loss = ranker(**collator(batch))["loss"]
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    ranker.eval()
+
+    safetensors.torch.save_model(ranker, str(out / "model.safetensors"))
+    ranker_config.model_name = "backbone"  # relative: resolved inside the ranker dir on load
+    (out / "config.json").write_text(json.dumps(ranker_config.to_dict(), indent=2))
+    return out
+
+
+def build_tiny(out: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Build everything the tiny demo needs under `out`; returns the paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = out / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_id": f"p{n:04d}", "prompt": p}) + "\n"
+                               for n, p in enumerate(tiny_prompts())))  # fmt: skip
+    return {
+        "policy": build_tiny_policy(out / "policy", seed=seed),
+        "pairrm": build_tiny_pairrm(out / "pairrm", seed=seed),
+        "prompts": prompts,
+    }

@@ -1,0 +1,1 @@
+"""idpo operator side: spec models, the pure plan, status, the local runner and the CLI."""

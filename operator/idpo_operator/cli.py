@@ -1,0 +1,84 @@
+"""`idpo`: run a manifest locally, show a run's status, build the tiny demo models.
+
+    idpo run examples/tiny.yaml           # the whole loop on this machine (CPU is fine)
+    idpo status                           # per-iteration table of the run in .idpo/
+    idpo make-tiny .idpo/tiny             # tiny policy, PairRM-format ranker and prompts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from idpo_operator.spec import ManifestError, load_manifest
+
+DEFAULT_ROOT = Path(".idpo")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from idpo_operator.local import LocalRunner
+
+    manifest = load_manifest(args.manifest)
+    workdir = Path(args.workdir) if args.workdir else DEFAULT_ROOT / manifest.metadata.name
+    print(f"run {manifest.metadata.name}: workdir {workdir}", file=sys.stderr)
+    return LocalRunner(manifest, workdir).run()
+
+
+def _find_workdir(given: str | None) -> Path:
+    if given:
+        return Path(given)
+    found = sorted(p.parent for p in DEFAULT_ROOT.glob("*/status.json"))
+    if len(found) != 1:
+        names = ", ".join(str(p) for p in found) or "none"
+        raise SystemExit(f"error: pass --workdir (runs under {DEFAULT_ROOT}/: {names})")
+    return found[0]
+
+
+def _status(args: argparse.Namespace) -> int:
+    from idpo_operator.table import render
+
+    workdir = _find_workdir(args.workdir)
+    try:
+        status = json.loads((workdir / "status.json").read_text())
+    except FileNotFoundError:
+        print(f"error: no status.json in {workdir}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2) if args.json else render(status, workdir.name))
+    return 0
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from idpo_jobs.tiny import build_tiny
+
+    for name, path in build_tiny(args.dir, seed=args.seed).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="idpo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a manifest on this machine")
+    run.add_argument("manifest")
+    run.add_argument("--workdir", help=f"default: {DEFAULT_ROOT}/<run name>")
+    run.set_defaults(func=_run)
+    status = sub.add_parser("status", help="per-iteration table of a local run")
+    status.add_argument("--workdir")
+    status.add_argument("--json", action="store_true", help="print status.json")
+    status.set_defaults(func=_status)
+    tiny = sub.add_parser("make-tiny", help="build the tiny demo models")
+    tiny.add_argument("dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_make_tiny)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ManifestError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The `IterativeDPORun` resource: spec models (source of truth for the CRD) and manifest loading.
+
+Stage sections (`generation`, `ranking`, `training`, ...) are the stage parameter models of
+`idpo_jobs.config`, so operator and stages share one definition of each field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from idpo_jobs.config import (
+    GenerationSpec,
+    Model,
+    ModelSpec,
+    PromptsSpec,
+    RankingSpec,
+    TrainingSpec,
+)
+
+GROUP = "idpo.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "IterativeDPORun"
+PLURAL = "iterativedporuns"
+
+
+class StorageSpec(Model):
+    existing_claim: str | None = Field(None, description="Use this PVC instead of creating one.")
+    size: str = Field("200Gi", description="Size of the PVC the operator creates.")
+    storage_class_name: str | None = Field(None, description="StorageClass of the created PVC.")
+    access_modes: list[Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"]] = Field(
+        default_factory=lambda: ["ReadWriteOnce"],
+        min_length=1,
+        description="Access modes of the created PVC; ReadWriteMany when shards run on several nodes.",
+    )
+    retain_on_delete: bool = Field(
+        True, description="Keep the created PVC (checkpoints) when the run is deleted."
+    )
+    root: str = Field(
+        "idpo", description="Directory on the volume under which each run gets `<run>-<uid8>/`."
+    )
+
+
+class RuntimeSpec(Model):
+    image: str = Field("ghcr.io/idpo-dev/idpo-jobs:0.1.0", description="Stage image (jobs target).")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent")
+    image_pull_secrets: list[str] = Field(default_factory=list, description="Secret names.")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="As in a Pod spec.")
+    priority_class_name: str | None = None
+    service_account_name: str | None = None
+    queue_name: str | None = Field(None, description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name).")
+    env: list[dict[str, Any]] = Field(
+        default_factory=list, description="Extra container env, as in a Pod spec (e.g. HF_TOKEN from a Secret)."
+    )
+    env_from: list[dict[str, Any]] = Field(default_factory=list, description="As in a Pod spec.")
+    retries: int = Field(2, ge=0, le=20, description="Times a failed stage is retried before the run fails.")
+    active_deadline_seconds: int | None = Field(None, ge=60, description="Deadline of each stage Job.")
+
+
+class IterativeDPORunSpec(Model):
+    """An iterative DPO run: `iterations` rounds of generate -> rank -> train."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    prompts: PromptsSpec = Field(default_factory=PromptsSpec)
+    iterations: int = Field(3, ge=1, le=100, description="Rounds of generate -> rank -> train.")
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    ranking: RankingSpec = Field(default_factory=RankingSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    suspend: bool = Field(False, description="Stop starting new stages (running ones finish).")
+
+
+class Metadata(Model):
+    model_config = Model.model_config | {"extra": "allow"}
+    name: str = Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    namespace: str | None = None
+
+
+class Manifest(Model):
+    api_version: Literal["idpo.dev/v1alpha1"]
+    kind: Literal["IterativeDPORun"]
+    metadata: Metadata
+    spec: IterativeDPORunSpec = Field(default_factory=IterativeDPORunSpec)
+
+
+class ManifestError(ValueError):
+    """An invalid manifest; the message names each bad field path and its rule."""
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"  {prefix}{path}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_manifest(doc: Any, origin: str = "manifest") -> Manifest:
+    if not isinstance(doc, dict):
+        raise ManifestError(f"{origin}: expected a mapping with apiVersion/kind/metadata/spec")
+    try:
+        return Manifest.model_validate(doc)
+    except ValidationError as err:
+        raise ManifestError(f"{origin} is invalid:\n{format_validation_error(err)}") from None
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ManifestError(f"cannot read {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ManifestError(f"{path} is not valid YAML: {err}") from None
+    return parse_manifest(doc, origin=str(path))

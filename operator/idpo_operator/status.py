@@ -1,0 +1,208 @@
+"""The run's status (DESIGN §3), computed purely from per-stage records.
+
+Both executors fill `StageRecord`s from what they observe (local: `_SUCCESS.json` files and
+subprocess exits; Kubernetes: Jobs and Pod termination messages) and call `build_status`, so
+`status.json` and the custom resource's status have one shape.
+
+Phases: Pending, Running, Succeeded, Failed, Suspended. Conditions (kstatus-compatible):
+- Ready: True only when the run Succeeded (a long run is not "ready" while training).
+- Reconciling: True while work remains and the run is neither failed nor suspended.
+- Stalled: True when the run Failed (retries exhausted); reason names the stage.
+- Succeeded / Failed / Suspended: mirror the terminal or paused phase.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from idpo_jobs.config import STAGE_ORDER, Stage, Workspace
+from idpo_operator.plan import StageKey, all_stages
+from idpo_operator.spec import IterativeDPORunSpec
+
+
+class Phase:
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+class Reason:
+    """Condition reasons, one line each."""
+
+    SUCCEEDED = "RunSucceeded"  # every stage of every iteration completed
+    RUNNING = "StageRunning"  # a stage is running or about to start
+    PENDING = "Pending"  # nothing started yet
+    STAGE_FAILED = "StageFailed"  # a stage failed after its retries
+    INVALID_SPEC = "InvalidSpec"  # the spec failed validation
+    SUSPENDED = "Suspended"  # spec.suspend is true
+
+
+@dataclass
+class StageRecord:
+    phase: str = Phase.PENDING
+    job_name: str | None = None
+    attempts: int = 0
+    start_time: str | None = None
+    completion_time: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    message: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        out = {
+            "phase": self.phase,
+            "jobName": self.job_name,
+            "attempts": self.attempts,
+            "startTime": self.start_time,
+            "completionTime": self.completion_time,
+            "metrics": self.metrics or None,
+            "message": self.message,
+        }
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def timestamp(seconds: float | None = None) -> str:
+    when = dt.datetime.fromtimestamp(seconds, dt.UTC) if seconds is not None else dt.datetime.now(dt.UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# Which count weights a stage's `mean_*` metrics when shards are merged.
+_WEIGHTS = {Stage.GENERATE: "responses", Stage.RANK: "pairs", Stage.TRAIN: "pairs"}
+
+
+def merge_metrics(stage: Stage, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One stage's metrics from its shards: counts add up, `mean_*` are weighted by the stage's count."""
+    if len(parts) == 1:
+        return dict(parts[0])
+    weight = _WEIGHTS[stage]
+    merged: dict[str, Any] = {}
+    for key in dict.fromkeys(k for p in parts for k in p):
+        values = [p[key] for p in parts if key in p]
+        if key.startswith("mean_"):
+            weights = [p.get(weight, 0) for p in parts if key in p]
+            total = sum(weights)
+            merged[key] = round(sum(v * w for v, w in zip(values, weights, strict=True)) / total, 4) if total else 0.0
+        elif all(isinstance(v, bool) or not isinstance(v, int | float) for v in values):
+            merged[key] = values[0]
+        else:
+            merged[key] = round(sum(values), 4)
+    return merged
+
+
+def record_from_summaries(stage: Stage, summaries: list[dict[str, Any]], attempts: int = 1) -> StageRecord:
+    return StageRecord(
+        phase=Phase.SUCCEEDED,
+        attempts=max(attempts, 1),
+        start_time=timestamp(min(s["startTime"] for s in summaries)),
+        completion_time=timestamp(max(s["completionTime"] for s in summaries)),
+        metrics=merge_metrics(stage, [s["metrics"] for s in summaries]),
+    )
+
+
+def _phase(spec: IterativeDPORunSpec, records: dict[StageKey, StageRecord]) -> str:
+    phases = [records.get(k, StageRecord()).phase for k in all_stages(spec)]
+    if all(p == Phase.SUCCEEDED for p in phases):
+        return Phase.SUCCEEDED
+    if Phase.FAILED in phases:
+        return Phase.FAILED
+    if spec.suspend:
+        return Phase.SUSPENDED
+    if any(p != Phase.PENDING for p in phases):
+        return Phase.RUNNING
+    return Phase.PENDING
+
+
+def _condition(type_: str, status: bool, reason: str, message: str, now: str, generation: int,
+               previous: dict[str, dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+    value = "True" if status else "False"
+    old = previous.get(type_)
+    since = old["lastTransitionTime"] if old and old.get("status") == value else now
+    return {"type": type_, "status": value, "reason": reason, "message": message,
+            "lastTransitionTime": since, "observedGeneration": generation}  # fmt: skip
+
+
+def conditions(phase: str, reason: str, message: str, now: str, generation: int,
+               previous: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    prev = {c["type"]: c for c in previous or []}
+    flags = {
+        "Ready": phase == Phase.SUCCEEDED,
+        "Reconciling": phase in (Phase.PENDING, Phase.RUNNING),
+        "Stalled": phase == Phase.FAILED,
+        "Succeeded": phase == Phase.SUCCEEDED,
+        "Failed": phase == Phase.FAILED,
+        "Suspended": phase == Phase.SUSPENDED,
+    }
+    return [_condition(t, v, reason, message, now, generation, prev) for t, v in flags.items()]
+
+
+def current(spec: IterativeDPORunSpec, records: dict[StageKey, StageRecord]) -> StageKey | None:
+    """The first stage that has not succeeded (the one running, failed or next)."""
+    for key in all_stages(spec):
+        if records.get(key, StageRecord()).phase != Phase.SUCCEEDED:
+            return key
+    return None
+
+
+def build_status(
+    spec: IterativeDPORunSpec,
+    records: dict[StageKey, StageRecord],
+    workspace: Workspace,
+    *,
+    generation: int = 1,
+    previous: dict[str, Any] | None = None,
+    now: str | None = None,
+) -> dict[str, Any]:
+    now = now or timestamp()
+    previous = previous or {}
+    phase = _phase(spec, records)
+    at = current(spec, records)
+    failed = next((k for k in all_stages(spec) if records.get(k, StageRecord()).phase == Phase.FAILED), None)
+
+    if phase == Phase.SUCCEEDED:
+        reason, message = Reason.SUCCEEDED, f"completed {spec.iterations} iterations"
+    elif failed is not None:
+        detail = records[failed].message or "failed"
+        reason, message = Reason.STAGE_FAILED, f"{failed} failed after {records[failed].attempts} attempt(s): {detail}"
+    elif phase == Phase.SUSPENDED:
+        reason, message = Reason.SUSPENDED, "suspended: no new stages start"
+    elif phase == Phase.RUNNING and at is not None:
+        reason, message = Reason.RUNNING, f"{at} is {records.get(at, StageRecord()).phase.lower()}"
+    else:
+        reason, message = Reason.PENDING, "waiting to start"
+
+    iterations = []
+    for i in range(1, spec.iterations + 1):
+        stages = {s.value: records.get(StageKey(i, s), StageRecord()) for s in STAGE_ORDER}
+        ok = all(r.phase == Phase.SUCCEEDED for r in stages.values())
+        entry: dict[str, Any] = {
+            "iteration": i,
+            "phase": Phase.SUCCEEDED if ok else next(
+                (r.phase for r in stages.values() if r.phase != Phase.SUCCEEDED), Phase.PENDING),
+            "stages": {name: r.to_wire() for name, r in stages.items()},
+        }  # fmt: skip
+        if ok:
+            entry["checkpoint"] = str(workspace.checkpoint(i))
+        iterations.append(entry)
+
+    done_iterations = [e for e in iterations if "checkpoint" in e]
+    started = [r.start_time for r in records.values() if r.start_time]
+    status: dict[str, Any] = {
+        "phase": phase,
+        "message": message,
+        "observedGeneration": generation,
+        "currentIteration": at.iteration if at else spec.iterations,
+        "iterationsTotal": spec.iterations,
+        "currentStage": at.stage.value if at else None,
+        "startTime": previous.get("startTime") or (min(started) if started else None),
+        "completionTime": now if phase in (Phase.SUCCEEDED, Phase.FAILED) else None,
+        "latestCheckpoint": done_iterations[-1]["checkpoint"] if done_iterations else None,
+        "conditions": conditions(phase, reason, message, now, generation, previous.get("conditions")),
+        "iterations": iterations,
+    }
+    if previous.get("completionTime") and status["completionTime"]:
+        status["completionTime"] = previous["completionTime"]
+    return {k: v for k, v in status.items() if v is not None}
+
