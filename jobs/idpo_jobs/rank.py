@@ -92,10 +92,17 @@ class FunctionRanker:
     """A user's `module:callable(prompt, response) -> float`: the programmatic reward."""
 
     def __init__(self, spec: RankingSpec, model: str | None = None) -> None:
-        self.fn = load_function(spec.function or "")
+        self.ref = spec.function or ""
+        self.fn = load_function(self.ref)
+
+    def _one(self, prompt: str, response: str) -> float:
+        value = self.fn(prompt, response)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+            raise contract.StageError(f"ranking.function {self.ref!r} returned {value!r}, not a number")
+        return float(value)
 
     def score(self, prompts: list[str], candidates: list[list[str]]) -> list[list[float]]:
-        return [[float(self.fn(p, c)) for c in cands] for p, cands in zip(prompts, candidates, strict=True)]
+        return [[self._one(p, c) for c in cands] for p, cands in zip(prompts, candidates, strict=True)]
 
 
 def load_function(ref: str) -> Callable[[str, str], float]:

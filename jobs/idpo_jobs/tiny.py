@@ -5,6 +5,8 @@
 - `pairrm/`: a PairRM-format ranker in llm-blender's directory layout (`config.json` RankerConfig,
   `model.safetensors`, backbone in `backbone/`), briefly trained to prefer responses with more
   distinct words, so its scores are not ties.
+- `reward/`: a random-weight Mistral sequence classifier (one logit) sharing the policy's
+  tokenizer, for the `reward-model` ranker.
 - `prompts.jsonl`: templated prompts with ids.
 
     idpo make-tiny .idpo/tiny
@@ -115,6 +117,18 @@ def build_tiny_policy(out: str | Path, seed: int = 0, vocab_size: int = 1024) ->
     return out
 
 
+def build_tiny_reward_model(out: str | Path, policy: str | Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, MistralForSequenceClassification
+
+    config = AutoConfig.from_pretrained(policy, num_labels=1)
+    config.pad_token_id = config.eos_token_id
+    torch.manual_seed(seed + 2)
+    MistralForSequenceClassification(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(policy).save_pretrained(out)
+    return Path(out)
+
+
 def _distinct_words(text: str) -> float:
     return float(len(set(text.lower().split())))
 
@@ -190,8 +204,10 @@ def build_tiny(out: str | Path, seed: int = 0) -> dict[str, Path]:
     prompts = out / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_id": f"p{n:04d}", "prompt": p}) + "\n"
                                for n, p in enumerate(tiny_prompts())))  # fmt: skip
+    policy = build_tiny_policy(out / "policy", seed=seed)
     return {
-        "policy": build_tiny_policy(out / "policy", seed=seed),
+        "policy": policy,
         "pairrm": build_tiny_pairrm(out / "pairrm", seed=seed),
+        "reward": build_tiny_reward_model(out / "reward", policy, seed=seed),
         "prompts": prompts,
     }

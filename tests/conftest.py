@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny models built once per session, manifests and stage runs on them."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from idpo_jobs.config import StageConfig, Workspace
+from idpo_operator import plan
+from idpo_operator.plan import StageKey
+from idpo_operator.spec import IterativeDPORunSpec
+
+TESTS = Path(__file__).parent
+
+TINY_SPEC: dict[str, Any] = {
+    "model": {"name": "tiny://policy"},
+    "prompts": {"source": "tiny://prompts.jsonl", "splitPattern": None, "perIteration": 8},
+    "iterations": 2,
+    "generation": {"engine": "transformers", "responsesPerPrompt": 3, "temperature": 1.0,
+                   "maxNewTokens": 12, "batchSize": 8},
+    "ranking": {"ranker": "pairrm", "model": "tiny://pairrm", "batchSize": 8},
+    "training": {"beta": 0.1, "learningRate": 1e-3, "perDeviceBatchSize": 4, "gradientAccumulationSteps": 1,
+                 "maxLength": 64, "warmupRatio": 0.0, "scheduler": "constant", "gradientCheckpointing": False},
+}  # fmt: skip
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def manifest(name: str = "tiny-test", **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "idpo.dev/v1alpha1", "kind": "IterativeDPORun", "metadata": {"name": name},
+            "spec": merge(TINY_SPEC, spec)}  # fmt: skip
+
+
+def env_with_tests() -> dict[str, str]:
+    """Stage subprocesses import test reward functions from tests/."""
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from idpo_jobs.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def tiny_spec(tiny: dict[str, Path], **override: Any) -> IterativeDPORunSpec:
+    spec = merge(TINY_SPEC, override)
+    local = {"tiny://policy": tiny["policy"], "tiny://prompts.jsonl": tiny["prompts"], "tiny://pairrm": tiny["pairrm"]}
+    for section, field in (("model", "name"), ("prompts", "source"), ("ranking", "model")):
+        value = spec[section].get(field)
+        if value in local:
+            spec[section][field] = str(local[value])
+    return IterativeDPORunSpec.model_validate(spec)
+
+
+def write_config(spec: IterativeDPORunSpec, workspace: Path, key: StageKey, *, out_dir: Path | None = None,
+                 **fields: Any) -> tuple[Path, StageConfig]:  # fmt: skip
+    """The plan's config for `key` over `workspace` (inputs); outputs go to `out_dir` if given."""
+    if out_dir is not None:
+        fields["workspace"] = str(out_dir)
+    config = plan.stage_config(spec, "t", Workspace(workspace), key).model_copy(update=fields)
+    home = out_dir or workspace
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / f"{key.stage.value}-{key.iteration}.json"
+    config.dump(path)
+    return path, config
+
+
+def run_cli(stage: str, config: Path, shard: int = 0, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", f"idpo_jobs.{stage}", "--config", str(config)],
+        capture_output=True, text=True, timeout=300,
+        env={**env_with_tests(), "JOB_COMPLETION_INDEX": str(shard), **env},
+    )  # fmt: skip
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
