@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from idpo_jobs.config import StageConfig, Workspace
 from idpo_operator import plan
 from idpo_operator.plan import StageKey
@@ -23,24 +22,43 @@ TINY_SPEC: dict[str, Any] = {
     "model": {"name": "tiny://policy"},
     "prompts": {"source": "tiny://prompts.jsonl", "splitPattern": None, "perIteration": 8},
     "iterations": 2,
-    "generation": {"engine": "transformers", "responsesPerPrompt": 3, "temperature": 1.0,
-                   "maxNewTokens": 12, "batchSize": 8},
+    "generation": {
+        "engine": "transformers",
+        "responsesPerPrompt": 3,
+        "temperature": 1.0,
+        "maxNewTokens": 12,
+        "batchSize": 8,
+    },
     "ranking": {"ranker": "pairrm", "model": "tiny://pairrm", "batchSize": 8},
-    "training": {"beta": 0.1, "learningRate": 1e-3, "perDeviceBatchSize": 4, "gradientAccumulationSteps": 1,
-                 "maxLength": 64, "warmupRatio": 0.0, "scheduler": "constant", "gradientCheckpointing": False},
-}  # fmt: skip
+    "training": {
+        "beta": 0.1,
+        "learningRate": 1e-3,
+        "perDeviceBatchSize": 4,
+        "gradientAccumulationSteps": 1,
+        "maxLength": 64,
+        "warmupRatio": 0.0,
+        "scheduler": "constant",
+        "gradientCheckpointing": False,
+    },
+}
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in override.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
     return out
 
 
 def manifest(name: str = "tiny-test", **spec: Any) -> dict[str, Any]:
-    return {"apiVersion": "idpo.dev/v1alpha1", "kind": "IterativeDPORun", "metadata": {"name": name},
-            "spec": merge(TINY_SPEC, spec)}  # fmt: skip
+    return {
+        "apiVersion": "idpo.dev/v1alpha1",
+        "kind": "IterativeDPORun",
+        "metadata": {"name": name},
+        "spec": merge(TINY_SPEC, spec),
+    }
 
 
 def env_with_tests() -> dict[str, str]:
@@ -58,7 +76,11 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def tiny_spec(tiny: dict[str, Path], **override: Any) -> IterativeDPORunSpec:
     spec = merge(TINY_SPEC, override)
-    local = {"tiny://policy": tiny["policy"], "tiny://prompts.jsonl": tiny["prompts"], "tiny://pairrm": tiny["pairrm"]}
+    local = {
+        "tiny://policy": tiny["policy"],
+        "tiny://prompts.jsonl": tiny["prompts"],
+        "tiny://pairrm": tiny["pairrm"],
+    }
     for section, field in (("model", "name"), ("prompts", "source"), ("ranking", "model")):
         value = spec[section].get(field)
         if value in local:
@@ -66,8 +88,9 @@ def tiny_spec(tiny: dict[str, Path], **override: Any) -> IterativeDPORunSpec:
     return IterativeDPORunSpec.model_validate(spec)
 
 
-def write_config(spec: IterativeDPORunSpec, workspace: Path, key: StageKey, *, out_dir: Path | None = None,
-                 **fields: Any) -> tuple[Path, StageConfig]:  # fmt: skip
+def write_config(
+    spec: IterativeDPORunSpec, workspace: Path, key: StageKey, *, out_dir: Path | None = None, **fields: Any
+) -> tuple[Path, StageConfig]:
     """The plan's config for `key` over `workspace` (inputs); outputs go to `out_dir` if given."""
     if out_dir is not None:
         fields["workspace"] = str(out_dir)
@@ -82,9 +105,11 @@ def write_config(spec: IterativeDPORunSpec, workspace: Path, key: StageKey, *, o
 def run_cli(stage: str, config: Path, shard: int = 0, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", f"idpo_jobs.{stage}", "--config", str(config)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**env_with_tests(), "JOB_COMPLETION_INDEX": str(shard), **env},
-    )  # fmt: skip
+    )
 
 
 def read_json(path: Path) -> Any:

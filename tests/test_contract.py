@@ -7,15 +7,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from idpo_jobs import contract
 from idpo_jobs.config import PromptsSpec, RankConfig, RankingSpec
 
 
 def rank_config(tmp_path: Path, shards: int = 2) -> RankConfig:
-    return RankConfig(run="r", iteration=1, workspace=str(tmp_path / "ws"), shards=shards,
-                      termination_log=str(tmp_path / "termination"), input_dir=str(tmp_path / "in"),
-                      input_shards=1, ranking=RankingSpec())  # fmt: skip
+    return RankConfig(
+        run="r",
+        iteration=1,
+        workspace=str(tmp_path / "ws"),
+        shards=shards,
+        termination_log=str(tmp_path / "termination"),
+        input_dir=str(tmp_path / "in"),
+        input_shards=1,
+        ranking=RankingSpec(),
+    )
 
 
 def test_output_is_published_with_success_file_only_when_complete(tmp_path: Path, monkeypatch) -> None:
@@ -116,3 +122,13 @@ def test_fingerprint_changes_with_content(tmp_path: Path) -> None:
     f.write_text("b")
     assert contract.fingerprint(f) != before
     assert PromptsSpec  # the config module imports without torch
+
+
+def test_stale_temp_dirs_of_killed_attempts_are_removed_but_outputs_kept(tmp_path: Path) -> None:
+    stage = tmp_path / "iter-1" / "generate"
+    for d in ("part-00000", ".part-00001.tmp-abc", "x/.part-00000.tmp-1"):
+        (stage / d).mkdir(parents=True)
+    (tmp_path / "iter-1" / ".train.tmp-9").mkdir()
+    removed = contract.remove_stale_temps(tmp_path / "iter-1")
+    assert sorted(p.name for p in removed) == [".part-00001.tmp-abc", ".train.tmp-9"]
+    assert (stage / "part-00000").is_dir()

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from idpo_jobs.config import PromptsSpec
 from idpo_jobs.contract import StageError
 from idpo_jobs.data import load_prompts, read_jsonl, shard_slice
@@ -31,7 +30,7 @@ def test_per_iteration_slices_are_disjoint_and_seeded(tmp_path: Path) -> None:
 
 
 def test_running_out_of_prompts_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(StageError, match="iteration 3 needs prompts 20..29"):
+    with pytest.raises(StageError, match=r"iteration 3 needs prompts 20\.\.29"):
         load_prompts(spec(write_prompts(tmp_path / "p.jsonl", 25), per_iteration=10), 3)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from idpo_jobs.config import PairingSpec
 from idpo_jobs.pairing import Pair, choose, preference_row
 
@@ -14,11 +13,13 @@ def test_best_is_chosen_and_worst_rejected() -> None:
 
 @pytest.mark.parametrize(
     ("scores", "responses", "spec"),
-    [([0.5, 0.5, 0.5], ["a", "b", "c"], PairingSpec()),
-     ([0.50, 0.52], ["a", "b"], PairingSpec(tie_epsilon=0.05)),
-     ([0.1, 0.9], ["same", "same"], PairingSpec())],
+    [
+        ([0.5, 0.5, 0.5], ["a", "b", "c"], PairingSpec()),
+        ([0.50, 0.52], ["a", "b"], PairingSpec(tie_epsilon=0.05)),
+        ([0.1, 0.9], ["same", "same"], PairingSpec()),
+    ],
     ids=["equal-scores", "within-epsilon", "identical-texts"],
-)  # fmt: skip
+)
 def test_ties_are_dropped(scores: list[float], responses: list[str], spec: PairingSpec) -> None:
     assert choose(scores, responses, spec) is None
 

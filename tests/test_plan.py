@@ -8,6 +8,7 @@ from idpo_jobs.config import GenerateConfig, RankConfig, Stage, TrainConfig, Wor
 from idpo_operator import plan
 from idpo_operator.plan import StageKey
 from idpo_operator.spec import parse_manifest
+
 from tests.conftest import manifest
 
 WS = Workspace("/ws/run-1234")
@@ -20,7 +21,13 @@ def spec(**override):
 def test_stages_run_generate_rank_train_per_iteration_in_order() -> None:
     keys = plan.all_stages(spec(iterations=2))
     assert [(k.iteration, k.stage.value) for k in keys] == [
-        (1, "generate"), (1, "rank"), (1, "train"), (2, "generate"), (2, "rank"), (2, "train")]  # fmt: skip
+        (1, "generate"),
+        (1, "rank"),
+        (1, "train"),
+        (2, "generate"),
+        (2, "rank"),
+        (2, "train"),
+    ]
 
 
 def test_next_stage_follows_completed_ones_and_ends_with_none() -> None:

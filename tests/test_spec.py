@@ -5,16 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from idpo_operator.spec import ManifestError, load_manifest, parse_manifest
+
 from tests.conftest import manifest
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
 def test_defaults_reproduce_the_snorkel_recipe() -> None:
-    spec = parse_manifest({"apiVersion": "idpo.dev/v1alpha1", "kind": "IterativeDPORun",
-                           "metadata": {"name": "m"}}).spec  # fmt: skip
+    spec = parse_manifest(
+        {"apiVersion": "idpo.dev/v1alpha1", "kind": "IterativeDPORun", "metadata": {"name": "m"}}
+    ).spec
     assert spec.model.name == "mistralai/Mistral-7B-Instruct-v0.2"
     assert spec.iterations == 3
     assert spec.generation.responses_per_prompt == 5
@@ -33,20 +34,43 @@ def test_every_example_manifest_is_valid(example: Path) -> None:
     ("override", "field", "rule"),
     [
         ({"iterations": 0}, "spec.iterations", "greater than or equal to 1"),
-        ({"generation": {"responsesPerPrompt": 1}}, "spec.generation.responsesPerPrompt", "greater than or equal to 2"),
+        (
+            {"generation": {"responsesPerPrompt": 1}},
+            "spec.generation.responsesPerPrompt",
+            "greater than or equal to 2",
+        ),
         ({"training": {"beta": -0.1}}, "spec.training.beta", "greater than 0"),
         ({"training": {"betta": 0.1}}, "spec.training.betta", "unknown field"),
         ({"generation": {"temperature": "hot"}}, "spec.generation.temperature", "valid number"),
         ({"generation": {"engine": "tgi"}}, "spec.generation.engine", "'vllm' or 'transformers'"),
         ({"prompts": {"source": ""}}, "spec.prompts.source", "at least 1 character"),
-        ({"prompts": {"splitPattern": "train_{i}", "perIteration": None}}, "spec.prompts", "must contain '{n}'"),
+        (
+            {"prompts": {"splitPattern": "train_{i}", "perIteration": None}},
+            "spec.prompts",
+            "must contain '{n}'",
+        ),
         ({"prompts": {"splitPattern": "t_{n}", "perIteration": 5}}, "spec.prompts", "not both"),
         ({"ranking": {"ranker": "function", "function": None}}, "spec.ranking", "needs `function"),
-        ({"ranking": {"ranker": "function", "function": "no colon"}}, "spec.ranking.function", "match pattern"),
+        (
+            {"ranking": {"ranker": "function", "function": "no colon"}},
+            "spec.ranking.function",
+            "match pattern",
+        ),
     ],
-    ids=["iterations-0", "responses-1", "negative-beta", "unknown-field", "wrong-type", "bad-enum",
-         "empty-source", "pattern-without-n", "two-selections", "function-missing", "function-malformed"],
-)  # fmt: skip
+    ids=[
+        "iterations-0",
+        "responses-1",
+        "negative-beta",
+        "unknown-field",
+        "wrong-type",
+        "bad-enum",
+        "empty-source",
+        "pattern-without-n",
+        "two-selections",
+        "function-missing",
+        "function-malformed",
+    ],
+)
 def test_invalid_manifest_names_the_field_and_the_rule(override: dict, field: str, rule: str) -> None:
     with pytest.raises(ManifestError) as err:
         parse_manifest(manifest(**override))

@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from idpo_jobs.config import Stage
 from idpo_operator.plan import StageKey
+
 from tests.conftest import read_json, run_cli, tiny_spec, write_config
 
 pytestmark = pytest.mark.slow
@@ -71,12 +71,16 @@ def test_rerunning_a_finished_stage_exits_at_once_and_changes_nothing(tiny, gene
 
 @pytest.mark.parametrize(
     ("ranking", "kind"),
-    [({"ranker": "pairrm", "model": "tiny://pairrm"}, "pairrm"),
-     ({"ranker": "function", "function": "rewards:starts_with_s", "model": None}, "function"),
-     ({"ranker": "reward-model", "model": "REWARD"}, "reward-model")],
+    [
+        ({"ranker": "pairrm", "model": "tiny://pairrm"}, "pairrm"),
+        ({"ranker": "function", "function": "rewards:starts_with_s", "model": None}, "function"),
+        ({"ranker": "reward-model", "model": "REWARD"}, "reward-model"),
+    ],
     ids=["pairrm", "function", "reward-model"],
-)  # fmt: skip
-def test_rank_pairs_best_against_worst_from_all_generate_parts(tiny, generated, tmp_path, ranking, kind) -> None:
+)
+def test_rank_pairs_best_against_worst_from_all_generate_parts(
+    tiny, generated, tmp_path, ranking, kind
+) -> None:
     import datasets
 
     if ranking.get("model") == "REWARD":
@@ -106,10 +110,16 @@ def ranked(tiny, generated: Path) -> Path:
 
 @pytest.mark.parametrize(
     "training",
-    [{}, {"lora": {"r": 4, "alpha": 8, "targetModules": ["q_proj", "v_proj"]}, "referencePolicy": "initial",
-          "precomputeRefLogProbs": True}],
+    [
+        {},
+        {
+            "lora": {"r": 4, "alpha": 8, "targetModules": ["q_proj", "v_proj"]},
+            "referencePolicy": "initial",
+            "precomputeRefLogProbs": True,
+        },
+    ],
     ids=["full", "lora-initial-precomputed"],
-)  # fmt: skip
+)
 def test_train_saves_a_plain_checkpoint_the_next_iteration_loads(tiny, ranked, tmp_path, training) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -138,7 +148,9 @@ def test_unloadable_model_path_fails_cleanly(tiny, tmp_path: Path) -> None:
 def test_malformed_prompt_file_names_file_and_line(tiny, tmp_path: Path) -> None:
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"prompt": "a"}\n{"prompt": "b"\n')
-    config, _ = write_config(tiny_spec(tiny, prompts={"source": str(bad), "perIteration": None}), tmp_path, G1)
+    config, _ = write_config(
+        tiny_spec(tiny, prompts={"source": str(bad), "perIteration": None}), tmp_path, G1
+    )
     proc = run_cli("generate", config)
     assert proc.returncode == 1 and f"{bad}:2: malformed JSON" in proc.stderr
     assert list((tmp_path / "iter-1" / "generate").iterdir()) == []
@@ -150,7 +162,9 @@ def test_ranker_directory_missing_files_fails_without_touching_inputs(tiny, gene
     (broken / "config.json").write_text((tiny["pairrm"] / "config.json").read_text())
     spec = tiny_spec(tiny, generation={"shards": 2}, ranking={"model": str(broken)})
     before = tree_digest(generated / "iter-1" / "generate")
-    config, _ = write_config(spec, generated, R1, out_dir=tmp_path / "ws", termination_log=str(tmp_path / "term"))
+    config, _ = write_config(
+        spec, generated, R1, out_dir=tmp_path / "ws", termination_log=str(tmp_path / "term")
+    )
     proc = run_cli("rank", config)
     assert proc.returncode == 1 and "lacks model.safetensors or pytorch_model.bin" in proc.stderr
     assert "lacks model.safetensors" in json.loads((tmp_path / "term").read_text())["error"]
@@ -159,8 +173,11 @@ def test_ranker_directory_missing_files_fails_without_touching_inputs(tiny, gene
 
 
 def test_a_function_ranker_returning_a_non_number_is_named(tiny, generated, tmp_path) -> None:
-    spec = tiny_spec(tiny, generation={"shards": 2},
-                     ranking={"ranker": "function", "function": "rewards:not_a_number", "model": None})  # fmt: skip
+    spec = tiny_spec(
+        tiny,
+        generation={"shards": 2},
+        ranking={"ranker": "function", "function": "rewards:not_a_number", "model": None},
+    )
     config, _ = write_config(spec, generated, R1, out_dir=tmp_path)
     proc = run_cli("rank", config)
     assert proc.returncode == 1 and "'rewards:not_a_number' returned 'high', not a number" in proc.stderr

@@ -7,6 +7,7 @@ from idpo_operator import plan, table
 from idpo_operator.plan import StageKey
 from idpo_operator.spec import parse_manifest
 from idpo_operator.status import Phase, StageRecord, build_status, merge_metrics
+
 from tests.conftest import manifest
 
 WS = Workspace("/ws")
@@ -17,8 +18,15 @@ def spec(**kw):
 
 
 def done(*keys: StageKey) -> dict[StageKey, StageRecord]:
-    return {k: StageRecord(phase=Phase.SUCCEEDED, attempts=1, start_time="2026-01-01T00:00:00Z",
-                           completion_time="2026-01-01T00:00:30Z") for k in keys}  # fmt: skip
+    return {
+        k: StageRecord(
+            phase=Phase.SUCCEEDED,
+            attempts=1,
+            start_time="2026-01-01T00:00:00Z",
+            completion_time="2026-01-01T00:00:30Z",
+        )
+        for k in keys
+    }
 
 
 def conds(status: dict) -> dict[str, str]:
@@ -28,8 +36,14 @@ def conds(status: dict) -> dict[str, str]:
 def test_a_fresh_run_is_pending_and_reconciling() -> None:
     status = build_status(spec(), {}, WS, now="2026-01-01T00:00:00Z")
     assert status["phase"] == Phase.PENDING
-    assert conds(status) == {"Ready": "False", "Reconciling": "True", "Stalled": "False",
-                             "Succeeded": "False", "Failed": "False", "Suspended": "False"}  # fmt: skip
+    assert conds(status) == {
+        "Ready": "False",
+        "Reconciling": "True",
+        "Stalled": "False",
+        "Succeeded": "False",
+        "Failed": "False",
+        "Suspended": "False",
+    }
 
 
 def test_mid_run_status_points_at_the_current_stage_and_last_checkpoint() -> None:
@@ -71,21 +85,33 @@ def test_condition_transition_times_only_move_when_status_flips() -> None:
     times = {c["type"]: c["lastTransitionTime"] for c in second["conditions"]}
     assert times["Reconciling"] == "2026-01-01T00:00:00Z"
     final = build_status(s, done(*plan.all_stages(s)), WS, previous=second, now="2026-01-01T01:00:00Z")
-    assert {c["type"]: c["lastTransitionTime"] for c in final["conditions"]}["Ready"] == "2026-01-01T01:00:00Z"
+    assert {c["type"]: c["lastTransitionTime"] for c in final["conditions"]}[
+        "Ready"
+    ] == "2026-01-01T01:00:00Z"
 
 
 def test_shard_metrics_add_counts_and_weight_means() -> None:
-    parts = [{"pairs": 1, "dropped_ties": 1, "mean_chosen_score": 1.0, "ranker": "pairrm"},
-             {"pairs": 3, "dropped_ties": 0, "mean_chosen_score": 2.0, "ranker": "pairrm"}]  # fmt: skip
-    assert merge_metrics(Stage.RANK, parts) == {"pairs": 4, "dropped_ties": 1, "mean_chosen_score": 1.75,
-                                                "ranker": "pairrm"}  # fmt: skip
+    parts = [
+        {"pairs": 1, "dropped_ties": 1, "mean_chosen_score": 1.0, "ranker": "pairrm"},
+        {"pairs": 3, "dropped_ties": 0, "mean_chosen_score": 2.0, "ranker": "pairrm"},
+    ]
+    assert merge_metrics(Stage.RANK, parts) == {
+        "pairs": 4,
+        "dropped_ties": 1,
+        "mean_chosen_score": 1.75,
+        "ranker": "pairrm",
+    }
 
 
 def test_status_table_shows_one_row_per_iteration_with_metrics() -> None:
     s = spec()
     records = done(*plan.all_stages(s)[:3])
-    records[StageKey(1, Stage.RANK)].metrics = {"pairs": 7, "dropped_ties": 1, "mean_chosen_score": 0.5,
-                                                "mean_chosen_chars": 40.0}  # fmt: skip
+    records[StageKey(1, Stage.RANK)].metrics = {
+        "pairs": 7,
+        "dropped_ties": 1,
+        "mean_chosen_score": 0.5,
+        "mean_chosen_chars": 40.0,
+    }
     records[StageKey(1, Stage.TRAIN)].metrics = {"loss": 0.69, "reward_accuracy": 0.75, "reward_margin": 0.1}
     lines = table.render(build_status(s, records, WS), "r").splitlines()
     header, row1, row2 = lines[-3], lines[-2].split(), lines[-1].split()

@@ -133,6 +133,14 @@ def write_termination_log(config: StageConfig | None, summary: dict[str, Any]) -
     path.write_text(text)
 
 
+def remove_stale_temps(stage_dir: Path) -> list[Path]:
+    """Delete temp dirs of killed attempts. Only for a single executor that knows no twin runs."""
+    stale = [p for pattern in (".*.tmp-*", "*/.*.tmp-*") for p in stage_dir.glob(pattern) if p.is_dir()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 def run_stage(config: C, compute: Compute[C], inputs: dict[str, str]) -> dict[str, Any]:
     """Run `compute` into a temporary directory and publish it atomically; skip if already done."""
     shard = shard_index(config)
@@ -144,7 +152,7 @@ def run_stage(config: C, compute: Compute[C], inputs: dict[str, str]) -> dict[st
         return done
 
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))  # see remove_stale_temps
     started = time.time()
     try:
         metrics = compute(config, tmp, shard)

@@ -27,8 +27,14 @@ class Engine(Protocol):
 class TransformersEngine:
     """Batched sampling with `model.generate`; the CPU, test and demo engine."""
 
-    def __init__(self, model: str, spec: GenerationSpec, seed: int, revision: str | None = None,
-                 chat_template: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: str,
+        spec: GenerationSpec,
+        seed: int,
+        revision: str | None = None,
+        chat_template: str | None = None,
+    ) -> None:
         from idpo_jobs.models import load_causal_lm, load_tokenizer
 
         self.tokenizer = load_tokenizer(model, revision, chat_template)
@@ -73,8 +79,14 @@ class VLLMEngine:
     process: its GPU memory is released when the process exits, before ranking starts.
     """
 
-    def __init__(self, model: str, spec: GenerationSpec, seed: int, revision: str | None = None,
-                 chat_template: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: str,
+        spec: GenerationSpec,
+        seed: int,
+        revision: str | None = None,
+        chat_template: str | None = None,
+    ) -> None:
         from vllm import LLM
 
         from idpo_jobs.models import load_tokenizer
@@ -99,7 +111,11 @@ class VLLMEngine:
 
         spec = self.spec
         params = SamplingParams(
-            n=n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_new_tokens, seed=self.seed
+            n=n,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            max_tokens=spec.max_new_tokens,
+            seed=self.seed,
         )
         prompts = [{"prompt_token_ids": ids} for ids in prompt_ids]
         results = self.llm.generate(prompts, params, use_tqdm=False)
@@ -115,8 +131,9 @@ ENGINES: dict[str, type[TransformersEngine] | type[VLLMEngine]] = {
 
 def compute(config: GenerateConfig, out: Path, shard: int) -> dict[str, Any]:
     spec = config.generation
-    prompts = data.shard_slice(data.load_prompts(config.prompts, config.iteration, config.pvc_root),
-                               shard, config.shards)  # fmt: skip
+    prompts = data.shard_slice(
+        data.load_prompts(config.prompts, config.iteration, config.pvc_root), shard, config.shards
+    )
     model = resolve_uri(config.model, config.pvc_root)
     seed = spec.seed * 1000 + config.iteration  # a new sample each iteration, reproducible
     engine = ENGINES[spec.engine](model, spec, seed, config.revision, config.chat_template)
@@ -137,8 +154,10 @@ def compute(config: GenerateConfig, out: Path, shard: int) -> dict[str, Any]:
 
 
 def inputs(config: GenerateConfig) -> dict[str, str]:
-    return {"model": resolve_uri(config.model, config.pvc_root),
-            "prompts": resolve_uri(config.prompts.source, config.pvc_root)}  # fmt: skip
+    return {
+        "model": resolve_uri(config.model, config.pvc_root),
+        "prompts": resolve_uri(config.prompts.source, config.pvc_root),
+    }
 
 
 def main() -> int:

@@ -42,9 +42,14 @@ class PairRMRanker:
 
     def score(self, prompts: list[str], candidates: list[list[str]]) -> list[list[float]]:
         scores = self.blender.rank(
-            prompts, candidates, return_scores=True, batch_size=self.spec.batch_size, disable_tqdm=True,
-            source_max_length=self.spec.max_source_length, candidate_max_length=self.spec.max_candidate_length,
-        )  # fmt: skip
+            prompts,
+            candidates,
+            return_scores=True,
+            batch_size=self.spec.batch_size,
+            disable_tqdm=True,
+            source_max_length=self.spec.max_source_length,
+            candidate_max_length=self.spec.max_candidate_length,
+        )
         return [[float(s) for s in row] for row in scores]
 
 
@@ -79,8 +84,14 @@ class RewardModelRanker:
         flat: list[float] = []
         limit = self.spec.max_source_length + self.spec.max_candidate_length
         for start in range(0, len(texts), self.spec.batch_size):
-            enc = self.tokenizer(texts[start : start + self.spec.batch_size], add_special_tokens=False,
-                                 padding=True, truncation=True, max_length=limit, return_tensors="pt")  # fmt: skip
+            enc = self.tokenizer(
+                texts[start : start + self.spec.batch_size],
+                add_special_tokens=False,
+                padding=True,
+                truncation=True,
+                max_length=limit,
+                return_tensors="pt",
+            )
             with torch.no_grad():
                 logits = self.model(**enc.to(self.model.device)).logits
             flat.extend(logits[:, 0].float().tolist())

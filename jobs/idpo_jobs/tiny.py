@@ -3,8 +3,9 @@
 - `policy/`: a random-weight Mistral (head_dim 32, as vLLM's CPU attention requires) with a BPE
   tokenizer trained in-process and Mistral's chat template.
 - `pairrm/`: a PairRM-format ranker in llm-blender's directory layout (`config.json` RankerConfig,
-  `model.safetensors`, backbone in `backbone/`), briefly trained to prefer responses with more
-  distinct words, so its scores are not ties.
+  `model.safetensors`, backbone in `backbone/`), briefly trained (seconds) towards responses with more
+  'kind' words (POSITIVE), so its scores are not ties. It is a format fixture, not a good judge:
+  its pairwise accuracy on that preference is about 0.6.
 - `reward/`: a random-weight Mistral sequence classifier (one logit) sharing the policy's
   tokenizer, for the `reward-model` ranker.
 - `prompts.jsonl`: templated prompts with ids.
@@ -21,26 +22,261 @@ from pathlib import Path
 
 from idpo_jobs.config import MISTRAL_CHAT_TEMPLATE
 
-WORDS = """
-the a an and or but of to in on at for with from by about as into like through after over between
-out against during without before under around among time person year way day thing man world life
-hand part child eye woman place work week case point number group problem fact water tree river
-mountain city garden ocean forest cat dog bird fish horse music song book story poem letter plan
-idea question answer reason color light sound voice dream memory friend teacher doctor student
-write explain describe list compare give tell make find think know help show try ask need feel
-become leave put mean keep let begin seem talk turn start hold bring happen provide sit stand lose
-pay meet include continue set learn change lead understand watch follow stop create speak read
-allow add spend grow open walk win offer remember love consider appear buy wait serve die send
-expect build stay fall cut reach kill remain good new first last long great little own other old
-right big high different small large next early young important few public bad same able blue
-red green yellow bright dark quiet loud happy sad simple clear short warm cold fast slow strong
-soft sweet careful honest gentle brave calm curious friendly helpful polite kind wise funny
-""".split()
-TOPICS = """
-gardening cooking chess astronomy volcanoes bicycles photosynthesis rainbows friendship robots
-libraries honeybees tides coffee deserts violins glaciers sleep kites bridges recycling penguins
-thunderstorms pottery maps trains lighthouses origami dolphins mushrooms clocks
-""".split()
+WORDS = [
+    "the",
+    "a",
+    "an",
+    "and",
+    "or",
+    "but",
+    "of",
+    "to",
+    "in",
+    "on",
+    "at",
+    "for",
+    "with",
+    "from",
+    "by",
+    "about",
+    "as",
+    "into",
+    "like",
+    "through",
+    "after",
+    "over",
+    "between",
+    "out",
+    "against",
+    "during",
+    "without",
+    "before",
+    "under",
+    "around",
+    "among",
+    "time",
+    "person",
+    "year",
+    "way",
+    "day",
+    "thing",
+    "man",
+    "world",
+    "life",
+    "hand",
+    "part",
+    "child",
+    "eye",
+    "woman",
+    "place",
+    "work",
+    "week",
+    "case",
+    "point",
+    "number",
+    "group",
+    "problem",
+    "fact",
+    "water",
+    "tree",
+    "river",
+    "mountain",
+    "city",
+    "garden",
+    "ocean",
+    "forest",
+    "cat",
+    "dog",
+    "bird",
+    "fish",
+    "horse",
+    "music",
+    "song",
+    "book",
+    "story",
+    "poem",
+    "letter",
+    "plan",
+    "idea",
+    "question",
+    "answer",
+    "reason",
+    "color",
+    "light",
+    "sound",
+    "voice",
+    "dream",
+    "memory",
+    "friend",
+    "teacher",
+    "doctor",
+    "student",
+    "write",
+    "explain",
+    "describe",
+    "list",
+    "compare",
+    "give",
+    "tell",
+    "make",
+    "find",
+    "think",
+    "know",
+    "help",
+    "show",
+    "try",
+    "ask",
+    "need",
+    "feel",
+    "become",
+    "leave",
+    "put",
+    "mean",
+    "keep",
+    "let",
+    "begin",
+    "seem",
+    "talk",
+    "turn",
+    "start",
+    "hold",
+    "bring",
+    "happen",
+    "provide",
+    "sit",
+    "stand",
+    "lose",
+    "pay",
+    "meet",
+    "include",
+    "continue",
+    "set",
+    "learn",
+    "change",
+    "lead",
+    "understand",
+    "watch",
+    "follow",
+    "stop",
+    "create",
+    "speak",
+    "read",
+    "allow",
+    "add",
+    "spend",
+    "grow",
+    "open",
+    "walk",
+    "win",
+    "offer",
+    "remember",
+    "love",
+    "consider",
+    "appear",
+    "buy",
+    "wait",
+    "serve",
+    "die",
+    "send",
+    "expect",
+    "build",
+    "stay",
+    "fall",
+    "cut",
+    "reach",
+    "kill",
+    "remain",
+    "good",
+    "new",
+    "first",
+    "last",
+    "long",
+    "great",
+    "little",
+    "own",
+    "other",
+    "old",
+    "right",
+    "big",
+    "high",
+    "different",
+    "small",
+    "large",
+    "next",
+    "early",
+    "young",
+    "important",
+    "few",
+    "public",
+    "bad",
+    "same",
+    "able",
+    "blue",
+    "red",
+    "green",
+    "yellow",
+    "bright",
+    "dark",
+    "quiet",
+    "loud",
+    "happy",
+    "sad",
+    "simple",
+    "clear",
+    "short",
+    "warm",
+    "cold",
+    "fast",
+    "slow",
+    "strong",
+    "soft",
+    "sweet",
+    "careful",
+    "honest",
+    "gentle",
+    "brave",
+    "calm",
+    "curious",
+    "friendly",
+    "helpful",
+    "polite",
+    "kind",
+    "wise",
+    "funny",
+]
+TOPICS = [
+    "gardening",
+    "cooking",
+    "chess",
+    "astronomy",
+    "volcanoes",
+    "bicycles",
+    "photosynthesis",
+    "rainbows",
+    "friendship",
+    "robots",
+    "libraries",
+    "honeybees",
+    "tides",
+    "coffee",
+    "deserts",
+    "violins",
+    "glaciers",
+    "sleep",
+    "kites",
+    "bridges",
+    "recycling",
+    "penguins",
+    "thunderstorms",
+    "pottery",
+    "maps",
+    "trains",
+    "lighthouses",
+    "origami",
+    "dolphins",
+    "mushrooms",
+    "clocks",
+]
 TEMPLATES = [
     "Write a short poem about {t}.",
     "Explain how {t} works to a child.",
@@ -66,7 +302,9 @@ def _corpus(seed: int, lines: int = 3000) -> list[str]:
     rng = random.Random(seed)
     text = tiny_prompts() + ["[INST] " + p + " [/INST]" for p in tiny_prompts()]
     for _ in range(lines):
-        text.append(" ".join(rng.choice(WORDS + TOPICS) for _ in range(rng.randint(4, 16))).capitalize() + ".")
+        text.append(
+            " ".join(rng.choice(WORDS + TOPICS) for _ in range(rng.randint(4, 16))).capitalize() + "."
+        )
     return text
 
 
@@ -129,11 +367,46 @@ def build_tiny_reward_model(out: str | Path, policy: str | Path, seed: int = 0) 
     return Path(out)
 
 
-def _distinct_words(text: str) -> float:
-    return float(len(set(text.lower().split())))
+POSITIVE = set(
+    [
+        "good",
+        "great",
+        "happy",
+        "kind",
+        "wise",
+        "bright",
+        "helpful",
+        "friendly",
+        "honest",
+        "gentle",
+        "brave",
+        "calm",
+        "clear",
+        "warm",
+        "sweet",
+        "polite",
+        "careful",
+        "curious",
+        "funny",
+        "simple",
+    ]
+)
 
 
-def build_tiny_pairrm(out: str | Path, seed: int = 0, steps: int = 40) -> Path:
+def _candidate(rng: random.Random) -> str:
+    """Random words with a random share of POSITIVE ones: the tiny ranker's notion of quality."""
+    share = rng.random()
+    positive, other = sorted(POSITIVE), [w for w in WORDS if w not in POSITIVE]
+    return " ".join(
+        rng.choice(positive if rng.random() < share else other) for _ in range(rng.randint(3, 12))
+    )
+
+
+def positive_words(text: str) -> float:
+    return float(sum(w in POSITIVE for w in text.lower().split()))
+
+
+def build_tiny_pairrm(out: str | Path, seed: int = 0, steps: int = 150) -> Path:
     import safetensors.torch
     import torch
     from tokenizers import processors
@@ -153,21 +426,36 @@ def build_tiny_pairrm(out: str | Path, seed: int = 0, steps: int = 40) -> Path:
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-        sep_token="[SEP]", mask_token="[MASK]", model_max_length=512,
-    )  # fmt: skip
+        tokenizer_object=raw,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=512,
+    )
     torch.manual_seed(seed)
     config = DebertaV2Config(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+    )
     DebertaV2Model(config).save_pretrained(backbone)
     tok.save_pretrained(backbone)
 
     ranker_config = RankerConfig(
-        ranker_type="pairranker", model_type="deberta", model_name="backbone",
-        source_maxlength=64, candidate_maxlength=48, fp16=False, drop_out=0.0,
-    )  # fmt: skip
+        ranker_type="pairranker",
+        model_type="deberta",
+        model_name="backbone",
+        source_maxlength=64,
+        candidate_maxlength=48,
+        fp16=False,
+        drop_out=0.0,
+    )
     # The same construction llm-blender's load_ranker performs (collator first: it adds tokens).
     tokenizer = add_batch_encode_plus(build_tokenizer(str(backbone)))
     collator = build_collator("pairranker", tokenizer, 64, 48)
@@ -175,16 +463,19 @@ def build_tiny_pairrm(out: str | Path, seed: int = 0, steps: int = 40) -> Path:
     ranker = build_ranker("pairranker", "deberta", str(backbone), None, ranker_config, tokenizer)
 
     rng = random.Random(seed)
-    optim = torch.optim.AdamW(ranker.parameters(), lr=3e-3)
+    optim = torch.optim.AdamW(ranker.parameters(), lr=1e-3)
     ranker.train()
     for _ in range(steps):
         batch = []
         for _ in range(4):
-            cands = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12))) for _ in range(4)]
-            batch.append({
-                "source": rng.choice(tiny_prompts()), "candidates": cands,
-                "scores": [[_distinct_words(c)] for c in cands],
-            })  # fmt: skip
+            cands = [_candidate(rng) for _ in range(4)]
+            batch.append(
+                {
+                    "source": rng.choice(tiny_prompts()),
+                    "candidates": cands,
+                    "scores": [[positive_words(c)] for c in cands],
+                }
+            )
         loss = ranker(**collator(batch))["loss"]
         optim.zero_grad()
         loss.backward()
@@ -202,8 +493,11 @@ def build_tiny(out: str | Path, seed: int = 0) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = out / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt_id": f"p{n:04d}", "prompt": p}) + "\n"
-                               for n, p in enumerate(tiny_prompts())))  # fmt: skip
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt_id": f"p{n:04d}", "prompt": p}) + "\n" for n, p in enumerate(tiny_prompts())
+        )
+    )
     policy = build_tiny_policy(out / "policy", seed=seed)
     return {
         "policy": policy,

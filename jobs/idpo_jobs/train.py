@@ -95,8 +95,13 @@ def compute(config: TrainConfig, out: Path, shard: int) -> dict[str, Any]:
     if t.lora is not None:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
-                                 target_modules=t.lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
+        peft_config = LoraConfig(
+            r=t.lora.r,
+            lora_alpha=t.lora.alpha,
+            lora_dropout=t.lora.dropout,
+            target_modules=t.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
 
     trainer = DPOTrainer(
         model=model,
@@ -133,8 +138,11 @@ def compute(config: TrainConfig, out: Path, shard: int) -> dict[str, Any]:
 
 
 def inputs(config: TrainConfig) -> dict[str, str]:
-    return {"pairs": config.input_dir, "model": resolve_uri(config.model, config.pvc_root),
-            "reference": resolve_uri(config.reference_model, config.pvc_root)}  # fmt: skip
+    return {
+        "pairs": config.input_dir,
+        "model": resolve_uri(config.model, config.pvc_root),
+        "reference": resolve_uri(config.reference_model, config.pvc_root),
+    }
 
 
 def main() -> int:

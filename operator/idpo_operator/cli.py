@@ -1,8 +1,8 @@
 """`idpo`: run a manifest locally, show a run's status, build the tiny demo models.
 
-    idpo run examples/tiny.yaml           # the whole loop on this machine (CPU is fine)
-    idpo status                           # per-iteration table of the run in .idpo/
-    idpo make-tiny .idpo/tiny             # tiny policy, PairRM-format ranker and prompts
+idpo run examples/tiny.yaml           # the whole loop on this machine (CPU is fine)
+idpo status                           # per-iteration table of the run in .idpo/
+idpo make-tiny .idpo/tiny             # tiny policy, PairRM-format ranker and prompts
 """
 
 from __future__ import annotations
@@ -58,7 +58,9 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="idpo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="idpo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a manifest on this machine")
     run.add_argument("manifest")

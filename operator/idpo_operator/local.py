@@ -20,10 +20,10 @@ from collections import deque
 from pathlib import Path
 from typing import Any, TextIO
 
-from tqdm import tqdm
-
 from idpo_jobs import contract
 from idpo_jobs.config import Workspace
+from tqdm import tqdm
+
 from idpo_operator import plan
 from idpo_operator.plan import StageKey
 from idpo_operator.spec import IterativeDPORunSpec, Manifest
@@ -45,7 +45,7 @@ def resolve_tiny(spec: IterativeDPORunSpec, cache: Path) -> IterativeDPORunSpec:
         build_tiny(cache)
 
     def local(uri: str | None) -> str | None:
-        return str(cache / uri[len(TINY_SCHEME):]) if uri and uri.startswith(TINY_SCHEME) else uri
+        return str(cache / uri[len(TINY_SCHEME) :]) if uri and uri.startswith(TINY_SCHEME) else uri
 
     data = spec.model_dump()
     data["model"]["name"] = local(spec.model.name)
@@ -122,16 +122,22 @@ class LocalRunner:
         config_path = self.workdir / "configs" / f"iter-{key.iteration}-{key.stage.value}.json"
         config_path.parent.mkdir(parents=True, exist_ok=True)
         config.dump(config_path)
-        record = StageRecord(phase=Phase.RUNNING, attempts=self._previous_attempts(key) + 1,
-                             start_time=timestamp())  # fmt: skip
+        contract.remove_stale_temps(config.stage_dir.parent)  # left by a killed earlier attempt
+        record = StageRecord(
+            phase=Phase.RUNNING, attempts=self._previous_attempts(key) + 1, start_time=timestamp()
+        )
         self.records[key] = record
         self.write_status()
 
         logs = self.workdir / "logs"
         logs.mkdir(exist_ok=True)
-        bar = tqdm(total=0, desc=f"iter {key.iteration}/{self.spec.iterations} {key.stage.value:<8}",
-                   file=self.out, leave=True, bar_format="{desc} {percentage:3.0f}%|{bar}| {n}/{total} "
-                   "[{elapsed}]")  # fmt: skip
+        bar = tqdm(
+            total=0,
+            desc=f"iter {key.iteration}/{self.spec.iterations} {key.stage.value:<8}",
+            file=self.out,
+            leave=True,
+            bar_format="{desc} {percentage:3.0f}%|{bar}| {n}/{total} [{elapsed}]",
+        )
         progress: dict[int, tuple[int, int]] = {}
         shards = [_Shard(key, k, config_path, logs, bar, progress) for k in range(config.shards)]
         codes = [s.wait() for s in shards]
@@ -149,26 +155,41 @@ class LocalRunner:
 class _Shard:
     """One stage process: its log file, its progress lines fed into the stage's bar."""
 
-    def __init__(self, key: StageKey, shard: int, config_path: Path, logs: Path, bar: tqdm,
-                 progress: dict[int, tuple[int, int]]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        key: StageKey,
+        shard: int,
+        config_path: Path,
+        logs: Path,
+        bar: tqdm,
+        progress: dict[int, tuple[int, int]],
+    ) -> None:
         stem = f"iter-{key.iteration}-{key.stage.value}-{shard}"
         self.log_path = logs / f"{stem}.log"
         self.termination = logs / f"{stem}.termination.json"
         self.termination.unlink(missing_ok=True)
-        env = {**os.environ, "JOB_COMPLETION_INDEX": str(shard), "IDPO_TERMINATION_LOG": str(self.termination),
-               "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+        env = {
+            **os.environ,
+            "JOB_COMPLETION_INDEX": str(shard),
+            "IDPO_TERMINATION_LOG": str(self.termination),
+            "PYTHONUNBUFFERED": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
         self.tail: deque[str] = deque(maxlen=15)
         self.shard, self.bar, self.progress = shard, bar, progress
         self.proc = subprocess.Popen(
             [sys.executable, "-m", f"idpo_jobs.{key.stage.value}", "--config", str(config_path)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
         self.reader = threading.Thread(target=self._pump, daemon=True)
         self.reader.start()
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None
-        with self.log_path.open("a") as log:
+        with self.log_path.open("a", buffering=1) as log:  # line-buffered: readable live, kept on kill
             log.write(f"--- {timestamp()} start\n")
             for line in self.proc.stdout:
                 log.write(line)
@@ -188,6 +209,7 @@ class _Shard:
 
     def failure(self) -> str:
         errors = [line for line in self.tail if line.startswith("error:")]
-        detail = errors[-1].removeprefix("error: ") if errors else (self.tail[-1] if self.tail else "no output")
+        detail = (
+            errors[-1].removeprefix("error: ") if errors else (self.tail[-1] if self.tail else "no output")
+        )
         return f"exit {self.proc.returncode}: {detail} (log: {self.log_path})"
-

@@ -18,6 +18,7 @@ from idpo_jobs.config import (
     TrainConfig,
     Workspace,
 )
+
 from idpo_operator.spec import IterativeDPORunSpec
 
 

@@ -10,8 +10,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
-
 from idpo_jobs.config import (
     GenerationSpec,
     Model,
@@ -20,6 +18,7 @@ from idpo_jobs.config import (
     RankingSpec,
     TrainingSpec,
 )
+from pydantic import Field, ValidationError
 
 GROUP = "idpo.dev"
 VERSION = "v1alpha1"
@@ -55,7 +54,8 @@ class RuntimeSpec(Model):
     service_account_name: str | None = None
     queue_name: str | None = Field(None, description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name).")
     env: list[dict[str, Any]] = Field(
-        default_factory=list, description="Extra container env, as in a Pod spec (e.g. HF_TOKEN from a Secret)."
+        default_factory=list,
+        description="Extra container env, as in a Pod spec (e.g. HF_TOKEN from a Secret).",
     )
     env_from: list[dict[str, Any]] = Field(default_factory=list, description="As in a Pod spec.")
     retries: int = Field(2, ge=0, le=20, description="Times a failed stage is retried before the run fails.")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from idpo_jobs.config import STAGE_ORDER, Stage, Workspace
+
 from idpo_operator.plan import StageKey, all_stages
 from idpo_operator.spec import IterativeDPORunSpec
 
@@ -84,7 +85,9 @@ def merge_metrics(stage: Stage, parts: list[dict[str, Any]]) -> dict[str, Any]:
         if key.startswith("mean_"):
             weights = [p.get(weight, 0) for p in parts if key in p]
             total = sum(weights)
-            merged[key] = round(sum(v * w for v, w in zip(values, weights, strict=True)) / total, 4) if total else 0.0
+            merged[key] = (
+                round(sum(v * w for v, w in zip(values, weights, strict=True)) / total, 4) if total else 0.0
+            )
         elif all(isinstance(v, bool) or not isinstance(v, int | float) for v in values):
             merged[key] = values[0]
         else:
@@ -115,17 +118,36 @@ def _phase(spec: IterativeDPORunSpec, records: dict[StageKey, StageRecord]) -> s
     return Phase.PENDING
 
 
-def _condition(type_: str, status: bool, reason: str, message: str, now: str, generation: int,
-               previous: dict[str, dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+def _condition(
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    now: str,
+    generation: int,
+    previous: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
     value = "True" if status else "False"
     old = previous.get(type_)
     since = old["lastTransitionTime"] if old and old.get("status") == value else now
-    return {"type": type_, "status": value, "reason": reason, "message": message,
-            "lastTransitionTime": since, "observedGeneration": generation}  # fmt: skip
+    return {
+        "type": type_,
+        "status": value,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since,
+        "observedGeneration": generation,
+    }
 
 
-def conditions(phase: str, reason: str, message: str, now: str, generation: int,
-               previous: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+def conditions(
+    phase: str,
+    reason: str,
+    message: str,
+    now: str,
+    generation: int,
+    previous: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
     prev = {c["type"]: c for c in previous or []}
     flags = {
         "Ready": phase == Phase.SUCCEEDED,
@@ -165,7 +187,10 @@ def build_status(
         reason, message = Reason.SUCCEEDED, f"completed {spec.iterations} iterations"
     elif failed is not None:
         detail = records[failed].message or "failed"
-        reason, message = Reason.STAGE_FAILED, f"{failed} failed after {records[failed].attempts} attempt(s): {detail}"
+        reason, message = (
+            Reason.STAGE_FAILED,
+            f"{failed} failed after {records[failed].attempts} attempt(s): {detail}",
+        )
     elif phase == Phase.SUSPENDED:
         reason, message = Reason.SUSPENDED, "suspended: no new stages start"
     elif phase == Phase.RUNNING and at is not None:
@@ -179,10 +204,11 @@ def build_status(
         ok = all(r.phase == Phase.SUCCEEDED for r in stages.values())
         entry: dict[str, Any] = {
             "iteration": i,
-            "phase": Phase.SUCCEEDED if ok else next(
-                (r.phase for r in stages.values() if r.phase != Phase.SUCCEEDED), Phase.PENDING),
+            "phase": Phase.SUCCEEDED
+            if ok
+            else next((r.phase for r in stages.values() if r.phase != Phase.SUCCEEDED), Phase.PENDING),
             "stages": {name: r.to_wire() for name, r in stages.items()},
-        }  # fmt: skip
+        }
         if ok:
             entry["checkpoint"] = str(workspace.checkpoint(i))
         iterations.append(entry)
@@ -205,4 +231,3 @@ def build_status(
     if previous.get("completionTime") and status["completionTime"]:
         status["completionTime"] = previous["completionTime"]
     return {k: v for k, v in status.items() if v is not None}
-

@@ -5,8 +5,21 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-COLUMNS = ("ITER", "PHASE", "STAGE", "DURATION", "PROMPTS", "PAIRS", "DROPPED", "CHOSEN", "REJECTED",
-           "LOSS", "ACC", "MARGIN", "CHECKPOINT")  # fmt: skip
+COLUMNS = (
+    "ITER",
+    "PHASE",
+    "STAGE",
+    "DURATION",
+    "PROMPTS",
+    "PAIRS",
+    "DROPPED",
+    "CHOSEN",
+    "REJECTED",
+    "LOSS",
+    "ACC",
+    "MARGIN",
+    "CHECKPOINT",
+)
 
 
 def _seconds(start: str | None, end: str | None) -> float | None:
@@ -43,18 +56,29 @@ def iteration_row(it: dict[str, Any]) -> list[str]:
         return "-" if score is None else f"{_fmt(score)} / {_fmt(chars, 4)}ch"
 
     return [
-        str(it["iteration"]), it.get("phase", "-"), running, _duration(sum(known) if known else None),
-        _fmt(gen.get("prompts")), _fmt(rank.get("pairs")), _fmt(rank.get("dropped_ties")),
-        side("chosen"), side("rejected"), _fmt(train.get("loss")), _fmt(train.get("reward_accuracy")),
-        _fmt(train.get("reward_margin")), it.get("checkpoint", "-"),
-    ]  # fmt: skip
+        str(it["iteration"]),
+        it.get("phase", "-"),
+        running,
+        _duration(sum(known) if known else None),
+        _fmt(gen.get("prompts")),
+        _fmt(rank.get("pairs")),
+        _fmt(rank.get("dropped_ties")),
+        side("chosen"),
+        side("rejected"),
+        _fmt(train.get("loss")),
+        _fmt(train.get("reward_accuracy")),
+        _fmt(train.get("reward_margin")),
+        it.get("checkpoint", "-"),
+    ]
 
 
 def render(status: dict[str, Any], name: str = "") -> str:
     rows = [list(COLUMNS)] + [iteration_row(it) for it in status.get("iterations", [])]
     widths = [max(len(r[c]) for r in rows) for c in range(len(COLUMNS))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    head = (f"{name + ': ' if name else ''}{status.get('phase', 'Pending')} — {status.get('message', '')}\n"
-            f"iteration {status.get('currentIteration', '-')}/{status.get('iterationsTotal', '-')}"
-            f", stage {status.get('currentStage', '-')}")  # fmt: skip
+    head = (
+        f"{name + ': ' if name else ''}{status.get('phase', 'Pending')} — {status.get('message', '')}\n"
+        f"iteration {status.get('currentIteration', '-')}/{status.get('iterationsTotal', '-')}"
+        f", stage {status.get('currentStage', '-')}"
+    )
     return head + "\n\n" + "\n".join(lines)

@@ -1,0 +1,114 @@
+"""`idpo run` stories: a whole run, a killed run that resumes, a failing stage fixed and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import env_with_tests, manifest
+
+pytestmark = pytest.mark.slow
+
+
+def idpo(*args: str, wait: bool = True) -> Any:
+    cmd = [sys.executable, "-m", "idpo_operator.cli", *args]
+    if not wait:
+        return subprocess.Popen(
+            cmd,
+            env=env_with_tests(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return subprocess.run(cmd, env=env_with_tests(), capture_output=True, text=True, timeout=600)
+
+
+def write(tmp_path: Path, doc: dict) -> Path:
+    path = tmp_path / f"{doc['metadata']['name']}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def starts(workdir: Path, stem: str) -> int:
+    log = workdir / "logs" / f"{stem}-0.log"
+    return log.read_text().count(" start\n") if log.exists() else 0
+
+
+def status(workdir: Path) -> dict:
+    return json.loads((workdir / "status.json").read_text())
+
+
+def temp_dirs(workdir: Path) -> list[Path]:
+    return [p for p in (workdir / "workspace").rglob(".*tmp-*")]
+
+
+def test_a_killed_run_resumes_without_redoing_finished_stages(tmp_path: Path) -> None:
+    path, workdir = write(tmp_path, manifest("resume")), tmp_path / "w"
+    proc = idpo("run", str(path), "--workdir", str(workdir), wait=False)
+    deadline = time.monotonic() + 240
+    rank_log = workdir / "logs" / "iter-1-rank-0.log"
+    while time.monotonic() < deadline and not rank_log.exists():  # rank 1 has just started
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the runner and its stage process, mid-stage
+    proc.wait()
+    assert status(workdir)["phase"] == "Running"
+
+    again = idpo("run", str(path), "--workdir", str(workdir))
+    assert again.returncode == 0, again.stdout + again.stderr
+    final = status(workdir)
+    assert final["phase"] == "Succeeded" and final["latestCheckpoint"].endswith("iter-2/train/model")
+    assert starts(workdir, "iter-1-generate") == 1  # finished before the kill: not redone
+    assert starts(workdir, "iter-1-rank") == 2 and final["iterations"][0]["stages"]["rank"]["attempts"] == 2
+    assert temp_dirs(workdir) == []
+    rank = final["iterations"][1]["stages"]["rank"]["metrics"]
+    assert (
+        rank["pairs"] + rank["dropped_ties"] == 8
+        and final["iterations"][1]["stages"]["train"]["metrics"]["steps"]
+    )
+
+    table = idpo("status", "--workdir", str(workdir))
+    assert table.returncode == 0 and "Succeeded — completed 2 iterations" in table.stdout
+    assert "iter-2/train/model" in table.stdout.splitlines()[-1]
+
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(final["latestCheckpoint"]).config.model_type == "mistral"
+
+
+def test_a_failing_stage_stops_the_run_and_a_fixed_manifest_resumes_it(tmp_path: Path) -> None:
+    workdir = tmp_path / "w"
+    bad = manifest(
+        "fix", iterations=1, ranking={"ranker": "function", "function": "rewards:not_a_number", "model": None}
+    )
+    proc = idpo("run", str(write(tmp_path, bad)), "--workdir", str(workdir))
+    assert proc.returncode == 1
+    assert "run failed: iteration 1 rank failed after 1 attempt(s)" in proc.stderr
+    assert "'rewards:not_a_number' returned 'high', not a number" in proc.stderr
+    failed = status(workdir)
+    assert failed["phase"] == "Failed"
+    assert {c["type"]: c["status"] for c in failed["conditions"]}["Stalled"] == "True"
+    generated = workdir / "workspace" / "iter-1" / "generate" / "part-00000" / "_SUCCESS.json"
+    before = generated.read_text()
+    assert not (workdir / "workspace" / "iter-1" / "rank" / "part-00000").exists()
+
+    bad["spec"]["ranking"]["function"] = "rewards:starts_with_s"
+    fixed = idpo("run", str(write(tmp_path, bad)), "--workdir", str(workdir))
+    assert fixed.returncode == 0, fixed.stderr
+    assert status(workdir)["phase"] == "Succeeded"
+    assert generated.read_text() == before and starts(workdir, "iter-1-generate") == 1
+
+
+def test_an_invalid_manifest_is_rejected_before_anything_runs(tmp_path: Path) -> None:
+    proc = idpo("run", str(write(tmp_path, manifest("bad", iterations=0))), "--workdir", str(tmp_path / "w"))
+    assert proc.returncode == 2
+    assert "spec.iterations: Input should be greater than or equal to 1" in proc.stderr
+    assert not (tmp_path / "w").exists()
