@@ -73,3 +73,18 @@ def test_shards_cover_every_item_exactly_once(shards: int) -> None:
     items = list(range(10))
     parts = [shard_slice(items, k, shards) for k in range(shards)]
     assert [x for p in parts for x in p] == items
+
+
+def test_dataset_sources_use_the_iteration_split_pattern(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "ds" / "data"
+    data.mkdir(parents=True)
+    for n in (1, 2):  # the hub layout of a dataset with named splits, e.g. Snorkel's
+        table = pa.table({"prompt": [f"it{n}-a", f"it{n}-b"], "prompt_id": [f"{n}a", f"{n}b"]})
+        pq.write_table(table, data / f"train_iteration_{n}-00000-of-00001.parquet")
+    s = PromptsSpec(source=str(tmp_path / "ds"))
+    assert [r["prompt"] for r in load_prompts(s, 2)] == ["it2-a", "it2-b"]
+    with pytest.raises(StageError, match="split 'train_iteration_3'"):
+        load_prompts(s, 3)
