@@ -20,7 +20,7 @@ TESTS = Path(__file__).parent
 
 TINY_SPEC: dict[str, Any] = {
     "model": {"name": "tiny://policy"},
-    "prompts": {"source": "tiny://prompts.jsonl", "splitPattern": None, "perIteration": 8},
+    "prompts": {"source": "tiny://prompts.jsonl", "perIteration": 8},
     "iterations": 2,
     "generation": {
         "engine": "transformers",
@@ -46,9 +46,7 @@ TINY_SPEC: dict[str, Any] = {
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in override.items():
-        out[key] = (
-            merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-        )
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 

@@ -54,9 +54,7 @@ def test_incomplete_ranker_directories_are_named(tmp_path: Path, files, message)
 
 def test_relative_backbone_resolves_inside_the_ranker_dir(tiny) -> None:
     path = tiny["pairrm"]
-    assert blender_compat.backbone_override(path, {"model_name": "backbone"}) == {
-        "model_name": str(path / "backbone")
-    }
+    assert blender_compat.backbone_override(path, {"model_name": "backbone"}) == {"model_name": str(path / "backbone")}
     assert blender_compat.backbone_override(path, {"model_name": "microsoft/deberta-v3-large"}) == {}
 
 

@@ -34,14 +34,15 @@ def test_running_out_of_prompts_is_an_error(tmp_path: Path) -> None:
         load_prompts(spec(write_prompts(tmp_path / "p.jsonl", 25), per_iteration=10), 3)
 
 
-def test_parquet_and_pvc_sources_and_hashed_ids(tmp_path: Path) -> None:
+def test_parquet_and_pvc_sources_and_hashed_ids(tmp_path: Path, monkeypatch) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     (tmp_path / "data").mkdir()
     pq.write_table(pa.table({"text": ["a", "b"]}), tmp_path / "data" / "p.parquet")
     s = PromptsSpec(source="pvc://data/p.parquet", column="text", split_pattern=None)
-    rows = load_prompts(s, 1, pvc_root=str(tmp_path))
+    monkeypatch.setenv("IDPO_PVC_ROOT", str(tmp_path))
+    rows = load_prompts(s, 1)
     assert [r["prompt"] for r in rows] == ["a", "b"] and len(rows[0]["prompt_id"]) == 16
 
 

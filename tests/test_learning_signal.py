@@ -54,9 +54,7 @@ def test_held_out_reward_rises_from_the_base_model_to_the_last_iteration(tmp_pat
         for r in read_jsonl(ws.stage_dir(i, Stage.GENERATE) / "part-00000" / "generations.jsonl")
     }
     held_out = [
-        r["prompt"]
-        for r in read_jsonl(tmp_path / "w" / "tiny" / "prompts.jsonl")
-        if r["prompt_id"] not in used
+        r["prompt"] for r in read_jsonl(tmp_path / "w" / "tiny" / "prompts.jsonl") if r["prompt_id"] not in used
     ][:48]
     assert len(held_out) == 48
 

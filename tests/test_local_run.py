@@ -70,10 +70,7 @@ def test_a_killed_run_resumes_without_redoing_finished_stages(tmp_path: Path) ->
     assert starts(workdir, "iter-1-rank") == 2 and final["iterations"][0]["stages"]["rank"]["attempts"] == 2
     assert temp_dirs(workdir) == []
     rank = final["iterations"][1]["stages"]["rank"]["metrics"]
-    assert (
-        rank["pairs"] + rank["dropped_ties"] == 8
-        and final["iterations"][1]["stages"]["train"]["metrics"]["steps"]
-    )
+    assert rank["pairs"] + rank["dropped_ties"] == 8 and final["iterations"][1]["stages"]["train"]["metrics"]["steps"]
 
     table = idpo("status", "--workdir", str(workdir))
     assert table.returncode == 0 and "Succeeded — completed 2 iterations" in table.stdout

@@ -78,9 +78,7 @@ def test_rerunning_a_finished_stage_exits_at_once_and_changes_nothing(tiny, gene
     ],
     ids=["pairrm", "function", "reward-model"],
 )
-def test_rank_pairs_best_against_worst_from_all_generate_parts(
-    tiny, generated, tmp_path, ranking, kind
-) -> None:
+def test_rank_pairs_best_against_worst_from_all_generate_parts(tiny, generated, tmp_path, ranking, kind) -> None:
     import datasets
 
     if ranking.get("model") == "REWARD":
@@ -148,9 +146,7 @@ def test_unloadable_model_path_fails_cleanly(tiny, tmp_path: Path) -> None:
 def test_malformed_prompt_file_names_file_and_line(tiny, tmp_path: Path) -> None:
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"prompt": "a"}\n{"prompt": "b"\n')
-    config, _ = write_config(
-        tiny_spec(tiny, prompts={"source": str(bad), "perIteration": None}), tmp_path, G1
-    )
+    config, _ = write_config(tiny_spec(tiny, prompts={"source": str(bad), "perIteration": None}), tmp_path, G1)
     proc = run_cli("generate", config)
     assert proc.returncode == 1 and f"{bad}:2: malformed JSON" in proc.stderr
     assert list((tmp_path / "iter-1" / "generate").iterdir()) == []
@@ -162,9 +158,7 @@ def test_ranker_directory_missing_files_fails_without_touching_inputs(tiny, gene
     (broken / "config.json").write_text((tiny["pairrm"] / "config.json").read_text())
     spec = tiny_spec(tiny, generation={"shards": 2}, ranking={"model": str(broken)})
     before = tree_digest(generated / "iter-1" / "generate")
-    config, _ = write_config(
-        spec, generated, R1, out_dir=tmp_path / "ws", termination_log=str(tmp_path / "term")
-    )
+    config, _ = write_config(spec, generated, R1, out_dir=tmp_path / "ws", termination_log=str(tmp_path / "term"))
     proc = run_cli("rank", config)
     assert proc.returncode == 1 and "lacks model.safetensors or pytorch_model.bin" in proc.stderr
     assert "lacks model.safetensors" in json.loads((tmp_path / "term").read_text())["error"]

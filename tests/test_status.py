@@ -85,9 +85,7 @@ def test_condition_transition_times_only_move_when_status_flips() -> None:
     times = {c["type"]: c["lastTransitionTime"] for c in second["conditions"]}
     assert times["Reconciling"] == "2026-01-01T00:00:00Z"
     final = build_status(s, done(*plan.all_stages(s)), WS, previous=second, now="2026-01-01T01:00:00Z")
-    assert {c["type"]: c["lastTransitionTime"] for c in final["conditions"]}[
-        "Ready"
-    ] == "2026-01-01T01:00:00Z"
+    assert {c["type"]: c["lastTransitionTime"] for c in final["conditions"]}["Ready"] == "2026-01-01T01:00:00Z"
 
 
 def test_shard_metrics_add_counts_and_weight_means() -> None:

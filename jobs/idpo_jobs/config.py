@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -28,6 +29,9 @@ MISTRAL_CHAT_TEMPLATE = (
     "{% endfor %}"
 )
 PVC_SCHEME = "pvc://"
+# Where the run's volume is mounted in a stage pod; the Job builder sets it to its mountPath.
+PVC_ROOT_ENV = "IDPO_PVC_ROOT"
+DEFAULT_PVC_ROOT = "/workspace"
 
 
 class Model(BaseModel):
@@ -39,7 +43,7 @@ class Model(BaseModel):
         return self.model_dump(mode="json", by_alias=True)
 
 
-Quantity = Annotated[str | int | float, Field(description="A Kubernetes quantity, e.g. '16Gi' or 4.")]
+Quantity = Annotated[str | int, Field(description="A Kubernetes quantity, e.g. '16Gi' or 4.")]
 
 
 class Resources(Model):
@@ -86,28 +90,26 @@ class PromptsSpec(Model):
     id_column: str | None = Field(
         "prompt_id", description="Column with a stable prompt id; missing: a hash of the prompt text."
     )
-    split: str = Field("train", description="Dataset split, when `splitPattern` is not set.")
+    split: str = Field("train", description="Split used when `splitPattern` is null or `perIteration` set.")
     split_pattern: str | None = Field(
         "train_iteration_{n}",
+        pattern=r"\{n\}",
         description="Per-iteration split name with `{n}` = iteration number (1-based), e.g. the "
-        "Snorkel recipe's disjoint UltraFeedback thirds. Ignored for files.",
+        "Snorkel recipe's disjoint UltraFeedback thirds. Ignored for files and when `perIteration` is set.",
     )
     per_iteration: int | None = Field(
         None,
         ge=1,
         description="Take this many prompts per iteration from one seeded shuffle of `split` "
-        "(iteration n gets the n-th disjoint slice). Exclusive with `splitPattern`.",
+        "(iteration n gets the n-th disjoint slice). Takes precedence over `splitPattern`.",
     )
     limit: int | None = Field(None, ge=1, description="Cap on prompts per iteration (after selection).")
     seed: int = Field(0, description="Seed of the `perIteration` shuffle.")
 
-    @model_validator(mode="after")
-    def _one_selection(self) -> PromptsSpec:
-        if self.per_iteration is not None and self.split_pattern is not None:
-            raise ValueError("set either splitPattern or perIteration, not both (splitPattern: null)")
-        if self.split_pattern is not None and "{n}" not in self.split_pattern:
-            raise ValueError("splitPattern must contain '{n}' (the iteration number)")
-        return self
+    def split_for(self, iteration: int) -> str:
+        if self.split_pattern is None or self.per_iteration is not None:
+            return self.split
+        return self.split_pattern.format(n=iteration)
 
 
 class GenerationSpec(Model):
@@ -178,8 +180,10 @@ class LoraSpec(Model):
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: int = Field(32, ge=1, description="LoRA alpha.")
     dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
-    target_modules: list[str] | str = Field(
-        "all-linear", description="Modules to adapt; 'all-linear' or a list of names."
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        description="Module names to adapt; [all-linear] adapts every linear layer but the output head.",
     )
 
 
@@ -220,7 +224,11 @@ MODEL_DIR = "model"
 
 
 class Workspace:
-    """`<root>/iter-<n>/<stage>/`; sharded stages hold `part-<k>` directories."""
+    """`<root>/iter-<n>/<stage>/`; sharded stages hold `part-<k>` directories.
+
+    `root` is absolute for local runs, and relative to the run's volume for cluster runs (the
+    operator does not know where a pod mounts it; the stage resolves it with `on_volume`).
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -231,15 +239,29 @@ class Workspace:
     def checkpoint(self, iteration: int) -> Path:
         return self.stage_dir(iteration, Stage.TRAIN) / MODEL_DIR
 
+    def checkpoint_uri(self, iteration: int) -> str:
+        """How a model field names iteration `iteration`'s output: a path, or `pvc://` on a volume."""
+        path = self.checkpoint(iteration)
+        return str(path) if self.root.is_absolute() else PVC_SCHEME + str(path)
+
 
 def part_name(shard: int) -> str:
     return f"part-{shard:05d}"
 
 
-def resolve_uri(uri: str, pvc_root: str | Path) -> str:
-    """`pvc://a/b` -> `<pvc_root>/a/b`; anything else (HF id, local path) is returned unchanged."""
+def volume_root() -> Path:
+    return Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT))
+
+
+def on_volume(path: str | Path) -> Path:
+    """A workspace path as this process sees it: relative paths live on the run's volume."""
+    return volume_root() / path  # an absolute `path` (local runs) is returned as is
+
+
+def resolve_uri(uri: str) -> str:
+    """`pvc://a/b` -> `<volume>/a/b`; anything else (HF id, local path) is returned unchanged."""
     if uri.startswith(PVC_SCHEME):
-        return str(Path(pvc_root) / uri[len(PVC_SCHEME) :].lstrip("/"))
+        return str(volume_root() / uri[len(PVC_SCHEME) :].lstrip("/"))
     return uri
 
 
@@ -249,16 +271,13 @@ def resolve_uri(uri: str, pvc_root: str | Path) -> str:
 class StageConfig(Model):
     run: str = Field(description="Run name (for logs and summaries).")
     iteration: int = Field(ge=1)
-    workspace: str = Field(description="Run workspace root on the volume.")
-    pvc_root: str = Field("/workspace", description="Where `pvc://` URIs point inside the pod.")
+    workspace: str = Field(description="Run workspace root: absolute, or relative to the volume.")
     shards: int = Field(1, ge=1)
-    termination_log: str | None = Field(
-        None, description="Summary path; None: /dev/termination-log when it exists."
-    )
+    termination_log: str | None = Field(None, description="Summary path; None: /dev/termination-log when it exists.")
 
     @property
     def stage_dir(self) -> Path:
-        return Workspace(self.workspace).stage_dir(self.iteration, self.stage)
+        return on_volume(Workspace(self.workspace).stage_dir(self.iteration, self.stage))
 
     def dump(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_wire(), indent=2))

@@ -75,15 +75,14 @@ def _dataset_rows(spec: PromptsSpec, split: str) -> tuple[list[dict[str, Any]], 
     return ds.to_list(), f"{spec.source}[{split}]"
 
 
-def load_prompts(spec: PromptsSpec, iteration: int, pvc_root: str = "/workspace") -> list[dict[str, str]]:
+def load_prompts(spec: PromptsSpec, iteration: int) -> list[dict[str, str]]:
     """This iteration's prompts as `{prompt_id, prompt}` rows, in a stable order."""
-    source = resolve_uri(spec.source, pvc_root)
+    source = resolve_uri(spec.source)
     is_file = source.endswith(FILE_SUFFIXES)
     if is_file:
         rows, origin = _file_rows(Path(source))
     else:
-        split = spec.split_pattern.format(n=iteration) if spec.split_pattern else spec.split
-        rows, origin = _dataset_rows(spec, split)
+        rows, origin = _dataset_rows(spec, spec.split_for(iteration))
 
     if spec.per_iteration is not None:
         order = list(range(len(rows)))

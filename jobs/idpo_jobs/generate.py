@@ -131,10 +131,8 @@ ENGINES: dict[str, type[TransformersEngine] | type[VLLMEngine]] = {
 
 def compute(config: GenerateConfig, out: Path, shard: int) -> dict[str, Any]:
     spec = config.generation
-    prompts = data.shard_slice(
-        data.load_prompts(config.prompts, config.iteration, config.pvc_root), shard, config.shards
-    )
-    model = resolve_uri(config.model, config.pvc_root)
+    prompts = data.shard_slice(data.load_prompts(config.prompts, config.iteration), shard, config.shards)
+    model = resolve_uri(config.model)
     seed = spec.seed * 1000 + config.iteration  # a new sample each iteration, reproducible
     engine = ENGINES[spec.engine](model, spec, seed, config.revision, config.chat_template)
     from idpo_jobs.models import render_prompt_ids
@@ -155,8 +153,8 @@ def compute(config: GenerateConfig, out: Path, shard: int) -> dict[str, Any]:
 
 def inputs(config: GenerateConfig) -> dict[str, str]:
     return {
-        "model": resolve_uri(config.model, config.pvc_root),
-        "prompts": resolve_uri(config.prompts.source, config.pvc_root),
+        "model": resolve_uri(config.model),
+        "prompts": resolve_uri(config.prompts.source),
     }
 
 

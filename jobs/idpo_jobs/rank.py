@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from idpo_jobs import contract, data, pairing
-from idpo_jobs.config import RankConfig, RankingSpec, Stage, resolve_uri
+from idpo_jobs.config import RankConfig, RankingSpec, Stage, on_volume, resolve_uri
 from idpo_jobs.generate import OUTPUT as GENERATIONS
 
 OUTPUT = "pairs.jsonl"
@@ -135,14 +135,14 @@ RANKERS: dict[str, Callable[[RankingSpec, str], Ranker]] = {
 
 
 def read_generations(config: RankConfig) -> list[dict[str, Any]]:
-    parts = contract.require_input(config.input_dir, config.input_shards, Stage.GENERATE)
+    parts = contract.require_input(on_volume(config.input_dir), config.input_shards, Stage.GENERATE)
     return [row for part in parts for row in data.read_jsonl(part / GENERATIONS)]
 
 
 def compute(config: RankConfig, out: Path, shard: int) -> dict[str, Any]:
     spec = config.ranking
     rows = data.shard_slice(read_generations(config), shard, config.shards)
-    model = resolve_uri(spec.model, config.pvc_root) if spec.model else ""
+    model = resolve_uri(spec.model) if spec.model else ""
     ranker = RANKERS[spec.ranker](spec, model)
     pairs, ties = [], 0
     for start in range(0, len(rows), spec.batch_size):
@@ -173,9 +173,9 @@ def compute(config: RankConfig, out: Path, shard: int) -> dict[str, Any]:
 
 
 def inputs(config: RankConfig) -> dict[str, str]:
-    found = {"generations": config.input_dir}
+    found = {"generations": str(on_volume(config.input_dir))}
     if config.ranking.model and config.ranking.ranker != "function":
-        found["ranker"] = resolve_uri(config.ranking.model, config.pvc_root)
+        found["ranker"] = resolve_uri(config.ranking.model)
     return found
 
 

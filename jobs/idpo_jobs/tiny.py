@@ -302,9 +302,7 @@ def _corpus(seed: int, lines: int = 3000) -> list[str]:
     rng = random.Random(seed)
     text = tiny_prompts() + ["[INST] " + p + " [/INST]" for p in tiny_prompts()]
     for _ in range(lines):
-        text.append(
-            " ".join(rng.choice(WORDS + TOPICS) for _ in range(rng.randint(4, 16))).capitalize() + "."
-        )
+        text.append(" ".join(rng.choice(WORDS + TOPICS) for _ in range(rng.randint(4, 16))).capitalize() + ".")
     return text
 
 
@@ -397,9 +395,7 @@ def _candidate(rng: random.Random) -> str:
     """Random words with a random share of POSITIVE ones: the tiny ranker's notion of quality."""
     share = rng.random()
     positive, other = sorted(POSITIVE), [w for w in WORDS if w not in POSITIVE]
-    return " ".join(
-        rng.choice(positive if rng.random() < share else other) for _ in range(rng.randint(3, 12))
-    )
+    return " ".join(rng.choice(positive if rng.random() < share else other) for _ in range(rng.randint(3, 12)))
 
 
 def positive_words(text: str) -> float:
@@ -494,9 +490,7 @@ def build_tiny(out: str | Path, seed: int = 0) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     prompts = out / "prompts.jsonl"
     prompts.write_text(
-        "".join(
-            json.dumps({"prompt_id": f"p{n:04d}", "prompt": p}) + "\n" for n, p in enumerate(tiny_prompts())
-        )
+        "".join(json.dumps({"prompt_id": f"p{n:04d}", "prompt": p}) + "\n" for n, p in enumerate(tiny_prompts()))
     )
     policy = build_tiny_policy(out / "policy", seed=seed)
     return {

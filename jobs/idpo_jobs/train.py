@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from idpo_jobs import contract, data
-from idpo_jobs.config import MODEL_DIR, Stage, TrainConfig, resolve_uri
+from idpo_jobs.config import MODEL_DIR, Stage, TrainConfig, on_volume, resolve_uri
 from idpo_jobs.rank import OUTPUT as PAIRS
 
 
 def read_pairs(config: TrainConfig) -> list[dict[str, Any]]:
-    parts = contract.require_input(config.input_dir, config.input_shards, Stage.RANK)
+    parts = contract.require_input(on_volume(config.input_dir), config.input_shards, Stage.RANK)
     pairs = [row for part in parts for row in data.read_jsonl(part / PAIRS)]
     if not pairs:
         raise contract.StageError(
@@ -84,8 +84,8 @@ def compute(config: TrainConfig, out: Path, shard: int) -> dict[str, Any]:
     pairs = read_pairs(config)
     cuda = torch.cuda.is_available()
     dtype = "bfloat16" if cuda else "float32"
-    policy = resolve_uri(config.model, config.pvc_root)
-    reference = resolve_uri(config.reference_model, config.pvc_root)
+    policy = resolve_uri(config.model)
+    reference = resolve_uri(config.reference_model)
     tokenizer = load_tokenizer(policy, config.revision, config.chat_template)
     model = load_causal_lm(policy, config.revision, dtype)
     # rolling + full fine-tuning: TRL copies the policy as reference; with LoRA the frozen base is it.
@@ -95,11 +95,12 @@ def compute(config: TrainConfig, out: Path, shard: int) -> dict[str, Any]:
     if t.lora is not None:
         from peft import LoraConfig
 
+        modules = t.lora.target_modules
         peft_config = LoraConfig(
             r=t.lora.r,
             lora_alpha=t.lora.alpha,
             lora_dropout=t.lora.dropout,
-            target_modules=t.lora.target_modules,
+            target_modules="all-linear" if modules == ["all-linear"] else modules,
             task_type="CAUSAL_LM",
         )
 
@@ -139,9 +140,9 @@ def compute(config: TrainConfig, out: Path, shard: int) -> dict[str, Any]:
 
 def inputs(config: TrainConfig) -> dict[str, str]:
     return {
-        "pairs": config.input_dir,
-        "model": resolve_uri(config.model, config.pvc_root),
-        "reference": resolve_uri(config.reference_model, config.pvc_root),
+        "pairs": str(on_volume(config.input_dir)),
+        "model": resolve_uri(config.model),
+        "reference": resolve_uri(config.reference_model),
     }
 
 

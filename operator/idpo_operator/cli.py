@@ -3,6 +3,7 @@
 idpo run examples/tiny.yaml           # the whole loop on this machine (CPU is fine)
 idpo status                           # per-iteration table of the run in .idpo/
 idpo make-tiny .idpo/tiny             # tiny policy, PairRM-format ranker and prompts
+idpo crd -o crds/idpo.dev_iterativedporuns.yaml   # the CRD, generated from the spec models
 """
 
 from __future__ import annotations
@@ -49,6 +50,16 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _crd(args: argparse.Namespace) -> int:
+    from idpo_operator.crd import render
+
+    if args.output:
+        Path(args.output).write_text(render())
+    else:
+        sys.stdout.write(render())
+    return 0
+
+
 def _make_tiny(args: argparse.Namespace) -> int:
     from idpo_jobs.tiny import build_tiny
 
@@ -58,9 +69,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="idpo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog="idpo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a manifest on this machine")
     run.add_argument("manifest")
@@ -70,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--workdir")
     status.add_argument("--json", action="store_true", help="print status.json")
     status.set_defaults(func=_status)
+    crd = sub.add_parser("crd", help="print the CustomResourceDefinition generated from the spec models")
+    crd.add_argument("-o", "--output", help="write to this file instead of stdout")
+    crd.set_defaults(func=_crd)
     tiny = sub.add_parser("make-tiny", help="build the tiny demo models")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)

@@ -123,9 +123,7 @@ class LocalRunner:
         config_path.parent.mkdir(parents=True, exist_ok=True)
         config.dump(config_path)
         contract.remove_stale_temps(config.stage_dir.parent)  # left by a killed earlier attempt
-        record = StageRecord(
-            phase=Phase.RUNNING, attempts=self._previous_attempts(key) + 1, start_time=timestamp()
-        )
+        record = StageRecord(phase=Phase.RUNNING, attempts=self._previous_attempts(key) + 1, start_time=timestamp())
         self.records[key] = record
         self.write_status()
 
@@ -209,7 +207,5 @@ class _Shard:
 
     def failure(self) -> str:
         errors = [line for line in self.tail if line.startswith("error:")]
-        detail = (
-            errors[-1].removeprefix("error: ") if errors else (self.tail[-1] if self.tail else "no output")
-        )
+        detail = errors[-1].removeprefix("error: ") if errors else (self.tail[-1] if self.tail else "no output")
         return f"exit {self.proc.returncode}: {detail} (log: {self.log_path})"

@@ -37,13 +37,11 @@ def all_stages(spec: IterativeDPORunSpec) -> list[StageKey]:
 
 def policy_for(spec: IterativeDPORunSpec, workspace: Workspace, iteration: int) -> str:
     """The model iteration `iteration` starts from: the base, then each previous iteration's output."""
-    return spec.model.name if iteration == 1 else str(workspace.checkpoint(iteration - 1))
+    return spec.model.name if iteration == 1 else workspace.checkpoint_uri(iteration - 1)
 
 
-def stage_config(
-    spec: IterativeDPORunSpec, run: str, workspace: Workspace, key: StageKey, pvc_root: str = "/workspace"
-) -> StageConfig:
-    common = {"run": run, "iteration": key.iteration, "workspace": str(workspace.root), "pvc_root": pvc_root}
+def stage_config(spec: IterativeDPORunSpec, run: str, workspace: Workspace, key: StageKey) -> StageConfig:
+    common = {"run": run, "iteration": key.iteration, "workspace": str(workspace.root)}
     i = key.iteration
     if key.stage is Stage.GENERATE:
         return GenerateConfig(

@@ -36,12 +36,8 @@ class StorageSpec(Model):
         min_length=1,
         description="Access modes of the created PVC; ReadWriteMany when shards run on several nodes.",
     )
-    retain_on_delete: bool = Field(
-        True, description="Keep the created PVC (checkpoints) when the run is deleted."
-    )
-    root: str = Field(
-        "idpo", description="Directory on the volume under which each run gets `<run>-<uid8>/`."
-    )
+    retain_on_delete: bool = Field(True, description="Keep the created PVC (checkpoints) when the run is deleted.")
+    root: str = Field("idpo", description="Directory on the volume under which each run gets `<run>-<uid8>/`.")
 
 
 class RuntimeSpec(Model):

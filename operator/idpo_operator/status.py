@@ -85,9 +85,7 @@ def merge_metrics(stage: Stage, parts: list[dict[str, Any]]) -> dict[str, Any]:
         if key.startswith("mean_"):
             weights = [p.get(weight, 0) for p in parts if key in p]
             total = sum(weights)
-            merged[key] = (
-                round(sum(v * w for v, w in zip(values, weights, strict=True)) / total, 4) if total else 0.0
-            )
+            merged[key] = round(sum(v * w for v, w in zip(values, weights, strict=True)) / total, 4) if total else 0.0
         elif all(isinstance(v, bool) or not isinstance(v, int | float) for v in values):
             merged[key] = values[0]
         else:
@@ -210,7 +208,7 @@ def build_status(
             "stages": {name: r.to_wire() for name, r in stages.items()},
         }
         if ok:
-            entry["checkpoint"] = str(workspace.checkpoint(i))
+            entry["checkpoint"] = workspace.checkpoint_uri(i)
         iterations.append(entry)
 
     done_iterations = [e for e in iterations if "checkpoint" in e]
@@ -221,6 +219,7 @@ def build_status(
         "observedGeneration": generation,
         "currentIteration": at.iteration if at else spec.iterations,
         "iterationsTotal": spec.iterations,
+        "progress": f"{at.iteration if at else spec.iterations}/{spec.iterations}",  # printer column
         "currentStage": at.stage.value if at else None,
         "startTime": previous.get("startTime") or (min(started) if started else None),
         "completionTime": now if phase in (Phase.SUCCEEDED, Phase.FAILED) else None,

@@ -1,0 +1,172 @@
+"""The CustomResourceDefinition, generated from the spec models (the only source of truth).
+
+    idpo crd > crds/idpo.dev_iterativedporuns.yaml     # a test fails when the file is stale
+
+pydantic's JSON Schema is converted to the structural OpenAPI v3 subset Kubernetes accepts: refs
+inlined, `X | None` as `nullable`, exclusive bounds in OpenAPI 3.0 form, free-form maps marked
+`x-kubernetes-preserve-unknown-fields`, quantities as int-or-string. Cross-field rules that the
+pydantic validators enforce locally are stated again as CEL (`x-kubernetes-validations`), declared
+on the models themselves through `CEL_RULES` below.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from idpo_operator.spec import GROUP, KIND, PLURAL, VERSION, IterativeDPORunSpec
+
+SHORT_NAMES = ["idpo"]
+CATEGORIES = ["idpo", "ml"]
+
+# CEL rules by model title (the pydantic class name). Each mirrors a pydantic validator, or adds
+# what only the apiserver can check: immutability across updates (transition rules on oldSelf).
+CEL_RULES: dict[str, list[dict[str, str]]] = {
+    "RankingSpec": [
+        {"rule": "self.ranker != 'function' || has(self.function)",
+         "message": "ranker 'function' needs `function: module:callable`", "fieldPath": ".function"},
+        {"rule": "self.ranker == 'function' || has(self.model)",
+         "message": "rankers pairrm and reward-model need `model`", "fieldPath": ".model"},
+    ],
+    "ModelSpec": [
+        {"rule": "self.name == oldSelf.name",
+         "message": "model.name is immutable: later iterations build on checkpoints of the first model",
+         "fieldPath": ".name"},
+    ],
+    "StorageSpec": [
+        {"rule": "self == oldSelf", "message": "storage is immutable: the workspace holds the run's checkpoints"},
+    ],
+}  # fmt: skip
+
+PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Iteration", "type": "string", "jsonPath": ".status.progress"},
+    {"name": "Stage", "type": "string", "jsonPath": ".status.currentStage"},
+    {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
+    {"name": "Checkpoint", "type": "string", "jsonPath": ".status.latestCheckpoint", "priority": 1},
+]
+
+_DROP = {"title", "additionalProperties", "discriminator"}
+
+
+def _inline(node: Any, defs: dict[str, Any]) -> Any:
+    """Resolve `$ref`s, keeping the referring node's description/default."""
+    if isinstance(node, list):
+        return [_inline(n, defs) for n in node]
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:
+        name = node["$ref"].rsplit("/", 1)[-1]
+        target = _inline(defs[name], defs)
+        return {**target, **{k: v for k, v in node.items() if k != "$ref"}, "title": name}
+    return {k: _inline(v, defs) for k, v in node.items()}
+
+
+def _structural(node: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    variants = node.get("anyOf")
+    if variants is not None:
+        kinds = [v for v in variants if v.get("type") != "null"]
+        if {v.get("type") for v in kinds} == {"string", "integer"}:
+            out["x-kubernetes-int-or-string"] = True
+        elif len(kinds) == 1:
+            out.update(_structural(kinds[0]))
+        else:
+            raise ValueError(f"cannot express union {variants} in a structural schema")
+        if len(kinds) < len(variants):
+            out["nullable"] = True
+    for key, value in node.items():
+        if key in _DROP or key == "anyOf" or (key == "default" and value is None):
+            continue
+        if key == "properties":
+            out["properties"] = {name: _with_object_default(_structural(prop)) for name, prop in value.items()}
+        elif key == "items":
+            out["items"] = _structural(value)
+        elif key == "const":
+            out["enum"] = [value]
+        elif key in ("exclusiveMinimum", "exclusiveMaximum"):
+            out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
+            out[key] = True
+        else:
+            out[key] = value
+    extra = node.get("additionalProperties")
+    if isinstance(extra, dict) and extra:
+        out["additionalProperties"] = _structural(extra)
+    elif extra is True or (node.get("type") == "object" and "properties" not in node and extra is None):
+        out["x-kubernetes-preserve-unknown-fields"] = True
+    rules = CEL_RULES.get(node.get("title", ""))
+    if rules:
+        out["x-kubernetes-validations"] = rules
+    if out.get("nullable") and "x-kubernetes-validations" in out:
+        # A transition rule on a nullable object must tolerate null; ours are on required objects.
+        raise ValueError(f"CEL rules on nullable {node.get('title')}")
+    return out
+
+
+def _with_object_default(schema: dict[str, Any]) -> dict[str, Any]:
+    """Sections default to `{}` so the apiserver fills their fields' defaults (as pydantic does)."""
+    if "properties" in schema and "default" not in schema and not schema.get("nullable"):
+        return {**schema, "default": {}}
+    return schema
+
+
+def spec_schema() -> dict[str, Any]:
+    raw = IterativeDPORunSpec.model_json_schema(by_alias=True, mode="validation")
+    defs = raw.pop("$defs", {})
+    schema = _structural(_inline(raw, defs))
+    schema.pop("required", None)  # every spec field has a default
+    return schema
+
+
+def crd() -> dict[str, Any]:
+    status = {
+        "type": "object",
+        "description": "Observed state, written by the operator (see README: status).",
+        "x-kubernetes-preserve-unknown-fields": True,
+    }
+    version = {
+        "name": VERSION,
+        "served": True,
+        "storage": True,
+        "subresources": {"status": {}},
+        "additionalPrinterColumns": PRINTER_COLUMNS,
+        "schema": {
+            "openAPIV3Schema": {
+                "type": "object",
+                "description": IterativeDPORunSpec.__doc__,
+                "properties": {
+                    "apiVersion": {"type": "string"},
+                    "kind": {"type": "string"},
+                    "metadata": {"type": "object"},
+                    "spec": spec_schema(),
+                    "status": status,
+                },
+            }
+        },
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": KIND.lower(),
+                "shortNames": SHORT_NAMES,
+                "categories": CATEGORIES,
+            },
+            "versions": [version],
+        },
+    }
+
+
+def render() -> str:
+    header = "# Generated by `idpo crd` from the pydantic spec models. Do not edit.\n"
+    return header + yaml.safe_dump(crd(), sort_keys=False, width=120)
