@@ -139,7 +139,7 @@ def test_train_saves_a_plain_checkpoint_the_next_iteration_loads(tiny, ranked, t
 def test_unloadable_model_path_fails_cleanly(tiny, tmp_path: Path) -> None:
     config, _ = write_config(tiny_spec(tiny), tmp_path, G1, model=str(tmp_path / "no-model"))
     proc = run_cli("generate", config)
-    assert proc.returncode == 1 and f"model '{tmp_path / 'no-model'}' does not exist" in proc.stderr
+    assert proc.returncode == 2 and f"model '{tmp_path / 'no-model'}' does not exist" in proc.stderr
     assert list((tmp_path / "iter-1" / "generate").iterdir()) == []
 
 
@@ -148,7 +148,7 @@ def test_malformed_prompt_file_names_file_and_line(tiny, tmp_path: Path) -> None
     bad.write_text('{"prompt": "a"}\n{"prompt": "b"\n')
     config, _ = write_config(tiny_spec(tiny, prompts={"source": str(bad), "perIteration": None}), tmp_path, G1)
     proc = run_cli("generate", config)
-    assert proc.returncode == 1 and f"{bad}:2: malformed JSON" in proc.stderr
+    assert proc.returncode == 2 and f"{bad}:2: malformed JSON" in proc.stderr
     assert list((tmp_path / "iter-1" / "generate").iterdir()) == []
 
 
@@ -160,7 +160,7 @@ def test_ranker_directory_missing_files_fails_without_touching_inputs(tiny, gene
     before = tree_digest(generated / "iter-1" / "generate")
     config, _ = write_config(spec, generated, R1, out_dir=tmp_path / "ws", termination_log=str(tmp_path / "term"))
     proc = run_cli("rank", config)
-    assert proc.returncode == 1 and "lacks model.safetensors or pytorch_model.bin" in proc.stderr
+    assert proc.returncode == 2 and "lacks model.safetensors or pytorch_model.bin" in proc.stderr
     assert "lacks model.safetensors" in json.loads((tmp_path / "term").read_text())["error"]
     assert list((tmp_path / "ws" / "iter-1" / "rank").iterdir()) == []
     assert tree_digest(generated / "iter-1" / "generate") == before
@@ -174,10 +174,10 @@ def test_a_function_ranker_returning_a_non_number_is_named(tiny, generated, tmp_
     )
     config, _ = write_config(spec, generated, R1, out_dir=tmp_path)
     proc = run_cli("rank", config)
-    assert proc.returncode == 1 and "'rewards:not_a_number' returned 'high', not a number" in proc.stderr
+    assert proc.returncode == 2 and "'rewards:not_a_number' returned 'high', not a number" in proc.stderr
 
 
 def test_rank_refuses_an_incomplete_generate_stage(tiny, tmp_path: Path) -> None:
     config, _ = write_config(tiny_spec(tiny, generation={"shards": 2}), tmp_path, R1)
     proc = run_cli("rank", config)
-    assert proc.returncode == 1 and "input stage 'generate' is incomplete" in proc.stderr
+    assert proc.returncode == 2 and "input stage 'generate' is incomplete" in proc.stderr

@@ -212,7 +212,6 @@ class TrainingSpec(Model):
     )
     gradient_checkpointing: bool = Field(True, description="Trade compute for activation memory.")
     seed: int = Field(42, description="Training seed.")
-    gpus: int = Field(1, ge=0, description="GPUs per pod; >1 launches with accelerate.")
     resources: Resources = Field(default_factory=Resources, description="Per-pod resources.")
 
 

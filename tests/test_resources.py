@@ -1,0 +1,132 @@
+"""Child objects: deterministic names, identifying labels only, and a hardened Job spec."""
+
+from __future__ import annotations
+
+import pytest
+from idpo_jobs.config import Stage
+from idpo_operator import plan, resources
+from idpo_operator.plan import StageKey
+from idpo_operator.spec import parse_manifest
+
+from tests.conftest import manifest
+
+OWNER = resources.Owner("mistral", "ml", "0123456789abcdef")
+RANK = StageKey(2, Stage.RANK)
+
+
+def spec(**kw):
+    return parse_manifest(manifest(**kw)).spec
+
+
+def job(s=None, key=RANK):
+    s = s or spec()
+    return resources.build_job(s, OWNER, key, plan.stage_config(s, OWNER.name, resources.workspace(s, OWNER), key))
+
+
+def test_child_names_are_deterministic_and_fit_in_a_label() -> None:
+    assert resources.job_name("mistral", RANK) == "mistral-i2-rank"
+    long = "r" * 80
+    a, b = resources.job_name(long, RANK), resources.job_name(long + "x", RANK)
+    assert len(a) <= 63 and a.endswith("-i2-rank") and a != b and a == resources.job_name(long, RANK)
+
+
+def test_job_is_an_indexed_job_with_one_completion_per_shard() -> None:
+    body = job(spec(ranking={"shards": 3}))
+    assert body["metadata"]["name"] == "mistral-i2-rank"
+    assert (body["spec"]["completionMode"], body["spec"]["completions"], body["spec"]["parallelism"]) == (
+        "Indexed",
+        3,
+        3,
+    )
+    container = body["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["python", "-m", "idpo_jobs.rank", "--config", "/etc/idpo/config.json"]
+    assert {"name": "IDPO_PVC_ROOT", "value": "/workspace"} in container["env"]
+
+
+def test_children_carry_the_owner_and_identifying_labels_only() -> None:
+    body = job()
+    assert body["metadata"]["ownerReferences"] == [
+        {
+            "apiVersion": "idpo.dev/v1alpha1",
+            "kind": "IterativeDPORun",
+            "name": "mistral",
+            "uid": "0123456789abcdef",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+    assert body["metadata"]["labels"] == {
+        "app.kubernetes.io/name": "idpo",
+        "app.kubernetes.io/managed-by": "idpo-operator",
+        "idpo.dev/run": "mistral",
+        "idpo.dev/iteration": "2",
+        "idpo.dev/stage": "rank",
+    }
+    assert body["spec"]["template"]["metadata"]["labels"] == body["metadata"]["labels"]
+
+
+def test_pod_is_hardened_and_gets_no_service_account_token() -> None:
+    pod = job()["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False and pod["restartPolicy"] == "Never"
+    assert (
+        pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    )
+    sc = pod["containers"][0]["securityContext"]
+    assert sc == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+
+
+def test_failure_policy_ignores_disruptions_and_does_not_retry_bad_input() -> None:
+    body = job(spec(runtime={"retries": 4}))
+    rules = body["spec"]["podFailurePolicy"]["rules"]
+    assert body["spec"]["backoffLimit"] == 4
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [2]
+
+
+def test_runtime_settings_reach_the_pod() -> None:
+    s = spec(
+        runtime={
+            "nodeSelector": {"gpu": "h100"},
+            "tolerations": [{"key": "gpu", "operator": "Exists"}],
+            "priorityClassName": "batch",
+            "queueName": "team-a",
+            "serviceAccountName": "trainer",
+            "env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "t"}}}],
+            "envFrom": [{"secretRef": {"name": "s3"}}],
+            "activeDeadlineSeconds": 3600,
+        },
+        training={"resources": {"limits": {"nvidia.com/gpu": 8, "memory": "400Gi"}}},
+    )
+    body = job(s, StageKey(1, Stage.TRAIN))
+    pod = body["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert body["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert (pod["nodeSelector"], pod["priorityClassName"], pod["serviceAccountName"]) == (
+        {"gpu": "h100"},
+        "batch",
+        "trainer",
+    )
+    assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    assert container["resources"] == {"limits": {"nvidia.com/gpu": 8, "memory": "400Gi"}}
+    assert container["env"][-1]["name"] == "HF_TOKEN" and container["envFrom"] == [{"secretRef": {"name": "s3"}}]
+    assert body["spec"]["activeDeadlineSeconds"] == 3600
+
+
+@pytest.mark.parametrize(("retain", "owned"), [(True, False), (False, True)])
+def test_workspace_claim_is_retained_by_default(retain: bool, owned: bool) -> None:
+    pvc = resources.build_pvc(spec(storage={"retainOnDelete": retain, "size": "1Ti"}), OWNER)
+    assert pvc is not None and pvc["metadata"]["name"] == "mistral-workspace"
+    assert ("ownerReferences" in pvc["metadata"]) is owned
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "1Ti"
+
+
+def test_existing_claim_is_used_and_not_created() -> None:
+    s = spec(storage={"existingClaim": "shared"})
+    assert resources.build_pvc(s, OWNER) is None
+    assert job(s)["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"] == {"claimName": "shared"}
+
+
+def test_workspace_is_per_run_uid_and_relative_to_the_volume() -> None:
+    ws = resources.workspace(spec(), OWNER)
+    assert str(ws.root) == "idpo/mistral-01234567"
+    assert ws.checkpoint_uri(1) == "pvc://idpo/mistral-01234567/iter-1/train/model"
