@@ -4,6 +4,7 @@ idpo run examples/tiny.yaml           # the whole loop on this machine (CPU is f
 idpo status                           # per-iteration table of the run in .idpo/
 idpo make-tiny .idpo/tiny             # tiny policy, PairRM-format ranker and prompts
 idpo crd -o crds/idpo.dev_iterativedporuns.yaml   # the CRD, generated from the spec models
+idpo operator -n ml                   # the operator (kopf), watching namespace ml
 """
 
 from __future__ import annotations
@@ -60,6 +61,18 @@ def _crd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _operator(args: argparse.Namespace) -> int:
+    import kopf
+
+    import idpo_operator.handlers  # noqa: F401  (registers the handlers)
+
+    kopf.configure(verbose=args.verbose)
+    kopf.run(
+        standalone=True, namespaces=args.namespace, clusterwide=args.all_namespaces, liveness_endpoint=args.liveness
+    )
+    return 0
+
+
 def _make_tiny(args: argparse.Namespace) -> int:
     from idpo_jobs.tiny import build_tiny
 
@@ -82,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     crd = sub.add_parser("crd", help="print the CustomResourceDefinition generated from the spec models")
     crd.add_argument("-o", "--output", help="write to this file instead of stdout")
     crd.set_defaults(func=_crd)
+    op = sub.add_parser("operator", help="run the Kubernetes operator (kopf) with the current kubeconfig")
+    scope = op.add_mutually_exclusive_group(required=True)
+    scope.add_argument("-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
+    op.add_argument("--liveness", help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    op.add_argument("-v", "--verbose", action="store_true")
+    op.set_defaults(func=_operator)
     tiny = sub.add_parser("make-tiny", help="build the tiny demo models")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)

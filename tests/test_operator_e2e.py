@@ -1,0 +1,198 @@
+"""The operator end to end: kubectl applies runs, the real kopf operator drives Jobs, the kubelet
+stand-in runs the real stage CLIs on tiny models, and status tells the story."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import shutil
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import env_with_tests, merge
+from tests.harness.cluster import NAMESPACE, Cluster
+
+pytestmark = pytest.mark.slow
+CLAIM = "models"  # an existingClaim the tests seed with the tiny models
+
+SPEC: dict[str, Any] = {
+    "model": {"name": "pvc://tiny/policy"},
+    "prompts": {"source": "pvc://tiny/prompts.jsonl", "perIteration": 8},
+    "iterations": 2,
+    "generation": {"engine": "transformers", "responsesPerPrompt": 3, "temperature": 1.0, "maxNewTokens": 12},
+    "ranking": {"ranker": "pairrm", "model": "pvc://tiny/pairrm"},
+    "training": {
+        "beta": 0.1,
+        "learningRate": 1e-3,
+        "perDeviceBatchSize": 4,
+        "gradientAccumulationSteps": 1,
+        "maxLength": 64,
+        "warmupRatio": 0.0,
+        "scheduler": "constant",
+        "gradientCheckpointing": False,
+    },
+    "storage": {"existingClaim": CLAIM},
+    "runtime": {"retries": 1},
+}
+
+
+def run_manifest(name: str, **override: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "idpo.dev/v1alpha1",
+        "kind": "IterativeDPORun",
+        "metadata": {"name": name},
+        "spec": merge(SPEC, override),
+    }
+
+
+def stamp(value: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, Path]):
+    root = tmp_path_factory.mktemp("cluster")
+    with Cluster(root, env={"PYTHONPATH": env_with_tests()["PYTHONPATH"]}) as c:
+        seeded = c.kubelet.pvc_dir(CLAIM) / "tiny"
+        shutil.copytree(tiny["policy"].parent, seeded)
+        yield c
+
+
+def stage(status: dict[str, Any], iteration: int, name: str) -> dict[str, Any]:
+    return status["iterations"][iteration - 1]["stages"][name]
+
+
+def test_an_applied_run_goes_through_every_stage_and_reports_it(cluster: Cluster) -> None:
+    applied = cluster.apply(run_manifest("happy"))
+    assert applied.returncode == 0, applied.stderr
+    status = cluster.wait_phase("happy", "Succeeded", "Failed")
+    assert status["phase"] == "Succeeded", status.get("message")
+
+    gen, rank, train = (stage(status, 2, s) for s in ("generate", "rank", "train"))
+    assert gen["metrics"]["prompts"] == 8 and gen["metrics"]["responses"] == 24
+    assert rank["metrics"]["pairs"] + rank["metrics"]["dropped_ties"] == 8
+    assert train["metrics"]["steps"] >= 1 and train["jobName"] == "happy-i2-train"
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "True"
+
+    uid = cluster.run("happy")["metadata"]["uid"]
+    assert status["latestCheckpoint"] == f"pvc://idpo/happy-{uid[:8]}/iter-2/train/model"
+    from transformers import AutoModelForCausalLM
+
+    local = cluster.kubelet.pvc_dir(CLAIM) / status["latestCheckpoint"].removeprefix("pvc://")
+    assert AutoModelForCausalLM.from_pretrained(local).config.model_type == "mistral"
+
+    jobs = sorted(cluster.jobs("happy"), key=lambda j: j["metadata"]["creationTimestamp"])
+    assert len(jobs) == 6 and not [k for k, n in Counter(cluster.kubelet.runs).items() if n > 1 and "happy" in k[0]]
+    gaps = [
+        (stamp(b["metadata"]["creationTimestamp"]) - stamp(a["status"]["completionTime"])).total_seconds()
+        for a, b in itertools.pairwise(jobs)
+    ]
+    print(f"hand-off latency (Job complete -> next Job created), s: max {max(gaps):.1f}, all {gaps}")
+
+    table = cluster.kubectl("get", "idpo", "happy")
+    assert table.returncode == 0, table.stderr
+    header, row = table.stdout.splitlines()
+    assert header.split() == ["NAME", "PHASE", "ITERATION", "STAGE", "READY", "AGE"]
+    assert row.split()[:3] == ["happy", "Succeeded", "2/2"] and row.split()[3] == "True"
+    described = cluster.kubectl("describe", "idpo", "happy")
+    assert "StageSucceeded" in described.stdout and "RunSucceeded" in described.stdout
+
+
+def test_a_killed_operator_resumes_without_duplicates(cluster: Cluster) -> None:
+    assert cluster.apply(run_manifest("restart")).returncode == 0
+    cluster.wait("restart", lambda s: s.get("currentStage") == "rank")
+    cluster.stop_operator(signal.SIGKILL)  # mid-stage: rank 1 runs without anyone watching
+    time.sleep(3)  # the stage keeps running and may finish while no operator watches
+    cluster.start_operator()
+    status = cluster.wait_phase("restart", "Succeeded", "Failed")
+    assert status["phase"] == "Succeeded", status.get("message")
+    names = [j["metadata"]["name"] for j in cluster.jobs("restart")]
+    assert sorted(names) == sorted(set(names)) and len(names) == 6
+    runs = Counter(r for r in cluster.kubelet.runs if r[0].startswith("restart-"))
+    assert set(runs.values()) == {1}, runs  # no stage ran twice
+
+
+def test_a_failed_attempt_is_retried_and_counted(cluster: Cluster) -> None:
+    cluster.kubelet.fail_next["retry-i1-rank"] = 1
+    assert cluster.apply(run_manifest("retry", iterations=1)).returncode == 0
+    status = cluster.wait_phase("retry", "Succeeded", "Failed")
+    assert status["phase"] == "Succeeded", status.get("message")
+    assert stage(status, 1, "rank")["attempts"] == 2
+    events = cluster.kubectl(
+        "get", "events", "--field-selector", "involvedObject.name=retry", "-o", "jsonpath={.items[*].reason}"
+    )
+    assert "StageRetrying" in events.stdout or "StageSucceeded" in events.stdout
+
+
+def test_a_stage_that_always_fails_stalls_the_run_and_keeps_earlier_outputs(cluster: Cluster) -> None:
+    bad = {"ranker": "function", "function": "rewards:not_a_number", "model": None}
+    assert cluster.apply(run_manifest("doomed", iterations=1, ranking=bad)).returncode == 0
+    status = cluster.wait_phase("doomed", "Failed")
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Stalled"]["status"] == "True" and conditions["Ready"]["status"] == "False"
+    assert status["message"].startswith("iteration 1 rank failed")
+    assert "'rewards:not_a_number' returned 'high', not a number" in status["message"]
+    assert stage(status, 1, "generate")["phase"] == "Succeeded"
+    uid = cluster.run("doomed")["metadata"]["uid"]
+    gen = cluster.kubelet.pvc_dir(CLAIM) / f"idpo/doomed-{uid[:8]}/iter-1/generate/part-00000/_SUCCESS.json"
+    assert gen.exists()
+    assert [r for r in cluster.kubelet.runs if r[0] == "doomed-i1-rank"] == [("doomed-i1-rank", 0)]  # not retried
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"iterations": 0}, "spec.iterations: Invalid value: 0: must be greater than or equal to 1"),
+        ({"ranking": {"ranker": "function", "model": None}}, "spec.ranking.function: Invalid value: ranker 'function'"),
+        ({"generation": {"engine": "tgi"}}, "spec.generation.engine: Unsupported value: 'tgi'"),
+    ],
+    ids=["bounds", "cel-cross-field", "enum"],
+)
+def test_invalid_manifests_are_refused_by_the_crd(cluster: Cluster, override: dict, message: str) -> None:
+    refused = cluster.apply(run_manifest("refused", **override))
+    assert refused.returncode != 0 and message in refused.stderr
+
+
+def test_changing_the_base_model_mid_run_is_refused(cluster: Cluster) -> None:
+    assert cluster.apply(run_manifest("immutable", iterations=1)).returncode == 0
+    changed = cluster.apply(run_manifest("immutable", iterations=1, model={"name": "pvc://tiny/other"}))
+    assert changed.returncode != 0 and "model.name is immutable" in changed.stderr
+
+
+def test_a_spec_the_crd_let_through_stalls_with_the_field_named(cluster: Cluster) -> None:
+    from idpo_operator.crd import crd
+
+    lax = crd()  # as if an older CRD without the CEL rules were installed
+    lax["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["ranking"].pop(
+        "x-kubernetes-validations"
+    )
+    cluster.server.call(lambda e: e.register_crd(lax))
+    try:
+        assert cluster.apply(run_manifest("lax", ranking={"ranker": "function", "model": None})).returncode == 0
+    finally:
+        cluster.server.call(lambda e: e.register_crd(crd()))
+    status = cluster.wait_phase("lax", "Failed", timeout=60)
+    assert "invalid spec" in status["message"] and "spec.ranking" in status["message"]
+    assert {c["type"]: c["reason"] for c in status["conditions"]}["Stalled"] == "InvalidSpec"
+    assert cluster.jobs("lax") == []
+    assert cluster.apply(run_manifest("after-lax", iterations=1)).returncode == 0  # the operator still serves
+    cluster.wait("after-lax", lambda s: s.get("currentStage") in ("rank", "train") or s.get("phase") == "Succeeded")
+
+
+def test_deleting_a_run_removes_its_jobs_and_keeps_its_volume(cluster: Cluster) -> None:
+    manifest = run_manifest("deleted", iterations=1)
+    manifest["spec"].pop("storage")  # the operator creates (and by default retains) the claim
+    assert cluster.apply(manifest).returncode == 0
+    cluster.wait("deleted", lambda s: s.get("currentStage") == "generate" and "iterations" in s)
+    assert cluster.kubectl("get", "pvc", "deleted-workspace").returncode == 0
+    assert cluster.jobs("deleted")
+    assert cluster.kubectl("delete", "idpo", "deleted", "--wait=false").returncode == 0
+    cluster.wait("deleted", lambda s: not cluster.jobs("deleted"), timeout=30)
+    assert cluster.kubectl("get", "configmaps", "-l", "idpo.dev/run=deleted", "-o", "name").stdout.strip() == ""
+    kept = cluster.kubectl("get", "pvc", "deleted-workspace", "-o", "jsonpath={.metadata.name}")
+    assert kept.stdout == "deleted-workspace" and NAMESPACE
