@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import env_with_tests, merge
-from tests.harness.cluster import NAMESPACE, Cluster
+from tests.harness.cluster import Cluster
 
 pytestmark = pytest.mark.slow
 CLAIM = "models"  # an existingClaim the tests seed with the tiny models
@@ -123,10 +123,8 @@ def test_a_failed_attempt_is_retried_and_counted(cluster: Cluster) -> None:
     status = cluster.wait_phase("retry", "Succeeded", "Failed")
     assert status["phase"] == "Succeeded", status.get("message")
     assert stage(status, 1, "rank")["attempts"] == 2
-    events = cluster.kubectl(
-        "get", "events", "--field-selector", "involvedObject.name=retry", "-o", "jsonpath={.items[*].reason}"
-    )
-    assert "StageRetrying" in events.stdout or "StageSucceeded" in events.stdout
+    (job,) = [j for j in cluster.jobs("retry") if j["metadata"]["name"] == "retry-i1-rank"]
+    assert (job["status"]["failed"], job["status"]["succeeded"]) == (1, 1)
 
 
 def test_a_stage_that_always_fails_stalls_the_run_and_keeps_earlier_outputs(cluster: Cluster) -> None:
@@ -195,4 +193,4 @@ def test_deleting_a_run_removes_its_jobs_and_keeps_its_volume(cluster: Cluster) 
     cluster.wait("deleted", lambda s: not cluster.jobs("deleted"), timeout=30)
     assert cluster.kubectl("get", "configmaps", "-l", "idpo.dev/run=deleted", "-o", "name").stdout.strip() == ""
     kept = cluster.kubectl("get", "pvc", "deleted-workspace", "-o", "jsonpath={.metadata.name}")
-    assert kept.stdout == "deleted-workspace" and NAMESPACE
+    assert kept.stdout == "deleted-workspace"
