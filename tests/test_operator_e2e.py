@@ -194,3 +194,24 @@ def test_deleting_a_run_removes_its_jobs_and_keeps_its_volume(cluster: Cluster) 
     assert cluster.kubectl("get", "configmaps", "-l", "idpo.dev/run=deleted", "-o", "name").stdout.strip() == ""
     kept = cluster.kubectl("get", "pvc", "deleted-workspace", "-o", "jsonpath={.metadata.name}")
     assert kept.stdout == "deleted-workspace"
+
+
+def test_suspend_holds_new_stages_and_resume_continues(cluster: Cluster) -> None:
+    assert cluster.apply(run_manifest("paused", iterations=1, suspend=True)).returncode == 0
+    status = cluster.wait_phase("paused", "Suspended", timeout=60)
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Suspended"] == "True"
+    assert cluster.jobs("paused") == []
+    assert (
+        cluster.kubectl("patch", "idpo", "paused", "--type=merge", "-p", '{"spec":{"suspend":false}}').returncode == 0
+    )
+    resumed = cluster.wait("paused", lambda s: s.get("phase") == "Running", timeout=60)
+    assert resumed["observedGeneration"] == 2
+    assert [j["metadata"]["name"] for j in cluster.jobs("paused")] == ["paused-i1-generate"]
+
+
+def test_the_liveness_endpoint_reports_reconciles(cluster: Cluster) -> None:
+    import json
+    import urllib.request
+
+    probe = json.loads(urllib.request.urlopen(cluster.liveness, timeout=10).read())
+    assert probe["reconciles"] > 0

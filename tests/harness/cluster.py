@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,6 +31,9 @@ class Cluster:
         self.server = ServedEmulator(self.kubeconfig)
         self.operator: subprocess.Popen[bytes] | None = None
         self.operator_log = root / "operator.log"
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.liveness = f"http://127.0.0.1:{probe.getsockname()[1]}/healthz"
 
     def __enter__(self) -> Cluster:
         self.server.__enter__()
@@ -51,7 +55,7 @@ class Cluster:
         env = {**os.environ, **self.env, "KUBECONFIG": str(self.kubeconfig)}
         log = self.operator_log.open("a")
         self.operator = subprocess.Popen(
-            [sys.executable, "-m", "idpo_operator", "operator", "-n", NAMESPACE, "-v"],
+            [sys.executable, "-m", "idpo_operator", "operator", "-n", NAMESPACE, "-v", "--liveness", self.liveness],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
