@@ -9,8 +9,10 @@ Engines share one interface: `generate(prompt_token_ids, n) -> responses per pro
 
 from __future__ import annotations
 
+import array
 import statistics
 import sys
+import zlib
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,6 +20,10 @@ from idpo_jobs import contract, data
 from idpo_jobs.config import GenerateConfig, GenerationSpec, resolve_uri
 
 OUTPUT = "generations.jsonl"
+
+
+def prompt_seed(seed: int, ids: list[int]) -> int:
+    return (seed * 1_000_003 + zlib.crc32(array.array("q", ids).tobytes())) % 2**31
 
 
 class Engine(Protocol):
@@ -110,13 +116,18 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         spec = self.spec
-        params = SamplingParams(
-            n=n,
-            temperature=spec.temperature,
-            top_p=spec.top_p,
-            max_tokens=spec.max_new_tokens,
-            seed=self.seed,
-        )
+        # One seed per prompt, from its tokens: a shared seed would give every prompt the same
+        # random stream, and a seed from the position would change with batching and sharding.
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=spec.temperature,
+                top_p=spec.top_p,
+                max_tokens=spec.max_new_tokens,
+                seed=prompt_seed(self.seed, ids),
+            )
+            for ids in prompt_ids
+        ]
         prompts = [{"prompt_token_ids": ids} for ids in prompt_ids]
         results = self.llm.generate(prompts, params, use_tqdm=False)
         contract.report_progress(len(prompt_ids), len(prompt_ids))
