@@ -14,31 +14,23 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import env_with_tests, merge
+from tests.conftest import TINY_SPEC, env_with_tests, merge
 from tests.harness.cluster import Cluster
 
 pytestmark = pytest.mark.slow
 CLAIM = "models"  # an existingClaim the tests seed with the tiny models
 
-SPEC: dict[str, Any] = {
-    "model": {"name": "pvc://tiny/policy"},
-    "prompts": {"source": "pvc://tiny/prompts.jsonl", "perIteration": 8},
-    "iterations": 2,
-    "generation": {"engine": "transformers", "responsesPerPrompt": 3, "temperature": 1.0, "maxNewTokens": 12},
-    "ranking": {"ranker": "pairrm", "model": "pvc://tiny/pairrm"},
-    "training": {
-        "beta": 0.1,
-        "learningRate": 1e-3,
-        "perDeviceBatchSize": 4,
-        "gradientAccumulationSteps": 1,
-        "maxLength": 64,
-        "warmupRatio": 0.0,
-        "scheduler": "constant",
-        "gradientCheckpointing": False,
+# The shared tiny spec, with its models on the seeded claim instead of tiny:// URIs.
+SPEC: dict[str, Any] = merge(
+    TINY_SPEC,
+    {
+        "model": {"name": "pvc://tiny/policy"},
+        "prompts": {"source": "pvc://tiny/prompts.jsonl"},
+        "ranking": {"model": "pvc://tiny/pairrm"},
+        "storage": {"existingClaim": CLAIM},
+        "runtime": {"retries": 1},
     },
-    "storage": {"existingClaim": CLAIM},
-    "runtime": {"retries": 1},
-}
+)
 
 
 def run_manifest(name: str, **override: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import statistics
 import sys
 import zlib
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from idpo_jobs import contract, data
 from idpo_jobs.config import GenerateConfig, GenerationSpec, resolve_uri
@@ -26,12 +26,11 @@ def prompt_seed(seed: int, ids: list[int]) -> int:
     return (seed * 1_000_003 + zlib.crc32(array.array("q", ids).tobytes())) % 2**31
 
 
-class Engine(Protocol):
-    def generate(self, prompt_ids: list[list[int]], n: int) -> list[list[str]]: ...
+class Engine:
+    """What both engines share: the tokenizer (for rendering prompts once), the spec and the seed.
 
-
-class TransformersEngine:
-    """Batched sampling with `model.generate`; the CPU, test and demo engine."""
+    `generate(prompt_token_ids, n)` returns n responses per prompt.
+    """
 
     def __init__(
         self,
@@ -41,12 +40,27 @@ class TransformersEngine:
         revision: str | None = None,
         chat_template: str | None = None,
     ) -> None:
-        from idpo_jobs.models import load_causal_lm, load_tokenizer
+        from idpo_jobs.models import load_tokenizer
 
         self.tokenizer = load_tokenizer(model, revision, chat_template)
-        self.model = load_causal_lm(model, revision, spec.dtype).eval()
         self.spec = spec
         self.seed = seed
+        self.load(model, revision)
+
+    def load(self, model: str, revision: str | None) -> None:
+        raise NotImplementedError
+
+    def generate(self, prompt_ids: list[list[int]], n: int) -> list[list[str]]:
+        raise NotImplementedError
+
+
+class TransformersEngine(Engine):
+    """Batched sampling with `model.generate`; the CPU, test and demo engine."""
+
+    def load(self, model: str, revision: str | None) -> None:
+        from idpo_jobs.models import load_causal_lm
+
+        self.model = load_causal_lm(model, revision, self.spec.dtype).eval()
 
     def generate(self, prompt_ids: list[list[int]], n: int) -> list[list[str]]:
         import torch
@@ -77,7 +91,7 @@ class TransformersEngine:
         return out
 
 
-class VLLMEngine:
+class VLLMEngine(Engine):
     """vLLM offline inference; the production engine on GPUs.
 
     Prompts go in as token ids rendered by the same chat-template code as the transformers
@@ -85,32 +99,21 @@ class VLLMEngine:
     process: its GPU memory is released when the process exits, before ranking starts.
     """
 
-    def __init__(
-        self,
-        model: str,
-        spec: GenerationSpec,
-        seed: int,
-        revision: str | None = None,
-        chat_template: str | None = None,
-    ) -> None:
+    def load(self, model: str, revision: str | None) -> None:
         from vllm import LLM
 
-        from idpo_jobs.models import load_tokenizer
-
-        self.tokenizer = load_tokenizer(model, revision, chat_template)
+        spec = self.spec
         kwargs: dict[str, Any] = {
             "model": model,
             "revision": revision,
             "tensor_parallel_size": spec.tensor_parallel_size,
             "dtype": spec.dtype,
             "gpu_memory_utilization": spec.gpu_memory_utilization,
-            "seed": seed,
+            "seed": self.seed,
         }
         if spec.max_model_length:
             kwargs["max_model_len"] = spec.max_model_length
         self.llm = LLM(**kwargs)
-        self.spec = spec
-        self.seed = seed
 
     def generate(self, prompt_ids: list[list[int]], n: int) -> list[list[str]]:
         from vllm import SamplingParams
@@ -134,7 +137,7 @@ class VLLMEngine:
         return [[c.text.strip() for c in r.outputs] for r in results]
 
 
-ENGINES: dict[str, type[TransformersEngine] | type[VLLMEngine]] = {
+ENGINES: dict[str, type[Engine]] = {
     "transformers": TransformersEngine,
     "vllm": VLLMEngine,
 }
