@@ -30,7 +30,6 @@ import re
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -415,9 +414,3 @@ class ServedEmulator:
         if self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
-
-
-@contextmanager
-def served(kubeconfig: Path) -> Iterator[ServedEmulator]:
-    with ServedEmulator(kubeconfig) as server:
-        yield server
