@@ -207,3 +207,20 @@ def test_the_liveness_endpoint_reports_reconciles(cluster: Cluster) -> None:
 
     probe = json.loads(urllib.request.urlopen(cluster.liveness, timeout=10).read())
     assert probe["reconciles"] > 0
+
+
+def test_the_chart_rbac_allows_exactly_the_calls_the_operator_makes(cluster: Cluster, tiny: dict[str, Path]) -> None:
+    from tests.test_chart import granted, render
+
+    manifest = run_manifest("rbac", iterations=1)
+    manifest["spec"].pop("storage")  # so the operator creates its claim, as in production
+    shutil.copytree(tiny["policy"].parent, cluster.kubelet.pvc_dir("rbac-workspace") / "tiny")
+    assert cluster.apply(manifest).returncode == 0
+    assert cluster.wait_phase("rbac", "Succeeded", "Failed")["phase"] == "Succeeded"
+
+    calls = cluster.operator_calls()  # this module's whole history: starts, restarts, failures, deletes
+    print("operator API calls:", sorted(calls))
+    for values in ({}, {"watchNamespaces": ["e2e"]}):
+        allowed = granted(render(values))
+        assert calls - allowed == set(), "RBAC misses calls the operator makes"
+        assert allowed - calls == set(), "RBAC grants more than the operator uses"

@@ -21,6 +21,7 @@ from tests.harness.emulator import ServedEmulator
 from tests.harness.kubelet import Kubelet
 
 NAMESPACE = "e2e"
+HARNESS_AGENT = "idpo-test-harness"
 
 
 class Cluster:
@@ -39,6 +40,7 @@ class Cluster:
         self.server.__enter__()
         self.server.call(lambda e: e.register_crd(crd()))
         self.api = config.new_client_from_config(str(self.kubeconfig))
+        self.api.user_agent = HARNESS_AGENT  # tells the harness's calls apart from the operator's
         self.custom = client.CustomObjectsApi(self.api)
         self.batch, self.core = client.BatchV1Api(self.api), client.CoreV1Api(self.api)
         self.kubelet = Kubelet(self.api, NAMESPACE, self.root, env=self.env).__enter__()
@@ -99,6 +101,13 @@ class Cluster:
             time.sleep(0.2)
         tail = self.operator_log.read_text()[-3000:] if self.operator_log.exists() else ""
         raise AssertionError(f"gave up waiting on {name}: {json.dumps(status)[:2000]}\n--- operator log\n{tail}")
+
+    def operator_calls(self) -> set[tuple[str, str, str]]:
+        """(verb, group, resource) of every API call the operator process made (kopf's or ours)."""
+        calls = self.server.call(lambda e: e.api_calls())
+        return {
+            (verb, group, res) for agent, verb, group, res in calls if agent.startswith(("kopf", "OpenAPI-Generator"))
+        }
 
     def wait_phase(self, name: str, *phases: str, timeout: float = 300) -> dict[str, Any]:
         return self.wait(name, lambda s: s.get("phase") in phases, timeout)

@@ -137,6 +137,8 @@ def _set_data(request: rendering.Request, data: Any) -> None:
 @attrs.define(kw_only=True)
 class RealisticEmulator(KubernetesEmulator):
     crds: dict[resource, dict[str, Any]] = attrs.field(factory=dict)
+    # Calls answered before kmock parses them (and so missing from its request log).
+    _unparsed: list[tuple[str, str, str, str]] = attrs.field(factory=list, init=False)
     _versions: Iterator[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -181,7 +183,10 @@ class RealisticEmulator(KubernetesEmulator):
         import aiohttp.web
 
         if re.fullmatch(r"/api/v1/namespaces/?", raw_request.path) and raw_request.method == "GET":
-            if raw_request.query.get("watch") in ("true", "1"):
+            watch = raw_request.query.get("watch") in ("true", "1")
+            agent = raw_request.headers.get("User-Agent", "")
+            self._unparsed.append((agent, "watch" if watch else "list", "", "namespaces"))
+            if watch:
                 response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
                 await response.prepare(raw_request)
                 await asyncio.sleep(float(raw_request.query.get("timeoutSeconds", 300)))
@@ -196,6 +201,25 @@ class RealisticEmulator(KubernetesEmulator):
                 }
             )
         return await super().__call__(raw_request)
+
+    def api_calls(self) -> set[tuple[str, str, str, str]]:
+        """Every resource request served, as (user agent, RBAC verb, API group, resource[/subresource])."""
+        verbs = {
+            enums.action.LIST: "list",
+            enums.action.WATCH: "watch",
+            enums.action.FETCH: "get",
+            enums.action.CREATE: "create",
+            enums.action.DELETE: "delete",
+        }
+        calls = set(self._unparsed)
+        for request in list(self._requests):
+            if request.resource is None or request.action is None or not request.resource.plural:
+                continue  # discovery and other non-resource URLs
+            verb = verbs.get(request.action) or ("patch" if request.method == enums.method.PATCH else "update")
+            name = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
+            agent = next((v for k, v in request.headers.items() if k.lower() == "user-agent"), "")
+            calls.add((agent, verb, request.resource.group or "", name))
+        return calls
 
     # -- writes --------------------------------------------------------------------------------
     async def _handle(self, request: rendering.Request) -> Any:

@@ -1,0 +1,34 @@
+{{- define "idpo.name" -}}{{ .Release.Name | trunc 50 | trimSuffix "-" }}-operator{{- end -}}
+{{- define "idpo.labels" -}}
+app.kubernetes.io/name: idpo
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
+{{- end -}}
+{{- define "idpo.selector" -}}
+app.kubernetes.io/name: idpo
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+{{/* The API calls the operator makes, and only those (tests/test_chart.py checks both ways). */}}
+{{- define "idpo.rules" -}}
+- apiGroups: ["idpo.dev"]
+  resources: ["iterativedporuns"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["idpo.dev"]
+  resources: ["iterativedporuns/status"]
+  verbs: ["patch"]
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["list", "watch", "create"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
+- apiGroups: [""]
+  resources: ["configmaps", "persistentvolumeclaims"]
+  verbs: ["create"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end -}}
