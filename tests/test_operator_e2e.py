@@ -224,3 +224,34 @@ def test_the_chart_rbac_allows_exactly_the_calls_the_operator_makes(cluster: Clu
         allowed = granted(render(values))
         assert calls - allowed == set(), "RBAC misses calls the operator makes"
         assert allowed - calls == set(), "RBAC grants more than the operator uses"
+
+
+def test_metrics_and_idpo_status_tell_the_same_story(cluster: Cluster) -> None:
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    assert cluster.apply(run_manifest("metered", iterations=1)).returncode == 0
+    assert cluster.wait_phase("metered", "Succeeded")["phase"] == "Succeeded"
+
+    scraped = urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=10).read().decode()
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in scraped.splitlines()
+        if line.startswith("idpo_")
+    }
+    assert samples['idpo_runs{phase="Succeeded"}'] >= 1
+    assert samples['idpo_stage_duration_seconds_count{stage="train"}'] >= 1
+    assert samples["idpo_reconciles_total"] > 0 and "idpo_reconcile_errors_total" in samples
+
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+    table = subprocess.run(
+        [sys.executable, "-m", "idpo_operator", "status", "metered", "-n", "e2e"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.startswith("metered: Succeeded") and "pvc://idpo/metered-" in table.stdout.splitlines()[-1]

@@ -17,7 +17,7 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from idpo_operator import reconcile, resources
+from idpo_operator import metrics, reconcile, resources
 from idpo_operator.spec import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from idpo_operator.status import timestamp
 
@@ -86,6 +86,14 @@ def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 
 
 def reconcile_run(namespace: str, name: str) -> None:
+    try:
+        _reconcile(namespace, name)
+    except Exception:
+        metrics.ERRORS.inc()
+        raise
+
+
+def _reconcile(namespace: str, name: str) -> None:
     global reconciles
     with _locks[(namespace, name)]:
         custom, core, batch = client.CustomObjectsApi(), client.CoreV1Api(), client.BatchV1Api()
@@ -93,10 +101,12 @@ def reconcile_run(namespace: str, name: str) -> None:
             run = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
         except ApiException as err:
             if err.status == 404:
+                metrics.forget((namespace, name))
                 return
             raise
         meta = run["metadata"]
         if meta.get("deletionTimestamp"):
+            metrics.forget((namespace, name))
             return
         view = reconcile.RunView(
             name, namespace, meta["uid"], meta.get("generation", 1), run.get("spec") or {}, run.get("status") or {}
@@ -113,4 +123,5 @@ def reconcile_run(namespace: str, name: str) -> None:
             )
             for event in decision.events:
                 _post_event(run, event)
+        metrics.record((namespace, name), decision.status, decision.events)
         reconciles += 1

@@ -2,6 +2,7 @@
 
 idpo run examples/tiny.yaml           # the whole loop on this machine (CPU is fine)
 idpo status                           # per-iteration table of the run in .idpo/
+idpo status RUN -n NS                 # the same table for a run on the cluster (kubeconfig)
 idpo make-tiny .idpo/tiny             # tiny policy, PairRM-format ranker and prompts
 idpo crd -o crds/idpo.dev_iterativedporuns.yaml   # the CRD, generated from the spec models
 idpo operator -n ml                   # the operator (kopf), watching namespace ml
@@ -38,9 +39,27 @@ def _find_workdir(given: str | None) -> Path:
     return found[0]
 
 
+def _cluster_status(name: str, namespace: str | None) -> dict:
+    from kubernetes import client, config
+
+    from idpo_operator.spec import GROUP, PLURAL, VERSION
+
+    config.load_kube_config()
+    namespace = namespace or config.list_kube_config_contexts()[1]["context"].get("namespace", "default")
+    try:
+        run = client.CustomObjectsApi().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except client.ApiException as err:
+        raise SystemExit(f"error: cannot read IterativeDPORun {namespace}/{name}: {err.reason}") from None
+    return run.get("status") or {}
+
+
 def _status(args: argparse.Namespace) -> int:
     from idpo_operator.table import render
 
+    if args.run:
+        status = _cluster_status(args.run, args.namespace)
+        print(json.dumps(status, indent=2) if args.json else render(status, args.run))
+        return 0
     workdir = _find_workdir(args.workdir)
     try:
         status = json.loads((workdir / "status.json").read_text())
@@ -66,6 +85,10 @@ def _operator(args: argparse.Namespace) -> int:
 
     import idpo_operator.handlers  # noqa: F401  (registers the handlers)
 
+    if args.metrics_port:
+        from idpo_operator import metrics
+
+        metrics.serve(args.metrics_port)
     kopf.configure(verbose=args.verbose)
     kopf.run(
         standalone=True, namespaces=args.namespace, clusterwide=args.all_namespaces, liveness_endpoint=args.liveness
@@ -88,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("manifest")
     run.add_argument("--workdir", help=f"default: {DEFAULT_ROOT}/<run name>")
     run.set_defaults(func=_run)
-    status = sub.add_parser("status", help="per-iteration table of a local run")
-    status.add_argument("--workdir")
+    status = sub.add_parser("status", help="per-iteration table of a local run, or of RUN on the cluster")
+    status.add_argument("run", nargs="?", help="an IterativeDPORun on the cluster of the current kubeconfig")
+    status.add_argument("-n", "--namespace", help="with RUN; default: the kubeconfig context's namespace")
+    status.add_argument("--workdir", help="a local run's workdir")
     status.add_argument("--json", action="store_true", help="print status.json")
     status.set_defaults(func=_status)
     crd = sub.add_parser("crd", help="print the CustomResourceDefinition generated from the spec models")
@@ -100,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     scope.add_argument("-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable)")
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
     op.add_argument("--liveness", help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    op.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
     op.add_argument("-v", "--verbose", action="store_true")
     op.set_defaults(func=_operator)
     tiny = sub.add_parser("make-tiny", help="build the tiny demo models")

@@ -24,6 +24,12 @@ NAMESPACE = "e2e"
 HARNESS_AGENT = "idpo-test-harness"
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 class Cluster:
     def __init__(self, root: Path, env: dict[str, str]) -> None:
         self.root = root
@@ -32,9 +38,8 @@ class Cluster:
         self.server = ServedEmulator(self.kubeconfig)
         self.operator: subprocess.Popen[bytes] | None = None
         self.operator_log = root / "operator.log"
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.liveness = f"http://127.0.0.1:{probe.getsockname()[1]}/healthz"
+        self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
+        self.metrics_port = free_port()
 
     def __enter__(self) -> Cluster:
         self.server.__enter__()
@@ -57,7 +62,19 @@ class Cluster:
         env = {**os.environ, **self.env, "KUBECONFIG": str(self.kubeconfig)}
         log = self.operator_log.open("a")
         self.operator = subprocess.Popen(
-            [sys.executable, "-m", "idpo_operator", "operator", "-n", NAMESPACE, "-v", "--liveness", self.liveness],
+            [
+                sys.executable,
+                "-m",
+                "idpo_operator",
+                "operator",
+                "-n",
+                NAMESPACE,
+                "-v",
+                "--liveness",
+                self.liveness,
+                "--metrics-port",
+                str(self.metrics_port),
+            ],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
