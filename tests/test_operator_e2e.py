@@ -255,3 +255,15 @@ def test_metrics_and_idpo_status_tell_the_same_story(cluster: Cluster) -> None:
     )
     assert table.returncode == 0, table.stderr
     assert table.stdout.startswith("metered: Succeeded") and "pvc://idpo/metered-" in table.stdout.splitlines()[-1]
+
+
+def test_a_failed_stage_reruns_with_the_fixed_spec_after_its_job_is_deleted(cluster: Cluster) -> None:
+    bad = {"ranker": "function", "function": "rewards:not_a_number", "model": None}
+    assert cluster.apply(run_manifest("fixed", iterations=1, ranking=bad)).returncode == 0
+    assert cluster.wait_phase("fixed", "Failed")["message"].startswith("iteration 1 rank failed")
+    good = {**bad, "function": "rewards:starts_with_s"}
+    assert cluster.apply(run_manifest("fixed", iterations=1, ranking=good)).returncode == 0
+    assert cluster.kubectl("delete", "job", "fixed-i1-rank").returncode == 0  # as docs/troubleshooting.md says
+    status = cluster.wait_phase("fixed", "Succeeded", timeout=120)
+    assert status["iterations"][0]["stages"]["rank"]["metrics"]["ranker"] == "function"
+    assert [r for r in cluster.kubelet.runs if r[0] == "fixed-i1-generate"] == [("fixed-i1-generate", 0)]

@@ -130,3 +130,15 @@ def test_workspace_is_per_run_uid_and_relative_to_the_volume() -> None:
     ws = resources.workspace(spec(), OWNER)
     assert str(ws.root) == "idpo/mistral-01234567"
     assert ws.checkpoint_uri(1) == "pvc://idpo/mistral-01234567/iter-1/train/model"
+
+
+def test_config_maps_are_named_after_their_content() -> None:
+    s = spec()
+    ws = resources.workspace(s, OWNER)
+    config = plan.stage_config(s, OWNER.name, ws, RANK)
+    changed = plan.stage_config(spec(ranking={"batchSize": 99}), OWNER.name, ws, RANK)
+    name = resources.config_map_name(OWNER.name, RANK, config)
+    assert name == resources.config_map_name(OWNER.name, RANK, config) and name.startswith("mistral-i2-rank-")
+    assert resources.config_map_name(OWNER.name, RANK, changed) != name
+    body = resources.build_job(s, OWNER, RANK, config)
+    assert body["spec"]["template"]["spec"]["volumes"][1]["configMap"]["name"] == name

@@ -60,8 +60,10 @@ def job_name(run: str, key: StageKey) -> str:
     return child_name(run, f"i{key.iteration}-{key.stage.value}")
 
 
-def config_map_name(run: str, key: StageKey) -> str:
-    return child_name(run, f"i{key.iteration}-{key.stage.value}-cfg")
+def config_map_name(run: str, key: StageKey, config: StageConfig) -> str:
+    """Named after its content: a stage re-run after a spec fix gets its new config, not a stale one."""
+    digest = hashlib.sha256(config.model_dump_json(by_alias=True).encode()).hexdigest()[:8]
+    return child_name(run, f"i{key.iteration}-{key.stage.value}-{digest}")
 
 
 def pvc_name(spec: IterativeDPORunSpec, run: str) -> str:
@@ -109,7 +111,7 @@ def build_config_map(owner: Owner, key: StageKey, config: StageConfig) -> dict[s
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(config_map_name(owner.name, key), owner, key),
+        "metadata": _metadata(config_map_name(owner.name, key, config), owner, key),
         "data": {CONFIG_KEY: config.model_dump_json(by_alias=True, indent=2)},
     }
 
@@ -172,7 +174,7 @@ def build_job(spec: IterativeDPORunSpec, owner: Owner, key: StageKey, config: St
         "containers": [_container(spec, key)],
         "volumes": [
             {"name": "workspace", "persistentVolumeClaim": {"claimName": pvc_name(spec, owner.name)}},
-            {"name": "config", "configMap": {"name": config_map_name(owner.name, key)}},
+            {"name": "config", "configMap": {"name": config_map_name(owner.name, key, config)}},
             {"name": "tmp", "emptyDir": {}},
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},
         ],
