@@ -131,3 +131,32 @@ def test_flux_health_expressions_follow_the_run(state: str, expected: str) -> No
 
 def test_flux_waits_for_the_operator_to_observe_a_new_generation() -> None:
     assert flux_health(run_object(lifecycle()["succeeded"], generation=2)) == "InProgress"
+
+
+def kstatus(obj: dict[str, Any]) -> str:
+    """kstatus' generic rules for custom resources (sigs.k8s.io/cli-utils), which Flux `wait` uses."""
+    status = obj.get("status") or {}
+    if status.get("observedGeneration", obj["metadata"]["generation"]) != obj["metadata"]["generation"]:
+        return "InProgress"
+    conditions = {c["type"]: c["status"] for c in status.get("conditions", [])}
+    if conditions.get("Stalled") == "True":
+        return "Failed"
+    if conditions.get("Reconciling") == "True":
+        return "InProgress"
+    return "Current"
+
+
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        ("pending", "InProgress"),
+        ("running", "InProgress"),
+        ("succeeded", "Current"),
+        ("failed", "Failed"),
+        ("invalid", "Failed"),
+        ("suspended", "Current"),
+    ],
+)
+def test_kstatus_reads_the_conditions_as_documented(state: str, expected: str) -> None:
+    # A suspended run is Current for kstatus: nothing is reconciling and nothing is stuck (docs/gitops.md).
+    assert kstatus(run_object(lifecycle()[state])) == expected

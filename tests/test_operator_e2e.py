@@ -267,3 +267,23 @@ def test_a_failed_stage_reruns_with_the_fixed_spec_after_its_job_is_deleted(clus
     status = cluster.wait_phase("fixed", "Succeeded", timeout=120)
     assert status["iterations"][0]["stages"]["rank"]["metrics"]["ranker"] == "function"
     assert [r for r in cluster.kubelet.runs if r[0] == "fixed-i1-generate"] == [("fixed-i1-generate", 0)]
+
+
+def test_gitops_labels_stay_on_the_run_and_an_unchanged_reapply_changes_nothing(cluster: Cluster) -> None:
+    manifest = run_manifest("tracked", iterations=1, suspend=True)
+    manifest["metadata"]["labels"] = {"argocd.argoproj.io/instance": "runs", "kustomize.toolkit.fluxcd.io/name": "x"}
+    assert cluster.apply(manifest).returncode == 0
+    cluster.wait_phase("tracked", "Suspended", timeout=60)
+    before = cluster.run("tracked")
+    again = cluster.apply(manifest)
+    assert again.returncode == 0 and "unchanged" in again.stdout
+    after = cluster.run("tracked")
+    assert after["metadata"]["generation"] == before["metadata"]["generation"] == 1
+    assert (
+        cluster.kubectl("patch", "idpo", "tracked", "--type=merge", "-p", '{"spec":{"suspend":false}}').returncode == 0
+    )
+    cluster.wait("tracked", lambda s: bool(cluster.jobs("tracked")), timeout=60)
+    for job in cluster.jobs("tracked"):
+        labels = job["metadata"]["labels"]
+        assert not {"argocd.argoproj.io/instance", "kustomize.toolkit.fluxcd.io/name"} & set(labels)
+        assert labels["idpo.dev/run"] == "tracked"
