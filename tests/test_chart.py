@@ -69,6 +69,7 @@ def test_operator_pod_is_restricted_and_single() -> None:
         "capabilities": {"drop": ["ALL"]},
     }
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz" and "--all-namespaces" in container["args"]
+    assert "--log-format=json" in container["args"] and "--metrics-port=9090" in container["args"]
 
 
 def test_namespaced_mode_uses_roles_and_watches_only_those_namespaces() -> None:

@@ -89,7 +89,7 @@ def _operator(args: argparse.Namespace) -> int:
         from idpo_operator import metrics
 
         metrics.serve(args.metrics_port)
-    kopf.configure(verbose=args.verbose)
+    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()])
     kopf.run(
         standalone=True, namespaces=args.namespace, clusterwide=args.all_namespaces, liveness_endpoint=args.liveness
     )
@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
     op.add_argument("--liveness", help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     op.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
+    op.add_argument("--log-format", choices=["plain", "full", "json"], default="full", help="json for log pipelines")
     op.add_argument("-v", "--verbose", action="store_true")
     op.set_defaults(func=_operator)
     tiny = sub.add_parser("make-tiny", help="build the tiny demo models")
