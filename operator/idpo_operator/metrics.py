@@ -56,16 +56,18 @@ def record(run: tuple[str, str], status: dict[str, Any], events: list[Event]) ->
             RUNS.labels(phase=phase).set(counts.get(phase, 0))
     stages = {(it["iteration"], name): s for it in status.get("iterations", []) for name, s in it["stages"].items()}
     for event in events:
-        if event.reason not in ("StageSucceeded", "StageRetrying"):
+        if event.key is None:
             continue
-        words = event.message.split()  # "iteration <n> <stage> ..."
-        iteration, stage = int(words[1]), words[2].rstrip(":")
+        stage = event.key.stage.value
         if event.reason == "StageRetrying":
             RETRIES.labels(stage=stage).inc()
-        elif (seconds := _seconds(stages.get((iteration, stage), {}))) is not None:
-            STAGE_SECONDS.labels(stage=stage).observe(seconds)
+        elif event.reason == "StageSucceeded":
+            seconds = _seconds(stages.get((event.key.iteration, stage), {}))
+            if seconds is not None:
+                STAGE_SECONDS.labels(stage=stage).observe(seconds)
 
 
 def forget(run: tuple[str, str]) -> None:
+    """A deleted run leaves the phase gauge."""
     with _lock:
         _phases.pop(run, None)

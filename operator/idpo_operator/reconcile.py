@@ -48,6 +48,7 @@ class Event:
     type: str  # Normal | Warning
     reason: str
     message: str
+    key: StageKey | None = None  # the stage it is about, for consumers other than humans (metrics)
 
 
 @dataclass
@@ -131,18 +132,17 @@ def _stage_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
     for it in new.get("iterations", []):
         for name, s in it.get("stages", {}).items():
             prev = before.get((it["iteration"], name), {})
-            where = f"iteration {it['iteration']} {name}"
+            key = StageKey(it["iteration"], Stage(name))
             phase, was = s.get("phase"), prev.get("phase")
             if phase == Phase.RUNNING and was != Phase.RUNNING:
-                events.append(Event("Normal", "StageStarted", f"{where} started (job {s.get('jobName')})"))
+                events.append(Event("Normal", "StageStarted", f"{key} started (job {s.get('jobName')})", key))
             elif phase == Phase.RUNNING and s.get("attempts", 1) > prev.get("attempts", 1):
-                events.append(Event("Warning", "StageRetrying", f"{where}: attempt {s['attempts']} after a failure"))
+                events.append(Event("Warning", "StageRetrying", f"{key}: attempt {s['attempts']} after a failure", key))
             elif phase == Phase.SUCCEEDED and was != Phase.SUCCEEDED:
-                events.append(
-                    Event("Normal", "StageSucceeded", f"{where} succeeded: {json.dumps(s.get('metrics', {}))}")
-                )
+                message = f"{key} succeeded: {json.dumps(s.get('metrics', {}))}"
+                events.append(Event("Normal", "StageSucceeded", message, key))
             elif phase == Phase.FAILED and was != Phase.FAILED:
-                events.append(Event("Warning", "StageFailed", f"{where} failed: {s.get('message', '')}"))
+                events.append(Event("Warning", "StageFailed", f"{key} failed: {s.get('message', '')}", key))
     if new.get("phase") != old.get("phase") and new.get("phase") in (Phase.SUCCEEDED, Phase.FAILED):
         kind = "Normal" if new["phase"] == Phase.SUCCEEDED else "Warning"
         events.append(Event(kind, f"Run{new['phase']}", new.get("message", "")))
