@@ -1,4 +1,9 @@
-"""Programmatic rewards for the `function` ranker in tests (importable by stage subprocesses)."""
+"""Programmatic rewards for the `function` ranker in tests (importable by stage subprocesses).
+
+The e2e suite copies this file onto the cluster's volume, so it imports nothing from the project."""
+
+import os
+from pathlib import Path
 
 TARGET_LETTER = "s"
 
@@ -11,3 +16,14 @@ def starts_with_s(prompt: str, response: str) -> float:
 
 def not_a_number(prompt: str, response: str) -> str:
     return "high"
+
+
+def flaky(prompt: str, response: str) -> float:
+    """Times out on the first call of a run, as a remote scorer might; `IDPO_FLAKY_MARKER` (a path on
+    the volume) remembers that it happened, so the retried pod scores normally."""
+    marker = Path(os.environ["IDPO_FLAKY_MARKER"])
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        raise TimeoutError("the scoring service did not answer")
+    return starts_with_s(prompt, response)

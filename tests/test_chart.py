@@ -77,7 +77,10 @@ def test_namespaced_mode_uses_roles_and_watches_only_those_namespaces() -> None:
     roles = [d for d in docs if d["kind"] == "Role"]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["ml", "research"]
     cluster_rules = rules(docs, "ClusterRole")
-    assert cluster_rules == [{"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}]
+    assert cluster_rules == [  # only what kopf's own discovery needs; the run's resources stay in Roles
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
+    ]
     (deploy,) = [d for d in docs if d["kind"] == "Deployment"]
     assert [a for a in deploy["spec"]["template"]["spec"]["containers"][0]["args"] if "namespace" in a] == [
         "--namespace=ml",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import urllib.request
 from typing import Any
 
@@ -157,3 +158,43 @@ def test_kubectl_get_shows_the_crd_printer_columns(server: ServedEmulator, api: 
     assert header.split() == ["NAME", "PHASE", "ITERATION", "STAGE", "READY", "AGE"]
     assert row.split()[:5] == ["cols", "Running", "1/3", "rank", "False"]
     assert "MESSAGE" in kubectl(server, "get", "idpo", "cols", "-o", "wide").stdout
+
+
+def test_a_crd_applied_with_kubectl_is_established_served_and_enforced(server: ServedEmulator) -> None:
+    body = crd()  # the run CRD under another group and kind, so the module's registration is untouched
+    body["metadata"]["name"] = "widgets.test.idpo.dev"
+    body["spec"]["group"] = "test.idpo.dev"
+    body["spec"]["names"] = {"kind": "Widget", "listKind": "WidgetList", "plural": "widgets", "singular": "widget"}
+    env = {"KUBECONFIG": str(server.kubeconfig), "PATH": os.environ["PATH"], "HOME": str(server.kubeconfig.parent)}
+
+    def apply(obj: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        command = ["kubectl", "-n", NS, "apply", "--validate=false", "-f", "-"]
+        return subprocess.run(command, input=json.dumps(obj), capture_output=True, text=True, env=env, timeout=60)
+
+    applied = apply(body)
+    assert applied.returncode == 0, applied.stderr
+    established = kubectl(server, "wait", "--for=condition=Established", "crd/widgets.test.idpo.dev", "--timeout=10s")
+    assert established.returncode == 0, established.stderr
+    widget = {"apiVersion": "test.idpo.dev/v1alpha1", "kind": "Widget", "metadata": {"name": "w"}}
+    refused = apply({**widget, "spec": {"iterations": 0}})
+    assert refused.returncode != 0 and "spec.iterations" in refused.stderr
+    assert apply({**widget, "spec": {}}).returncode == 0
+    assert kubectl(server, "get", "widgets", "w", "-o", "jsonpath={.spec.iterations}").stdout == "3"  # defaulted
+
+
+def test_kubectl_get_watch_streams_printer_rows(server: ServedEmulator, api: client.ApiClient) -> None:
+    create_run(api, "watched")
+    env = {"KUBECONFIG": str(server.kubeconfig), "PATH": os.environ["PATH"], "HOME": str(server.kubeconfig.parent)}
+    watch = subprocess.Popen(
+        ["kubectl", "-n", NS, "get", "idpo", "watched", "-w", "--request-timeout=5s"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    time.sleep(2)  # kubectl lists, then watches
+    patch_run(api, "watched", {"status": {"phase": "Running", "currentStage": "generate"}}, status=True)
+    out, err = watch.communicate(timeout=30)
+    rows = [line.split() for line in out.splitlines()]
+    assert rows[0][:3] == ["NAME", "PHASE", "ITERATION"], err
+    assert ["watched", "Running"] in [r[:2] for r in rows[1:]], out + err

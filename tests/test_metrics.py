@@ -39,5 +39,7 @@ def test_stage_events_feed_durations_retries_and_phases() -> None:
     )
     assert sample("idpo_stage_duration_seconds_sum", stage="train") - before[0] == 90
     assert sample("idpo_stage_retries_total", stage="rank") - before[1] == 1
-    assert sample("idpo_runs", phase="Succeeded") >= 1
+    succeeded = sample("idpo_runs", phase="Succeeded")
+    assert succeeded >= 1
     metrics.forget(("ns", "m"))
+    assert sample("idpo_runs", phase="Succeeded") == succeeded - 1  # a deleted run leaves the gauge at once

@@ -49,11 +49,7 @@ def record(run: tuple[str, str], status: dict[str, Any], events: list[Event]) ->
     RECONCILES.inc()
     with _lock:
         _phases[run] = status.get("phase", "Pending")
-        counts: dict[str, int] = {}
-        for phase in _phases.values():
-            counts[phase] = counts.get(phase, 0) + 1
-        for phase in ("Pending", "Running", "Succeeded", "Failed", "Suspended"):
-            RUNS.labels(phase=phase).set(counts.get(phase, 0))
+        _publish_phases()
     stages = {(it["iteration"], name): s for it in status.get("iterations", []) for name, s in it["stages"].items()}
     for event in events:
         if event.key is None:
@@ -71,3 +67,12 @@ def forget(run: tuple[str, str]) -> None:
     """A deleted run leaves the phase gauge."""
     with _lock:
         _phases.pop(run, None)
+        _publish_phases()
+
+
+def _publish_phases() -> None:
+    counts: dict[str, int] = {}
+    for phase in _phases.values():
+        counts[phase] = counts.get(phase, 0) + 1
+    for phase in ("Pending", "Running", "Succeeded", "Failed", "Suspended"):
+        RUNS.labels(phase=phase).set(counts.get(phase, 0))

@@ -6,6 +6,7 @@ only here, deterministically, so a restarted operator finds its Jobs instead of 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -120,6 +121,21 @@ def stage_resources(spec: IterativeDPORunSpec, stage: Stage) -> Resources:
     return {Stage.GENERATE: spec.generation, Stage.RANK: spec.ranking, Stage.TRAIN: spec.training}[stage].resources
 
 
+# The restricted Pod Security Standard; the jobs image runs as uid 1000 and fsGroup makes the claim writable.
+POD_SECURITY: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "runAsGroup": 1000,
+    "fsGroup": 1000,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
 def _container(spec: IterativeDPORunSpec, key: StageKey) -> dict[str, Any]:
     rt = spec.runtime
     env = [
@@ -141,11 +157,7 @@ def _container(spec: IterativeDPORunSpec, key: StageKey) -> dict[str, Any]:
             {"name": "tmp", "mountPath": "/tmp"},
             {"name": "dshm", "mountPath": "/dev/shm"},  # NCCL and dataloaders need more than 64 MiB
         ],
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if rt.env_from:
@@ -164,13 +176,7 @@ def build_job(spec: IterativeDPORunSpec, owner: Owner, key: StageKey, config: St
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": 1000,
-            "runAsGroup": 1000,
-            "fsGroup": 1000,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": copy.deepcopy(POD_SECURITY),
         "containers": [_container(spec, key)],
         "volumes": [
             {"name": "workspace", "persistentVolumeClaim": {"claimName": pvc_name(spec, owner.name)}},

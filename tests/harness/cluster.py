@@ -1,4 +1,17 @@
-"""A whole test cluster: the API emulator, the kubelet stand-in, and the real operator process."""
+"""The e2e suite's cluster, reached only through a kubeconfig, kubectl and Jobs.
+
+Two backends behind one interface, so every e2e test runs against either:
+- `EmulatedCluster` (the default, and CI): the API emulator on 127.0.0.1 plus the kubelet stand-in,
+  which runs each Job's command here as a subprocess;
+- `RealCluster`, when `IDPO_E2E_KUBECONFIG` is set: any cluster that can pull `IDPO_E2E_IMAGE`
+  (the `jobs` image built from this checkout). Optional: `IDPO_E2E_NAMESPACE` (an existing
+  namespace; otherwise `idpo-e2e-<random>` is created and deleted), `IDPO_E2E_STORAGE_CLASS`,
+  `IDPO_E2E_PATIENCE` (a factor on every wait, default 5: image pulls and scheduling take time).
+
+Either way the real operator runs on this machine as a subprocess against the kubeconfig (as
+`kopf run` does in development), so a test can kill and restart it. Tests reach the volume only
+through Jobs (`seed`, `run_job`), never through local paths, and count pods through the API.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +22,33 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import yaml
 from idpo_operator.crd import crd
-from idpo_operator.spec import GROUP, PLURAL, VERSION
+from idpo_operator.resources import CONTAINER_SECURITY, POD_SECURITY, VOLUME_MOUNT
+from idpo_operator.spec import GROUP, KIND, PLURAL, VERSION, RuntimeSpec
 from kubernetes import client, config
 
 from tests.harness.emulator import ServedEmulator
-from tests.harness.kubelet import Kubelet
+from tests.harness.kubelet import JOB_NAME, Kubelet
 
-NAMESPACE = "e2e"
 HARNESS_AGENT = "idpo-test-harness"
+TESTS = Path(__file__).parents[1]
+FUNCTIONS_DIR = f"{VOLUME_MOUNT}/fns"  # where `seed` puts tests/rewards.py; stages get it on PYTHONPATH
+SEED_MOUNT = "/etc/idpo-e2e"
+
+# Builds the tiny models on the claim and copies the test reward functions beside them.
+SEED_SCRIPT = """
+import shutil, sys
+from pathlib import Path
+from idpo_jobs.tiny import build_tiny
+build_tiny(sys.argv[1])
+Path(sys.argv[3]).mkdir(parents=True, exist_ok=True)
+shutil.copy(sys.argv[2], sys.argv[3])
+"""
 
 
 def free_port() -> int:
@@ -31,49 +58,31 @@ def free_port() -> int:
 
 
 class Cluster:
-    def __init__(self, root: Path, env: dict[str, str]) -> None:
-        self.root = root
-        self.kubeconfig = root / "kubeconfig"
-        self.env = env
-        self.server = ServedEmulator(self.kubeconfig)
+    """What the tests use; the backends below only start and stop the cluster."""
+
+    def __init__(self, root: Path, kubeconfig: Path, namespace: str, image: str, patience: float) -> None:
+        self.root, self.kubeconfig, self.namespace = root, kubeconfig, namespace
+        self.image, self.patience = image, patience
+        self.storage_class = os.environ.get("IDPO_E2E_STORAGE_CLASS")
         self.operator: subprocess.Popen[bytes] | None = None
         self.operator_log = root / "operator.log"
         self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
         self.metrics_port = free_port()
 
-    def __enter__(self) -> Cluster:
-        self.server.__enter__()
-        self.server.call(lambda e: e.register_crd(crd()))
+    def connect(self) -> None:
         self.api = config.new_client_from_config(str(self.kubeconfig))
         self.api.user_agent = HARNESS_AGENT  # tells the harness's calls apart from the operator's
         self.custom = client.CustomObjectsApi(self.api)
         self.batch, self.core = client.BatchV1Api(self.api), client.CoreV1Api(self.api)
-        self.kubelet = Kubelet(self.api, NAMESPACE, self.root, env=self.env).__enter__()
-        self.start_operator()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_operator()
-        self.kubelet.__exit__()
-        self.server.__exit__()
 
     # -- the operator process ---------------------------------------------------------------------
     def start_operator(self) -> None:
-        env = {**os.environ, **self.env, "KUBECONFIG": str(self.kubeconfig)}
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
         log = self.operator_log.open("a")
         self.operator = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "idpo_operator",
-                "operator",
-                "-n",
-                NAMESPACE,
-                "-v",
-                "--liveness",
-                self.liveness,
-                "--metrics-port",
-                str(self.metrics_port),
+                *(sys.executable, "-m", "idpo_operator", "operator", "-n", self.namespace, "-v"),
+                *("--liveness", self.liveness, "--metrics-port", str(self.metrics_port)),
             ],
             env=env,
             stdout=log,
@@ -86,25 +95,46 @@ class Cluster:
             os.killpg(self.operator.pid, sig)
             self.operator.wait(30)
 
-    # -- helpers ----------------------------------------------------------------------------------
+    # -- kubectl and reads ------------------------------------------------------------------------
     def kubectl(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         env = {"KUBECONFIG": str(self.kubeconfig), "PATH": os.environ["PATH"], "HOME": str(self.root)}
         return subprocess.run(
-            ["kubectl", "-n", NAMESPACE, *args], input=stdin, capture_output=True, text=True, env=env, timeout=60
+            ["kubectl", "-n", self.namespace, *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60 * self.patience,
         )
 
     def apply(self, manifest: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        """`kubectl apply`; a run without an image gets this cluster's stage image."""
+        if manifest.get("kind") == KIND:
+            runtime = manifest.setdefault("spec", {}).setdefault("runtime", {})
+            runtime.setdefault("image", self.image)
         return self.kubectl("apply", "--validate=false", "-f", "-", stdin=yaml.safe_dump(manifest))
 
+    def install_crd(self, body: dict[str, Any] | None = None) -> None:
+        """Apply the CRD (the generated one by default) as `kubectl apply -f crds/` would."""
+        applied = self.kubectl("apply", "--validate=false", "-f", "-", stdin=yaml.safe_dump(body or crd()))
+        assert applied.returncode == 0, applied.stderr
+
     def run(self, name: str) -> dict[str, Any]:
-        return self.custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, name)
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
 
     def jobs(self, run: str) -> list[dict[str, Any]]:
-        res = self.batch.list_namespaced_job(NAMESPACE, label_selector=f"idpo.dev/run={run}", _preload_content=False)
-        return json.loads(res.data)["items"]
+        selector = f"idpo.dev/run={run}"
+        listed = self.batch.list_namespaced_job(self.namespace, label_selector=selector, _preload_content=False)
+        return json.loads(listed.data)["items"]
+
+    def pods(self, job: str) -> list[dict[str, Any]]:
+        """The pods a Job started: one per attempt of each index, so a rerun shows as a second pod."""
+        selector = f"{JOB_NAME}={job}"
+        listed = self.core.list_namespaced_pod(self.namespace, label_selector=selector, _preload_content=False)
+        return json.loads(listed.data)["items"]
 
     def wait(self, name: str, predicate: Any, timeout: float = 300) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout * self.patience
         status: dict[str, Any] = {}
         while time.monotonic() < deadline:
             if self.operator is not None and self.operator.poll() is not None:
@@ -119,6 +149,118 @@ class Cluster:
         tail = self.operator_log.read_text()[-3000:] if self.operator_log.exists() else ""
         raise AssertionError(f"gave up waiting on {name}: {json.dumps(status)[:2000]}\n--- operator log\n{tail}")
 
+    def wait_phase(self, name: str, *phases: str, timeout: float = 300) -> dict[str, Any]:
+        return self.wait(name, lambda s: s.get("phase") in phases, timeout)
+
+    # -- the volume, through Jobs -----------------------------------------------------------------
+    def ensure_claim(self, claim: str) -> None:
+        spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "2Gi"}}}
+        if self.storage_class:
+            spec["storageClassName"] = self.storage_class
+        body = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim}, "spec": spec}
+        try:
+            self.core.create_namespaced_persistent_volume_claim(self.namespace, body, _preload_content=False)
+        except client.ApiException as err:
+            if err.status != 409:
+                raise
+
+    def run_job(
+        self,
+        args: list[str],
+        *,
+        claim: str,
+        config_map: str | None = None,
+        timeout: float = 120,
+    ) -> tuple[bool, str]:
+        """Run `python <args>` in the stage image with `claim` at /workspace (and `config_map` at
+        /etc/idpo-e2e); returns whether it succeeded and the pod's termination message (or log tail)."""
+        name = f"e2e-{uuid.uuid4().hex[:8]}"
+        mounts = [{"name": "workspace", "mountPath": VOLUME_MOUNT}, {"name": "tmp", "mountPath": "/tmp"}]
+        volumes: list[dict[str, Any]] = [
+            {"name": "workspace", "persistentVolumeClaim": {"claimName": claim}},
+            {"name": "tmp", "emptyDir": {}},
+        ]
+        if config_map:
+            mounts.append({"name": "seed", "mountPath": SEED_MOUNT, "readOnly": True})
+            volumes.append({"name": "seed", "configMap": {"name": config_map}})
+        container = {
+            "name": "e2e",
+            "image": self.image,
+            "command": ["python", *args],
+            "env": [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/hf"}],
+            "volumeMounts": mounts,
+            "securityContext": CONTAINER_SECURITY,
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+        }
+        pod = {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "securityContext": POD_SECURITY,
+            "containers": [container],
+            "volumes": volumes,
+        }
+        body = {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "idpo-e2e"}},
+            "spec": {"backoffLimit": 0, "template": {"spec": pod}},
+        }
+        self.batch.create_namespaced_job(self.namespace, body, _preload_content=False)
+        deadline = time.monotonic() + timeout * self.patience
+        while time.monotonic() < deadline:
+            status = json.loads(self.batch.read_namespaced_job(name, self.namespace, _preload_content=False).data)
+            done = {c["type"] for c in status.get("status", {}).get("conditions", []) if c["status"] == "True"}
+            if done & {"Complete", "Failed"}:
+                messages = [
+                    s.get("state", {}).get("terminated", {}).get("message", "")
+                    for p in self.pods(name)
+                    for s in p.get("status", {}).get("containerStatuses", [])
+                ]
+                return "Complete" in done, "\n".join(messages)
+            time.sleep(0.5)
+        raise AssertionError(f"Job {name} ({args[:2]}) did not finish in time")
+
+    def seed(self, claim: str) -> None:
+        """Put the tiny models under `tiny/` and tests/rewards.py under `fns/` on `claim`."""
+        self.ensure_claim(claim)
+        functions = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "e2e-functions"},
+            "data": {"rewards.py": (TESTS / "rewards.py").read_text()},
+        }
+        try:
+            self.core.create_namespaced_config_map(self.namespace, functions, _preload_content=False)
+        except client.ApiException as err:
+            if err.status != 409:
+                raise
+        ok, message = self.run_job(
+            ["-c", SEED_SCRIPT, f"{VOLUME_MOUNT}/tiny", f"{SEED_MOUNT}/rewards.py", FUNCTIONS_DIR],
+            claim=claim,
+            config_map="e2e-functions",
+            timeout=300,
+        )
+        assert ok, f"seeding {claim} failed: {message}"
+
+
+class EmulatedCluster(Cluster):
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, root / "kubeconfig", "e2e", image=RuntimeSpec().image, patience=1.0)
+        self.server = ServedEmulator(self.kubeconfig)
+
+    def __enter__(self) -> EmulatedCluster:
+        self.server.__enter__()
+        self.connect()
+        self.kubelet = Kubelet(self.api, self.namespace, self.root).__enter__()
+        self.install_crd()
+        self.start_operator()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_operator()
+        self.kubelet.__exit__()
+        self.server.__exit__()
+
     def operator_calls(self) -> set[tuple[str, str, str]]:
         """(verb, group, resource) of every API call the operator process made (kopf's or ours)."""
         calls = self.server.call(lambda e: e.api_calls())
@@ -126,5 +268,36 @@ class Cluster:
             (verb, group, res) for agent, verb, group, res in calls if agent.startswith(("kopf", "OpenAPI-Generator"))
         }
 
-    def wait_phase(self, name: str, *phases: str, timeout: float = 300) -> dict[str, Any]:
-        return self.wait(name, lambda s: s.get("phase") in phases, timeout)
+
+class RealCluster(Cluster):
+    def __init__(self, root: Path, kubeconfig: Path, image: str) -> None:
+        given = os.environ.get("IDPO_E2E_NAMESPACE")
+        namespace = given or f"idpo-e2e-{uuid.uuid4().hex[:6]}"
+        super().__init__(root, kubeconfig, namespace, image, float(os.environ.get("IDPO_E2E_PATIENCE", "5")))
+        self.owns_namespace = not given
+
+    def __enter__(self) -> RealCluster:
+        self.connect()
+        if self.owns_namespace:
+            self.core.create_namespace({"metadata": {"name": self.namespace}}, _preload_content=False)
+        self.install_crd()
+        established = self.kubectl("wait", "--for=condition=Established", f"crd/{PLURAL}.{GROUP}", "--timeout=60s")
+        assert established.returncode == 0, established.stderr
+        self.start_operator()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_operator()
+        if self.owns_namespace:
+            self.core.delete_namespace(self.namespace, _preload_content=False)
+
+
+def open_cluster(root: Path) -> EmulatedCluster | RealCluster:
+    """The cluster `IDPO_E2E_KUBECONFIG` names, or else an emulated one."""
+    kubeconfig = os.environ.get("IDPO_E2E_KUBECONFIG")
+    if not kubeconfig:
+        return EmulatedCluster(root)
+    image = os.environ.get("IDPO_E2E_IMAGE")
+    if not image:
+        raise RuntimeError("IDPO_E2E_KUBECONFIG needs IDPO_E2E_IMAGE: the jobs image, built from this checkout")
+    return RealCluster(root, Path(kubeconfig), image)

@@ -1,14 +1,16 @@
 """A Kubernetes API for tests: kmock's KubernetesEmulator plus the realism it lacks (kmock 0.8).
 
-Filled here (each covered by tests/harness/test_emulator.py):
+Filled here (each covered by tests/test_emulator.py):
 - metadata on create: namespace from the URL, uid, resourceVersion, generation, creationTimestamp,
   generateName; resourceVersion bumps on every write; generation bumps on spec changes only;
 - status subresource isolation: `/status` writes only status, main writes never status;
 - JSON patch (RFC 6902, a failed `test` op is a 422) as well as merge patch;
-- label and field selectors on list and watch;
+- label and field selectors on list and watch; watches answer as JSON (and as Tables when asked), so
+  `kubectl get -w` works;
 - `GET /api/v1/namespaces` (kmock answers 500) lists the namespaces in use;
 - lists carry kind/apiVersion; core discovery says groupVersion "v1"; subresources have no short names;
 - ownerReference garbage collection (background cascade) on delete;
+- CRDs created or patched through the API (`kubectl apply -f crds/`) are served at once;
 - CRD enforcement for registered CRDs: structural schema with defaults and pruning, and CEL rules
   (cel-python), on create and update, answered with 422 like an apiserver;
 - server-side Table rendering of a CRD's printer columns, so `kubectl get` shows them.
@@ -16,8 +18,8 @@ Filled here (each covered by tests/harness/test_emulator.py):
 Still not emulated (tests must not rely on them): admission webhooks, RBAC/authn, PUT, server-side
 apply, watch bookmarks/resourceVersion resumption, field managers, quotas, the scheduler, controllers
 (Jobs are driven by tests/harness/kubelet.py), strategic-merge list semantics (merged as merge patch),
-`kubectl get -w` (watch content type), namespace objects (`/api/v1/namespaces` lists the
-namespaces that hold objects, and its watch never reports changes).
+namespace objects (`/api/v1/namespaces` lists the namespaces that hold objects, and its watch never
+reports changes).
 """
 
 from __future__ import annotations
@@ -53,7 +55,14 @@ RESOURCES: dict[str, dict[str, Any]] = {
     "v1/events": {"kind": "Event", "namespaced": True, "shortnames": ["ev"]},
     "v1/namespaces": {"kind": "Namespace", "namespaced": False, "shortnames": ["ns"]},
     "batch/v1/jobs": {"kind": "Job", "namespaced": True, "subresources": ["status"]},
+    "apiextensions.k8s.io/v1/customresourcedefinitions": {
+        "kind": "CustomResourceDefinition",
+        "namespaced": False,
+        "shortnames": ["crd", "crds"],
+        "subresources": ["status"],
+    },
 }
+CRDS = resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
 VERBS = ["create", "delete", "get", "list", "patch", "watch"]
 
 
@@ -163,7 +172,7 @@ class RealisticEmulator(KubernetesEmulator):
             self.crds[res] = {
                 "schema": version["schema"]["openAPIV3Schema"],
                 "columns": version.get("additionalPrinterColumns", []),
-                "kind": spec["names"]["kind"],
+                "qualified_kind": f"{spec['names']['kind']}.{spec['group']}",
                 "status": "status" in version.get("subresources", {}),
             }
 
@@ -235,6 +244,10 @@ class RealisticEmulator(KubernetesEmulator):
         response = await super()._handle(request)
         if deleted_uid:
             await self._collect_garbage({deleted_uid})
+        if res == CRDS and request.action in (enums.action.CREATE, enums.action.UPDATE) and request.subresource is None:
+            stored = self._stored(res, None, request.name or (request.data or {}).get("metadata", {}).get("name"))
+            if stored is not None:
+                self.register_crd(stored)  # an apiserver establishes it within moments; here at once
         return response
 
     def _on_create(self, request: rendering.Request) -> None:
@@ -252,6 +265,9 @@ class RealisticEmulator(KubernetesEmulator):
             if crd["status"]:
                 data.pop("status", None)
             data = self._enforce(crd, data, None)
+        if res == CRDS:  # registered at once (see _handle), so `kubectl wait --for=condition=Established` returns
+            ready = {"status": "True", "lastTransitionTime": now()}
+            data["status"] = {"conditions": [{"type": t, **ready} for t in ("NamesAccepted", "Established")]}
         _set_data(request, data)
 
     def _on_update(self, request: rendering.Request) -> None:
@@ -292,7 +308,7 @@ class RealisticEmulator(KubernetesEmulator):
             raise KubernetesError(
                 status=422,
                 reason="Invalid",
-                message=f'{crd["kind"]}.idpo.dev "{name}" is invalid: ' + "; ".join(errors),
+                message=f'{crd["qualified_kind"]} "{name}" is invalid: ' + "; ".join(errors),
             )
         return cleaned
 
@@ -334,10 +350,16 @@ class RealisticEmulator(KubernetesEmulator):
         obj = await super()._serve_fetch(request)
         return self._table(request, [obj]) or obj
 
-    async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[Any]:
-        async for event in super()._serve_watch(request):
-            if not isinstance(event, dict) or _matches(request, event.get("object", {})):
-                yield event
+    def _serve_watch(self, request: rendering.Request) -> rendering.Response:
+        async def events() -> AsyncIterator[Any]:
+            async for event in super(RealisticEmulator, self)._serve_watch(request):
+                if isinstance(event, dict) and not _matches(request, event.get("object", {})):
+                    continue
+                table = isinstance(event, dict) and self._table(request, [event["object"]])
+                yield {**event, "object": table} if table else event  # `kubectl get -w` asks for Tables
+
+        # kmock streams without a content type, which kubectl refuses.
+        return rendering.Response(payload=events(), headers={"Content-Type": "application/json"})
 
     async def _serve_version(self, request: rendering.Request) -> Any:
         body = await super()._serve_version(request)

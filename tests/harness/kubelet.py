@@ -8,7 +8,8 @@ Job creates a Pod object, runs the container's command with:
 - the termination message file (`IDPO_TERMINATION_LOG`, standing in for terminationMessagePath),
 then writes Pod status (terminated state, exit code, message) and Job status (succeeded/failed
 counts, Complete/Failed conditions) as the Job controller would, honouring `backoffLimit` and the
-`podFailurePolicy` FailJob-on-exit-code rule. `python` in a command is this interpreter.
+`podFailurePolicy` FailJob-on-exit-code rule. `python` in a command is this interpreter. A pod
+deleted while it runs (with its Job, by garbage collection) has its process killed.
 """
 
 from __future__ import annotations
@@ -32,12 +33,10 @@ INDEX = "batch.kubernetes.io/job-completion-index"
 
 
 class Kubelet:
-    def __init__(self, api: client.ApiClient, namespace: str, root: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, api: client.ApiClient, namespace: str, root: Path) -> None:
         self.batch, self.core = client.BatchV1Api(api), client.CoreV1Api(api)
-        self.namespace, self.root, self.env = namespace, root, env or {}
+        self.namespace, self.root = namespace, root
         self.handled: set[str] = set()
-        self.runs: list[tuple[str, int]] = []  # (job, index) per pod started: duplicates are visible
-        self.fail_next: dict[str, int] = {}  # job name -> how many pods to fail (exit 1) before running
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._workers: list[threading.Thread] = []
@@ -85,9 +84,9 @@ class Kubelet:
         pending, succeeded, failed, attempt = list(range(completions)), 0, 0, 0
         fatal: str | None = None
         while pending and fatal is None:
-            results: dict[int, int] = {}
+            results: dict[int, int | None] = {}
 
-            def run(index: int, attempt: int = attempt, results: dict[int, int] = results) -> None:
+            def run(index: int, attempt: int = attempt, results: dict[int, int | None] = results) -> None:
                 results[index] = self._run_pod(job, index, attempt)
 
             threads = [threading.Thread(target=run, args=(i,)) for i in pending]
@@ -96,6 +95,8 @@ class Kubelet:
             for t in threads:
                 t.join()
             attempt += 1
+            if any(results.get(i, 1) is None for i in pending):
+                return  # the Job was deleted (its pods went with it): nothing left to report
             still = []
             for index in pending:
                 code = results.get(index, 1)  # a pod whose runner crashed counts as failed
@@ -128,7 +129,8 @@ class Kubelet:
             if err.status != 404:  # deleted meanwhile (cascade)
                 raise
 
-    def _run_pod(self, job: dict[str, Any], index: int, attempt: int) -> int:
+    def _run_pod(self, job: dict[str, Any], index: int, attempt: int) -> int | None:
+        """Runs one pod; its exit code, or None when the pod was deleted (with its Job) meanwhile."""
         name = job["metadata"]["name"]
         template = job["spec"]["template"]
         pod_name = f"{name}-{index}-{attempt}"
@@ -149,36 +151,44 @@ class Kubelet:
             },
             _preload_content=False,  # responses unused; no client-side model validation of them
         )
-        self.runs.append((name, index))
-        if self.fail_next.get(name, 0) > 0:  # injected crash (exit 1): stands for OOM, a lost node...
-            self.fail_next[name] -= 1
-            code, message = 1, "injected failure"
-        else:
-            code, message = self._execute(template["spec"], pod_name, index)
+        try:
+            ran = self._execute(template["spec"], pod_name, index)
+        except client.ApiException as err:
+            if err.status != 404:  # the pod's ConfigMap went with a deleted Job
+                raise
+            ran = None
+        if ran is None:
+            return None
+        code, message = ran
         phase = "Succeeded" if code == 0 else "Failed"
-        self.core.patch_namespaced_pod_status(
-            pod_name,
-            self.namespace,
-            {
-                "status": {
-                    "phase": phase,
-                    "containerStatuses": [
-                        {
-                            "name": template["spec"]["containers"][0]["name"],
-                            "image": template["spec"]["containers"][0]["image"],
-                            "imageID": "",
-                            "restartCount": 0,
-                            "ready": False,
-                            "state": {"terminated": {"exitCode": code, "message": message, "finishedAt": now()}},
-                        }
-                    ],
-                }
-            },
-            _preload_content=False,
-        )
+        try:
+            self.core.patch_namespaced_pod_status(
+                pod_name,
+                self.namespace,
+                {
+                    "status": {
+                        "phase": phase,
+                        "containerStatuses": [
+                            {
+                                "name": template["spec"]["containers"][0]["name"],
+                                "image": template["spec"]["containers"][0]["image"],
+                                "imageID": "",
+                                "restartCount": 0,
+                                "ready": False,
+                                "state": {"terminated": {"exitCode": code, "message": message, "finishedAt": now()}},
+                            }
+                        ],
+                    }
+                },
+                _preload_content=False,
+            )
+        except client.ApiException as err:
+            if err.status != 404:
+                raise
+            return None  # deleted just as it ended
         return code
 
-    def _execute(self, pod: dict[str, Any], pod_name: str, index: int) -> tuple[int, str]:
+    def _execute(self, pod: dict[str, Any], pod_name: str, index: int) -> tuple[int, str] | None:
         container = pod["containers"][0]
         workdir = Path(tempfile.mkdtemp(prefix=f"{pod_name}-", dir=self.root))
         mounts: dict[str, str] = {}
@@ -205,12 +215,35 @@ class Kubelet:
             return value
 
         termination = workdir / "termination-log"
-        env = {**os.environ, **self.env, "JOB_COMPLETION_INDEX": str(index), "IDPO_TERMINATION_LOG": str(termination)}
+        env = {**os.environ, "JOB_COMPLETION_INDEX": str(index), "IDPO_TERMINATION_LOG": str(termination)}
         env |= {e["name"]: mapped(str(e["value"])) for e in container.get("env", []) if "value" in e}
         command = [mapped(a) for a in container["command"] + container.get("args", [])]
         if command[0] == "python":
             command[0] = sys.executable
         with (workdir / "log").open("w") as log:
-            code = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=600).returncode
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+            code = self._supervise(process, pod_name)
+        if code is None:
+            return None
         message = termination.read_text() if termination.exists() else (workdir / "log").read_text()[-2000:]
         return code, message
+
+    def _supervise(self, process: subprocess.Popen[bytes], pod_name: str, limit: float = 600) -> int | None:
+        """Waits for the container; kills it, as a kubelet would, once its pod is deleted (None)."""
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                return process.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                self.core.read_namespaced_pod(pod_name, self.namespace, _preload_content=False)
+            except client.ApiException as err:
+                if err.status != 404:
+                    raise
+                process.kill()
+                process.wait()
+                return None
+            if time.monotonic() > deadline:
+                process.kill()
+                return process.wait()
