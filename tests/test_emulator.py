@@ -192,9 +192,10 @@ def test_kubectl_get_watch_streams_printer_rows(server: ServedEmulator, api: cli
         text=True,
         env=env,
     )
-    time.sleep(2)  # kubectl lists, then watches
+    assert watch.stdout is not None
+    listed = [watch.stdout.readline().split(), watch.stdout.readline().split()]  # kubectl lists, then watches
+    assert listed[0][:3] == ["NAME", "PHASE", "ITERATION"] and listed[1][0] == "watched"
+    time.sleep(1)  # the watch opens just after the list
     patch_run(api, "watched", {"status": {"phase": "Running", "currentStage": "generate"}}, status=True)
     out, err = watch.communicate(timeout=30)
-    rows = [line.split() for line in out.splitlines()]
-    assert rows[0][:3] == ["NAME", "PHASE", "ITERATION"], err
-    assert ["watched", "Running"] in [r[:2] for r in rows[1:]], out + err
+    assert ["watched", "Running"] in [line.split()[:2] for line in out.splitlines()], out + err

@@ -158,8 +158,11 @@ class Cluster:
         if self.storage_class:
             spec["storageClassName"] = self.storage_class
         body = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim}, "spec": spec}
+        self._create_if_absent(self.core.create_namespaced_persistent_volume_claim, body)
+
+    def _create_if_absent(self, create: Any, body: dict[str, Any]) -> None:
         try:
-            self.core.create_namespaced_persistent_volume_claim(self.namespace, body, _preload_content=False)
+            create(self.namespace, body, _preload_content=False)
         except client.ApiException as err:
             if err.status != 409:
                 raise
@@ -229,11 +232,7 @@ class Cluster:
             "metadata": {"name": "e2e-functions"},
             "data": {"rewards.py": (TESTS / "rewards.py").read_text()},
         }
-        try:
-            self.core.create_namespaced_config_map(self.namespace, functions, _preload_content=False)
-        except client.ApiException as err:
-            if err.status != 409:
-                raise
+        self._create_if_absent(self.core.create_namespaced_config_map, functions)
         ok, message = self.run_job(
             ["-c", SEED_SCRIPT, f"{VOLUME_MOUNT}/tiny", f"{SEED_MOUNT}/rewards.py", FUNCTIONS_DIR],
             claim=claim,
