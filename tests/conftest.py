@@ -8,13 +8,17 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from idpo_jobs.config import StageConfig, Workspace
 from idpo_operator import plan
 from idpo_operator.plan import StageKey
 from idpo_operator.spec import IterativeDPORunSpec
+
+if TYPE_CHECKING:
+    from tests.harness.cluster import Target
 
 TESTS = Path(__file__).parent
 
@@ -63,6 +67,19 @@ def env_with_tests() -> dict[str, str]:
     """Stage subprocesses import test reward functions from tests/."""
     path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "PYTHONPATH": path}
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    """The cluster of the e2e and fault suites: a local control plane, or IDPO_E2E_KUBECONFIG's."""
+    from tests.harness.cluster import open_target
+
+    target = open_target(tmp_path_factory.mktemp("kube"))
+    try:
+        yield target
+    finally:
+        if target.plane is not None:
+            target.plane.stop()
 
 
 @pytest.fixture(scope="session")

@@ -8,32 +8,11 @@ from typing import Any
 import helm_python as helm
 import kubernetes_validate
 import pytest
-import yaml
 
-CHART = Path(__file__).parent.parent / "charts" / "idpo"
+from tests.harness.chart import CHART, granted, render, rules
+
 CRD = Path(__file__).parent.parent / "crds" / "idpo.dev_iterativedporuns.yaml"
 K8S = "1.31.0"
-
-
-def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    out = helm.Chart.load(CHART).render(values, name="idpo", namespace="idpo-system")
-    return [doc for text in out.values() for doc in yaml.safe_load_all(text) if doc]
-
-
-def rules(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [r for d in docs if d["kind"] == kind for r in d["rules"]]
-
-
-def granted(docs: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
-    """(verb, group, resource) triples the rendered RBAC allows."""
-    return {
-        (verb, group, res)
-        for kind in ("ClusterRole", "Role")
-        for r in rules(docs, kind)
-        for verb in r["verbs"]
-        for group in r["apiGroups"]
-        for res in r["resources"]
-    }
 
 
 def test_chart_lints_clean() -> None:

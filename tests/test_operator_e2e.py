@@ -1,8 +1,9 @@
 """The operator end to end: kubectl applies runs, the real kopf operator drives Jobs, the real stage
 CLIs run them on tiny models, and status tells the story.
 
-By default the cluster is the API emulator with the kubelet stand-in; `IDPO_E2E_KUBECONFIG` (with
-`IDPO_E2E_IMAGE`) runs the same tests against a real cluster: see tests/harness/cluster.py."""
+By default the cluster is a local control plane (tests/controlplane) whose node agent runs the
+pods as processes; `IDPO_E2E_KUBECONFIG` (with `IDPO_E2E_IMAGE`) runs the same tests against any
+cluster: see tests/harness/cluster.py."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import TINY_SPEC, merge
-from tests.harness.cluster import FUNCTIONS_DIR, VOLUME_MOUNT, Cluster, EmulatedCluster, open_cluster
+from tests.harness.cluster import FUNCTIONS_DIR, VOLUME_MOUNT, Cluster, Target
 
 pytestmark = pytest.mark.slow
 CLAIM = "models"  # an existingClaim the tests seed with the tiny models
@@ -48,8 +49,8 @@ def stamp(value: str) -> dt.datetime:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
-    with open_cluster(tmp_path_factory.mktemp("cluster")) as c:
+def cluster(kube: Target, tmp_path_factory: pytest.TempPathFactory):
+    with Cluster(kube, tmp_path_factory.mktemp("e2e"), "e2e") as c:
         c.seed(CLAIM)
         yield c
 
@@ -167,9 +168,15 @@ def test_a_stage_that_always_fails_stalls_the_run_and_keeps_earlier_outputs(clus
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"iterations": 0}, "spec.iterations: Invalid value: 0: must be greater than or equal to 1"),
+        (
+            {"iterations": 0},
+            "spec.iterations: Invalid value: 0: spec.iterations in body should be greater than or equal to 1",
+        ),
         ({"ranking": {"ranker": "function", "model": None}}, "spec.ranking.function: Invalid value: ranker 'function'"),
-        ({"generation": {"engine": "tgi"}}, "spec.generation.engine: Unsupported value: 'tgi'"),
+        (
+            {"generation": {"engine": "tgi"}},
+            'spec.generation.engine: Unsupported value: "tgi": supported values: "vllm"',
+        ),
     ],
     ids=["bounds", "cel-cross-field", "enum"],
 )
@@ -244,17 +251,19 @@ def test_the_liveness_endpoint_reports_reconciles(cluster: Cluster) -> None:
 
 
 def test_the_chart_rbac_allows_exactly_the_calls_the_operator_makes(cluster: Cluster) -> None:
-    from tests.test_chart import granted, render
+    from tests.harness.chart import granted, render
 
-    if not isinstance(cluster, EmulatedCluster):
-        pytest.skip("needs the emulator's record of API calls; a real cluster's audit log would serve")
+    if cluster.target.plane is None:
+        pytest.skip("reads the apiserver's audit log, which only the local control plane shares")
     manifest = run_manifest("rbac", iterations=1)
     manifest["spec"].pop("storage")  # the operator makes its create call for the claim, as in production
     cluster.seed("rbac-workspace")  # the claim exists already, with the models on it (the create gets 409)
     assert cluster.apply(manifest).returncode == 0
     assert cluster.wait_phase("rbac", "Succeeded", "Failed")["phase"] == "Succeeded"
 
-    calls = cluster.operator_calls()  # this module's whole history: starts, restarts, failures, deletes
+    # This module's whole history (starts, restarts, failures, deletes), plus the one grant no call
+    # uses: admission (OwnerReferencesPermissionEnforcement) checks it when children block deletion.
+    calls = cluster.operator_calls() | {("update", "idpo.dev", "iterativedporuns/finalizers")}
     print("operator API calls:", sorted(calls))
     for values in ({}, {"watchNamespaces": [cluster.namespace]}):
         allowed = granted(render(values))

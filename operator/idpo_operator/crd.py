@@ -115,9 +115,11 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
 
 
 def _with_object_default(schema: dict[str, Any]) -> dict[str, Any]:
-    """Sections default to `{}` so the apiserver fills their fields' defaults (as pydantic does)."""
+    """Sections default to their fields' defaults, as pydantic fills them. Spelled out rather than
+    `{}`: the apiserver checks a default against the section's CEL rules, which read its fields."""
     if "properties" in schema and "default" not in schema and not schema.get("nullable"):
-        return {**schema, "default": {}}
+        default = {name: prop["default"] for name, prop in schema["properties"].items() if "default" in prop}
+        return {**schema, "default": default}
     return schema
 
 

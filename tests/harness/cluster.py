@@ -1,28 +1,33 @@
 """The e2e suite's cluster, reached only through a kubeconfig, kubectl and Jobs.
 
-Two backends behind one interface, so every e2e test runs against either:
-- `EmulatedCluster` (the default, and CI): the API emulator on 127.0.0.1 plus the kubelet stand-in,
-  which runs each Job's command here as a subprocess;
-- `RealCluster`, when `IDPO_E2E_KUBECONFIG` is set: any cluster that can pull `IDPO_E2E_IMAGE`
-  (the `jobs` image built from this checkout). Optional: `IDPO_E2E_NAMESPACE` (an existing
-  namespace; otherwise `idpo-e2e-<random>` is created and deleted), `IDPO_E2E_STORAGE_CLASS`,
-  `IDPO_E2E_PATIENCE` (a factor on every wait, default 5: image pulls and scheduling take time).
+Two ways to get one, one interface for the tests:
+- by default (and in CI), a real control plane of our own (tests/controlplane): etcd,
+  kube-apiserver, kube-controller-manager, kube-scheduler and the node agent, on 127.0.0.1.
+  The operator runs under the chart's ServiceAccount (a TokenRequest token), so the real
+  authorizer enforces the chart's RBAC, and the apiserver's audit log records its calls;
+- `IDPO_E2E_KUBECONFIG`: any cluster that can pull `IDPO_E2E_IMAGE` (the `jobs` image built from
+  this checkout). Optional: `IDPO_E2E_NAMESPACE` (an existing namespace; otherwise one is created
+  and deleted), `IDPO_E2E_STORAGE_CLASS`, `IDPO_E2E_PATIENCE` (a factor on every wait, default 5:
+  image pulls and scheduling take time). The operator runs with that kubeconfig.
 
-Either way the real operator runs on this machine as a subprocess against the kubeconfig (as
-`kopf run` does in development), so a test can kill and restart it. Tests reach the volume only
-through Jobs (`seed`, `run_job`), never through local paths, and count pods through the API.
+Either way the stage namespace enforces the restricted Pod Security profile, and the real operator
+runs on this machine as a subprocess (as `kopf run` does in development), so a test can kill and
+restart it. Tests reach the volume only through Jobs (`seed`, `run_job`), never through local
+paths, and count pods through the API.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +37,17 @@ from idpo_operator.resources import CONTAINER_SECURITY, POD_SECURITY, VOLUME_MOU
 from idpo_operator.spec import GROUP, KIND, PLURAL, VERSION, RuntimeSpec
 from kubernetes import client, config
 
-from tests.harness.emulator import ServedEmulator
-from tests.harness.kubelet import JOB_NAME, Kubelet
+from tests.harness import chart
 
 HARNESS_AGENT = "idpo-test-harness"
 TESTS = Path(__file__).parents[1]
 FUNCTIONS_DIR = f"{VOLUME_MOUNT}/fns"  # where `seed` puts tests/rewards.py; stages get it on PYTHONPATH
 SEED_MOUNT = "/etc/idpo-e2e"
+JOB_NAME = "batch.kubernetes.io/job-name"
+RESTRICTED = {
+    "pod-security.kubernetes.io/enforce": "restricted",
+    "pod-security.kubernetes.io/enforce-version": "latest",
+}
 
 # Builds the tiny models on the claim and copies the test reward functions beside them.
 SEED_SCRIPT = """
@@ -57,27 +66,119 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-class Cluster:
-    """What the tests use; the backends below only start and stop the cluster."""
+def kubectl_binary() -> str:
+    """The kubectl built with the control plane (same minor as the apiserver), else the one on PATH."""
+    from tests.controlplane import binaries
 
-    def __init__(self, root: Path, kubeconfig: Path, namespace: str, image: str, patience: float) -> None:
-        self.root, self.kubeconfig, self.namespace = root, kubeconfig, namespace
-        self.image, self.patience = image, patience
-        self.storage_class = os.environ.get("IDPO_E2E_STORAGE_CLASS")
+    built = binaries.cache_dir() / "kubectl"
+    return str(built) if built.is_file() else (shutil.which("kubectl") or "kubectl")
+
+
+@dataclass
+class Target:
+    """A cluster the suite may use: its admin kubeconfig, the stage image, and how to treat it."""
+
+    kubeconfig: Path
+    image: str
+    patience: float
+    plane: Any = None  # the local ControlPlane, when the cluster is ours
+    namespace: str | None = None  # IDPO_E2E_NAMESPACE: use this one, do not create or delete it
+    storage_class: str | None = None
+
+
+def local_target(root: Path) -> Target:
+    """Starts a control plane of our own; the caller stops it (`target.plane.stop()`)."""
+    from tests.controlplane.plane import ControlPlane
+
+    image = RuntimeSpec().image  # what the node agent "has": this checkout's code
+    plane = ControlPlane(root / "admin.kubeconfig", images=[image], log=lambda *_: None).__enter__()
+    return Target(plane.kubeconfig, image, patience=1.0, plane=plane)
+
+
+def open_target(root: Path) -> Target:
+    """`IDPO_E2E_KUBECONFIG`'s cluster, or else a local control plane."""
+    kubeconfig = os.environ.get("IDPO_E2E_KUBECONFIG")
+    if not kubeconfig:
+        return local_target(root)
+    image = os.environ.get("IDPO_E2E_IMAGE")
+    if not image:
+        raise RuntimeError("IDPO_E2E_KUBECONFIG needs IDPO_E2E_IMAGE: the jobs image, built from this checkout")
+    return Target(
+        Path(kubeconfig),
+        image,
+        patience=float(os.environ.get("IDPO_E2E_PATIENCE", "5")),
+        namespace=os.environ.get("IDPO_E2E_NAMESPACE"),
+        storage_class=os.environ.get("IDPO_E2E_STORAGE_CLASS"),
+    )
+
+
+class Cluster:
+    """One namespace of a target, with the operator watching it."""
+
+    def __init__(self, target: Target, root: Path, namespace: str) -> None:
+        self.target, self.root = target, root
+        self.kubeconfig, self.image, self.patience = target.kubeconfig, target.image, target.patience
+        self.storage_class = target.storage_class
+        self.namespace = target.namespace or namespace
+        self.owns_namespace = target.namespace is None
         self.operator: subprocess.Popen[bytes] | None = None
         self.operator_log = root / "operator.log"
+        self.operator_kubeconfig = self.kubeconfig
         self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
         self.metrics_port = free_port()
+        self.kubectl_bin = kubectl_binary()
 
-    def connect(self) -> None:
+    def __enter__(self) -> Cluster:
         self.api = config.new_client_from_config(str(self.kubeconfig))
         self.api.user_agent = HARNESS_AGENT  # tells the harness's calls apart from the operator's
         self.custom = client.CustomObjectsApi(self.api)
         self.batch, self.core = client.BatchV1Api(self.api), client.CoreV1Api(self.api)
+        if self.owns_namespace:
+            body = {"metadata": {"name": self.namespace, "labels": RESTRICTED}}
+            self.core.create_namespace(body, _preload_content=False)
+        self._wait_for(
+            lambda: self._exists(self.core.read_namespaced_service_account, "default"), "default ServiceAccount"
+        )
+        if self.target.plane is not None:
+            self.operator_kubeconfig = self._operator_identity()
+        self.install_crd()
+        established = self.kubectl("wait", "--for=condition=Established", f"crd/{PLURAL}.{GROUP}", "--timeout=60s")
+        assert established.returncode == 0, established.stderr
+        self.start_operator()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_operator()
+        if self.owns_namespace:
+            self.core.delete_namespace(self.namespace, _preload_content=False)
+
+    def _operator_identity(self) -> Path:
+        """The chart's ServiceAccount and RBAC, and a kubeconfig with a token of that account."""
+        docs = [d for d in chart.render() if d["kind"] in chart.RBAC_KINDS]
+        namespace, account = chart.service_account(docs)
+        self.kubectl("create", "namespace", namespace)  # AlreadyExists for the second module: fine
+        applied = self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(docs), namespace=namespace)
+        assert applied.returncode == 0, applied.stderr
+        token = self.kubectl("create", "token", account, "--duration=24h", namespace=namespace)
+        assert token.returncode == 0, token.stderr
+        return self.target.plane.token_kubeconfig(self.root / "operator.kubeconfig", token.stdout.strip())
+
+    def operator_calls(self) -> set[tuple[str, str, str]]:
+        """(verb, group, resource) of every request the operator's identity made, from the audit log."""
+        namespace, account = chart.service_account(chart.render())
+        user = f"system:serviceaccount:{namespace}:{account}"
+        calls = set()
+        for line in self.target.plane.audit_log.read_text().splitlines():
+            event = json.loads(line)
+            ref = event.get("objectRef")
+            if event["user"]["username"] == user and ref:
+                resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+                calls.add((event["verb"], ref.get("apiGroup", ""), resource))
+        return calls
 
     # -- the operator process ---------------------------------------------------------------------
     def start_operator(self) -> None:
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+        env = {**os.environ, "KUBECONFIG": str(self.operator_kubeconfig)}
         log = self.operator_log.open("a")
         self.operator = subprocess.Popen(
             [
@@ -96,10 +197,12 @@ class Cluster:
             self.operator.wait(30)
 
     # -- kubectl and reads ------------------------------------------------------------------------
-    def kubectl(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self, *args: str, stdin: str | None = None, namespace: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         env = {"KUBECONFIG": str(self.kubeconfig), "PATH": os.environ["PATH"], "HOME": str(self.root)}
         return subprocess.run(
-            ["kubectl", "-n", self.namespace, *args],
+            [self.kubectl_bin, "-n", namespace or self.namespace, *args],
             input=stdin,
             capture_output=True,
             text=True,
@@ -112,11 +215,11 @@ class Cluster:
         if manifest.get("kind") == KIND:
             runtime = manifest.setdefault("spec", {}).setdefault("runtime", {})
             runtime.setdefault("image", self.image)
-        return self.kubectl("apply", "--validate=false", "-f", "-", stdin=yaml.safe_dump(manifest))
+        return self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(manifest))
 
     def install_crd(self, body: dict[str, Any] | None = None) -> None:
         """Apply the CRD (the generated one by default) as `kubectl apply -f crds/` would."""
-        applied = self.kubectl("apply", "--validate=false", "-f", "-", stdin=yaml.safe_dump(body or crd()))
+        applied = self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(body or crd()))
         assert applied.returncode == 0, applied.stderr
 
     def run(self, name: str) -> dict[str, Any]:
@@ -151,6 +254,21 @@ class Cluster:
 
     def wait_phase(self, name: str, *phases: str, timeout: float = 300) -> dict[str, Any]:
         return self.wait(name, lambda s: s.get("phase") in phases, timeout)
+
+    def _wait_for(self, check: Any, what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout * self.patience
+        while not check():
+            assert time.monotonic() < deadline, f"no {what} in namespace {self.namespace}"
+            time.sleep(0.2)
+
+    def _exists(self, read: Any, name: str) -> bool:
+        try:
+            read(name, self.namespace, _preload_content=False)
+            return True
+        except client.ApiException as err:
+            if err.status != 404:
+                raise
+            return False
 
     # -- the volume, through Jobs -----------------------------------------------------------------
     def ensure_claim(self, claim: str) -> None:
@@ -240,63 +358,3 @@ class Cluster:
             timeout=300,
         )
         assert ok, f"seeding {claim} failed: {message}"
-
-
-class EmulatedCluster(Cluster):
-    def __init__(self, root: Path) -> None:
-        super().__init__(root, root / "kubeconfig", "e2e", image=RuntimeSpec().image, patience=1.0)
-        self.server = ServedEmulator(self.kubeconfig)
-
-    def __enter__(self) -> EmulatedCluster:
-        self.server.__enter__()
-        self.connect()
-        self.kubelet = Kubelet(self.api, self.namespace, self.root).__enter__()
-        self.install_crd()
-        self.start_operator()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_operator()
-        self.kubelet.__exit__()
-        self.server.__exit__()
-
-    def operator_calls(self) -> set[tuple[str, str, str]]:
-        """(verb, group, resource) of every API call the operator process made (kopf's or ours)."""
-        calls = self.server.call(lambda e: e.api_calls())
-        return {
-            (verb, group, res) for agent, verb, group, res in calls if agent.startswith(("kopf", "OpenAPI-Generator"))
-        }
-
-
-class RealCluster(Cluster):
-    def __init__(self, root: Path, kubeconfig: Path, image: str) -> None:
-        given = os.environ.get("IDPO_E2E_NAMESPACE")
-        namespace = given or f"idpo-e2e-{uuid.uuid4().hex[:6]}"
-        super().__init__(root, kubeconfig, namespace, image, float(os.environ.get("IDPO_E2E_PATIENCE", "5")))
-        self.owns_namespace = not given
-
-    def __enter__(self) -> RealCluster:
-        self.connect()
-        if self.owns_namespace:
-            self.core.create_namespace({"metadata": {"name": self.namespace}}, _preload_content=False)
-        self.install_crd()
-        established = self.kubectl("wait", "--for=condition=Established", f"crd/{PLURAL}.{GROUP}", "--timeout=60s")
-        assert established.returncode == 0, established.stderr
-        self.start_operator()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_operator()
-        if self.owns_namespace:
-            self.core.delete_namespace(self.namespace, _preload_content=False)
-
-
-def open_cluster(root: Path) -> EmulatedCluster | RealCluster:
-    """The cluster `IDPO_E2E_KUBECONFIG` names, or else an emulated one."""
-    kubeconfig = os.environ.get("IDPO_E2E_KUBECONFIG")
-    if not kubeconfig:
-        return EmulatedCluster(root)
-    image = os.environ.get("IDPO_E2E_IMAGE")
-    if not image:
-        raise RuntimeError("IDPO_E2E_KUBECONFIG needs IDPO_E2E_IMAGE: the jobs image, built from this checkout")
-    return RealCluster(root, Path(kubeconfig), image)

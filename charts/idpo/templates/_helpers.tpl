@@ -19,6 +19,10 @@ app.kubernetes.io/component: operator
 - apiGroups: ["idpo.dev"]
   resources: ["iterativedporuns/status"]
   verbs: ["patch"]
+{{/* Never called: OwnerReferencesPermissionEnforcement requires it for blockOwnerDeletion on children. */}}
+- apiGroups: ["idpo.dev"]
+  resources: ["iterativedporuns/finalizers"]
+  verbs: ["update"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["list", "watch", "create"]

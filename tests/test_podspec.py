@@ -1,0 +1,85 @@
+"""The node agent's reading of a Pod, as a kubelet reads it: env, identity, names, messages."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pytest
+
+from tests.controlplane import podspec
+from tests.controlplane.podspec import Waiting
+
+POD: dict[str, Any] = {
+    "metadata": {"name": "p-0", "namespace": "ml", "uid": "u1", "labels": {"idpo.dev/stage": "train"}},
+    "spec": {"nodeName": "n", "containers": [], "securityContext": {"runAsNonRoot": True, "fsGroup": 7}},
+}
+OBJECTS = {
+    ("ConfigMap", "settings"): {"data": {"LEVEL": "debug", "MODE": "fast"}},
+    ("Secret", "hub"): {"data": {"token": base64.b64encode(b"hf_abc").decode()}},
+}
+
+
+def fetch(kind: str, name: str) -> dict[str, Any] | None:
+    return OBJECTS.get((kind, name))
+
+
+def test_env_resolves_literals_references_and_value_sources_in_order() -> None:
+    container = {
+        "envFrom": [{"configMapRef": {"name": "settings"}, "prefix": "APP_"}],
+        "env": [
+            {"name": "A", "value": "x"},
+            {"name": "B", "value": "$(A)-$(APP_MODE)-$$(A)-$(UNKNOWN)"},
+            {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "hub", "key": "token"}}},
+            {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "STAGE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['idpo.dev/stage']"}}},
+        ],
+    }
+    env = podspec.container_env(POD, container, {"PATH": "/bin"}, fetch)
+    assert env["APP_LEVEL"] == "debug" and env["B"] == "x-fast-$(A)-$(UNKNOWN)"
+    assert (env["TOKEN"], env["POD"], env["STAGE"], env["PATH"]) == ("hf_abc", "p-0", "train", "/bin")
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ({"secretKeyRef": {"name": "absent", "key": "k"}}, 'secret "absent" not found'),
+        ({"secretKeyRef": {"name": "hub", "key": "nope"}}, "couldn't find key nope in Secret ml/hub"),
+        ({"configMapKeyRef": {"name": "absent", "key": "k"}}, 'configmap "absent" not found'),
+    ],
+    ids=["missing-secret", "missing-key", "missing-configmap"],
+)
+def test_a_missing_value_source_waits_with_create_container_config_error(source: dict, message: str) -> None:
+    with pytest.raises(Waiting) as waiting:
+        podspec.container_env(POD, {"env": [{"name": "X", "valueFrom": source}]}, {}, fetch)
+    assert (waiting.value.reason, waiting.value.message) == ("CreateContainerConfigError", message)
+
+
+def test_an_optional_missing_source_is_skipped() -> None:
+    source = {"secretKeyRef": {"name": "absent", "key": "k", "optional": True}}
+    assert "X" not in podspec.container_env(POD, {"env": [{"name": "X", "valueFrom": source}]}, {}, fetch)
+
+
+def test_identity_takes_the_container_over_the_pod_over_the_image() -> None:
+    assert podspec.identity(POD, {}, (1000, 1000)) == (1000, 1000, [7, 1000])
+    arbitrary = {"securityContext": {"runAsUser": 1000680000}}  # OpenShift's restricted-v2: group 0
+    assert podspec.identity(POD, arbitrary, (1000, 1000)) == (1000680000, 0, [0, 7])
+    with pytest.raises(Waiting, match="runAsNonRoot and image will run as root"):
+        podspec.identity(POD, {"securityContext": {"runAsUser": 0}}, (1000, 1000))
+
+
+def test_a_pod_with_a_subdomain_answers_to_its_headless_service_names() -> None:
+    pod = {"metadata": {"name": "t-0-abc", "namespace": "ml"}, "spec": {"hostname": "t-0", "subdomain": "t"}}
+    names = podspec.host_names(pod)
+    assert names[0] == "t-0.t.ml.svc.cluster.local" and {"t-0.t", "t-0"} <= set(names)
+    hosts = podspec.hosts_file(names, [*names, "t-1.t"])
+    assert "127.0.0.1\tt-1.t" in hosts and hosts.count("t-0.t.ml.svc.cluster.local") == 1
+
+
+def test_the_termination_message_falls_back_to_the_log_tail_only_on_error() -> None:
+    fallback = {"terminationMessagePolicy": "FallbackToLogsOnError"}
+    log = "\n".join(f"line {i}" for i in range(200))
+    assert podspec.termination_message(fallback, "", log, 1).startswith("line 120")
+    assert podspec.termination_message(fallback, "", log, 0) == ""
+    assert podspec.termination_message({}, "", log, 1) == ""
+    assert podspec.termination_message(fallback, "x" * 5000, log, 1) == "x" * 4096
