@@ -8,7 +8,7 @@ from typing import Any
 from idpo_jobs.config import Stage
 from idpo_operator import plan, resources
 from idpo_operator.plan import StageKey
-from idpo_operator.reconcile import RunView, decide
+from idpo_operator.reconcile import CONTROLLER_UID, RunView, decide
 
 from tests.conftest import manifest
 
@@ -35,7 +35,12 @@ def job(key: StageKey, state: str | None, failed: int = 0) -> dict[str, Any]:
         else []
     )
     return {
-        "metadata": {"name": resources.job_name("r", key), "labels": resources.labels(owner, key)},
+        "metadata": {
+            "name": resources.job_name("r", key),
+            "uid": f"job-{key.iteration}-{key.stage.value}",
+            "labels": resources.labels(owner, key),
+            "ownerReferences": [owner.reference()],
+        },
         "status": {
             "conditions": conditions,
             "failed": failed,
@@ -47,8 +52,9 @@ def job(key: StageKey, state: str | None, failed: int = 0) -> dict[str, Any]:
 
 def pod(key: StageKey, message: dict[str, Any]) -> dict[str, Any]:
     owner = resources.Owner("r", "ns", "uid-12345678")
+    labels = {**resources.labels(owner, key), CONTROLLER_UID: f"job-{key.iteration}-{key.stage.value}"}
     return {
-        "metadata": {"labels": resources.labels(owner, key)},
+        "metadata": {"labels": labels},
         "status": {"containerStatuses": [{"state": {"terminated": {"message": json.dumps(message)}}}]},
     }
 
@@ -84,7 +90,8 @@ def test_the_second_iteration_trains_from_the_first_checkpoint() -> None:
     d = decide(r, done_through(5, r), [], NOW)
     config = json.loads(d.create[1]["data"]["config.json"])
     assert config["stage"] == "train" and config["model"] == "pvc://idpo/r-uid-1234/iter-1/train/model"
-    assert d.status["latestCheckpoint"] == "pvc://idpo/r-uid-1234/iter-1/train/model"
+    # Status names the claim too (KServe's `pvc://<claim>/<path>`); a stage resolves either form.
+    assert d.status["latestCheckpoint"] == "pvc://r-workspace/idpo/r-uid-1234/iter-1/train/model"
 
 
 def test_a_running_job_means_no_new_objects() -> None:
@@ -133,3 +140,52 @@ def test_an_invalid_spec_stalls_the_run_with_the_field_named() -> None:
     assert "spec.iterations: Input should be greater than or equal to 1" in d.status["message"]
     assert {c["type"]: c["reason"] for c in d.status["conditions"]}["Stalled"] == "InvalidSpec"
     assert decide(RunView("r", "ns", "u", 3, {"iterations": 0}, d.status), [], [], NOW).events == []
+
+
+def test_a_job_owned_by_another_uid_is_never_used_and_stalls_the_run_until_it_is_gone() -> None:
+    g1 = StageKey(1, Stage.GENERATE)
+    old = job(g1, "Complete")
+    old["metadata"]["ownerReferences"][0]["uid"] = "uid-of-a-deleted-run"
+    d = decide(run(), [old], [], NOW)
+    assert d.create == [] and d.status["iterations"][0]["stages"]["generate"]["phase"] == "Pending"
+    stalled = {c["type"]: c for c in d.status["conditions"]}["Stalled"]
+    assert (stalled["status"], stalled["reason"]) == ("True", "ForeignChild") and "r-i1-generate" in stalled["message"]
+    assert [o["kind"] for o in decide(run(), [], [], NOW).create][-1] == "Job"  # once the GC removed it
+
+
+def pending_pod(key: StageKey, created: str, reason: str) -> dict[str, Any]:
+    p = pod(key, {})
+    p["metadata"]["creationTimestamp"] = created
+    p["status"] = {
+        "phase": "Pending",
+        "containerStatuses": [{"state": {"waiting": {"reason": reason, "message": "m"}}}],
+    }
+    return p
+
+
+def test_a_pod_that_waits_shows_why_and_fails_the_stage_after_the_start_deadline() -> None:
+    g1 = StageKey(1, Stage.GENERATE)
+    waiting = decide(run(), [job(g1, None)], [pending_pod(g1, "2025-12-31T23:59:00Z", "ImagePullBackOff")], NOW)
+    assert waiting.status["message"] == "iteration 1 generate: Pending: ImagePullBackOff: m" and waiting.fail == {}
+    late = decide(run(), [job(g1, None)], [pending_pod(g1, "2025-12-31T23:00:00Z", "ImagePullBackOff")], NOW)
+    assert late.fail == {"r-i1-generate": "did not start within 600s: Pending: ImagePullBackOff: m"}
+    fatal = decide(run(), [job(g1, None)], [pending_pod(g1, NOW, "InvalidImageName")], NOW)
+    assert list(fatal.fail) == ["r-i1-generate"]
+
+
+def test_lowering_iterations_deletes_the_jobs_of_iterations_out_of_range() -> None:
+    r = run(iterations=2)
+    jobs = [*done_through(3, r), job(StageKey(2, Stage.GENERATE), None)]
+    d = decide(run(r.status, iterations=1), jobs, [], NOW)
+    assert d.delete == ["r-i2-generate"] and d.status["phase"] == "Succeeded"
+
+
+def test_a_started_iteration_keeps_its_spec_and_a_change_waits_for_the_next_one() -> None:
+    started = decide(run(generation={"shards": 2}), [], [], NOW)
+    assert started.status["iterations"][0]["spec"]["generation"]["shards"] == 2
+    edited = run(started.status, generation={"shards": 4})
+    d = decide(edited, [job(StageKey(1, Stage.GENERATE), "Complete")], [], NOW)
+    rank = json.loads(d.create[1]["data"]["config.json"])
+    assert rank["inputShards"] == 2  # iteration 1 reads the parts it generated
+    assert d.status["specChangeDeferred"] == "applies from iteration 2"
+    assert "SpecChangeDeferred" in [e.reason for e in d.events]

@@ -78,7 +78,8 @@ def test_pod_is_hardened_and_gets_no_service_account_token() -> None:
 def test_failure_policy_ignores_disruptions_and_does_not_retry_bad_input() -> None:
     body = job(spec(runtime={"retries": 4}))
     rules = body["spec"]["podFailurePolicy"]["rules"]
-    assert body["spec"]["backoffLimit"] == 4
+    assert (body["spec"]["backoffLimitPerIndex"], body["spec"]["maxFailedIndexes"]) == (4, 0)  # per shard
+    assert "backoffLimit" not in body["spec"]
     assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
     assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [2]
 
@@ -107,7 +108,7 @@ def test_runtime_settings_reach_the_pod() -> None:
         "trainer",
     )
     assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
-    assert container["resources"] == {"limits": {"nvidia.com/gpu": 8, "memory": "400Gi"}}
+    assert container["resources"] == {"limits": {"nvidia.com/gpu": "8", "memory": "400Gi"}}  # quantities as strings
     assert container["env"][-1]["name"] == "HF_TOKEN" and container["envFrom"] == [{"secretRef": {"name": "s3"}}]
     assert body["spec"]["activeDeadlineSeconds"] == 3600
 
@@ -142,3 +143,23 @@ def test_config_maps_are_named_after_their_content() -> None:
     assert resources.config_map_name(OWNER.name, RANK, changed) != name
     body = resources.build_job(s, OWNER, RANK, config)
     assert body["spec"]["template"]["spec"]["volumes"][1]["configMap"]["name"] == name
+
+
+def test_training_launches_through_torchrun_with_the_kubeflow_trainer_environment() -> None:
+    body = job(spec(training={"resources": {"limits": {"nvidia.com/gpu": 8}}}), StageKey(1, Stage.TRAIN))
+    container = body["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:4] == ["python", "-m", "idpo_jobs.distributed", "train"]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    assert (env["PET_NNODES"], env["PET_NPROC_PER_NODE"], env["PET_MASTER_PORT"]) == ("1", "8", "29500")
+    assert env["HOME"].startswith("/tmp/") and env["XDG_CACHE_HOME"].startswith(
+        "/tmp/"
+    )  # writable under a read-only root
+
+
+def test_names_stay_valid_for_any_run_name_kubernetes_accepts() -> None:
+    dotted, long = "team.a.run", "r" * 253
+    assert resources.job_name(dotted, RANK).startswith("team-a-run-") and "." not in resources.job_name(dotted, RANK)
+    assert len(resources.job_name(long, RANK)) <= 52 and resources.job_name(long, RANK).endswith("-i2-rank")
+    assert resources.job_name("team-a-run", RANK) != resources.job_name(dotted, RANK)  # no collision
+    assert resources.run_label(dotted) == dotted and len(resources.run_label(long)) <= 63
+    assert len(resources.child_name(long, "workspace")) <= 253

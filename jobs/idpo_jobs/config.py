@@ -29,8 +29,13 @@ MISTRAL_CHAT_TEMPLATE = (
     "{% endfor %}"
 )
 PVC_SCHEME = "pvc://"
+TINY_SCHEME = "tiny://"  # the tiny models of idpo_jobs.tiny: the demo and the tests, no download
+TINY_DIR = ".idpo-tiny"  # where a cluster run builds them on its volume
 # Where the run's volume is mounted in a stage pod; the Job builder sets it to its mountPath.
 PVC_ROOT_ENV = "IDPO_PVC_ROOT"
+# The claim's name: `pvc://<claim>/<path>` (KServe's form, as status reports checkpoints) names the
+# same file as `pvc://<path>` on the run's own claim.
+PVC_CLAIM_ENV = "IDPO_PVC_CLAIM"
 DEFAULT_PVC_ROOT = "/workspace"
 
 
@@ -187,6 +192,67 @@ class LoraSpec(Model):
     )
 
 
+class DistributedSpec(Model):
+    """How the train stage spreads over GPUs and pods: one torchrun process per GPU, `nodes` pods.
+
+    The operator starts `python -m idpo_jobs.distributed train --config F` with Kubeflow Trainer's
+    `PET_*` variables, which torchrun reads as its flags; a world of one process runs without torchrun.
+    """
+
+    processes_per_node: int | None = Field(
+        None,
+        ge=1,
+        description="Training processes per pod (torchrun --nproc-per-node), one per GPU. None: the pod's "
+        "`nvidia.com/gpu` limit, or 1 without GPUs. At most that limit when it is set: NCCL needs a GPU per process.",
+    )
+    nodes: int = Field(
+        1,
+        ge=1,
+        description="Pods that train together (torchrun --nnodes). More than 1 needs ReadWriteMany storage, "
+        "NCCL between the nodes and a headless Service for the rank-0 pod (docs/scaling-training.md).",
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "fsdp",
+        description="fsdp (default): PyTorch FSDP2 full shard, one unit per decoder layer; weights, gradients "
+        "and AdamW states are split over all processes, so full-parameter DPO of a 7B model (16 bytes/param of "
+        "policy state, ~116 GB, plus a 14.5 GB bf16 reference) fits 8x80GB GPUs at ~17 GB/GPU of model state. "
+        "ddp: every process holds all of it, which does not fit one 80GB GPU for 7B; use it for small models "
+        "and for LoRA (the frozen bf16 base and small adapters fit one GPU; fsdp with lora is refused). "
+        "FSDP needs GPUs: on CPUs the stage runs ddp. Ignored for a single process.",
+    )
+    master_port: int = Field(
+        29500, ge=1, le=65535, description="Rendezvous port on the rank-0 pod (torchrun --master-port)."
+    )
+
+    def processes(self, resources: Resources) -> int:
+        """Processes per pod: the explicit count, else the pod's GPU limit, else 1 (CPU)."""
+        if self.processes_per_node is not None:
+            return self.processes_per_node
+        return max(self.gpus(resources), 1)
+
+    def world_size(self, resources: Resources) -> int:
+        return self.processes(resources) * self.nodes
+
+    def unsupported(self, world_size: int, *, lora: bool) -> str | None:
+        """Why this strategy cannot train the rest of the spec on `world_size` processes, or None.
+
+        LoRA under FSDP trains (transformers handles FSDP2 + PEFT), but the adapters are merged into
+        the weights before hand-off, and that needs the whole model in one process: a sharded one
+        would have to be gathered and re-loaded on rank 0. DDP holds a 7B LoRA run on each GPU anyway.
+        """
+        if world_size > 1 and self.strategy == "fsdp" and lora:
+            return (
+                "training.lora with distributed.strategy fsdp is not supported: the adapters are merged into "
+                "the whole model before hand-off; use `distributed.strategy: ddp` (a bf16 base fits one GPU)"
+            )
+        return None
+
+    @staticmethod
+    def gpus(resources: Resources) -> int:
+        """The pod's `nvidia.com/gpu` limit as a number; 0 when absent."""
+        return int(str(resources.limits.get("nvidia.com/gpu", 0)))
+
+
 class TrainingSpec(Model):
     beta: float = Field(0.01, gt=0, description="DPO beta (KL strength); Zephyr/handbook value.")
     learning_rate: float = Field(5e-7, gt=0, description="Peak learning rate.")
@@ -213,6 +279,23 @@ class TrainingSpec(Model):
     gradient_checkpointing: bool = Field(True, description="Trade compute for activation memory.")
     seed: int = Field(42, description="Training seed.")
     resources: Resources = Field(default_factory=Resources, description="Per-pod resources.")
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec, description="Multi-GPU and multi-node training (torchrun)."
+    )
+
+    @model_validator(mode="after")
+    def _distributed_fits(self) -> TrainingSpec:
+        d = self.distributed
+        gpus = d.gpus(self.resources)
+        if d.processes_per_node is not None and gpus and d.processes_per_node > gpus:
+            raise ValueError(
+                f"distributed.processesPerNode {d.processes_per_node} exceeds the {gpus} GPUs of "
+                "resources.limits['nvidia.com/gpu']: NCCL needs one GPU per process"
+            )
+        problem = d.unsupported(d.world_size(self.resources), lora=self.lora is not None)
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,9 +341,18 @@ def on_volume(path: str | Path) -> Path:
 
 
 def resolve_uri(uri: str) -> str:
-    """`pvc://a/b` -> `<volume>/a/b`; anything else (HF id, local path) is returned unchanged."""
+    """`pvc://a/b` -> `<volume>/a/b`; `tiny://x` -> the tiny models on the volume, built there on
+    first use (seconds); anything else (HF id, local path) is returned unchanged."""
     if uri.startswith(PVC_SCHEME):
-        return str(volume_root() / uri[len(PVC_SCHEME) :].lstrip("/"))
+        path = uri[len(PVC_SCHEME) :].lstrip("/")
+        claim = os.environ.get(PVC_CLAIM_ENV)
+        if claim and path.startswith(f"{claim}/"):
+            path = path[len(claim) + 1 :]
+        return str(volume_root() / path)
+    if uri.startswith(TINY_SCHEME):
+        from idpo_jobs.tiny import ensure_tiny
+
+        return str(ensure_tiny(volume_root() / TINY_DIR) / uri[len(TINY_SCHEME) :])
     return uri
 
 

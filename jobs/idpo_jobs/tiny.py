@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 from idpo_jobs.config import MISTRAL_CHAT_TEMPLATE
@@ -244,3 +247,23 @@ def build_tiny(out: str | Path, seed: int = 0) -> dict[str, Path]:
         "reward": build_tiny_reward_model(out / "reward", policy, seed=seed),
         "prompts": prompts,
     }
+
+
+def ensure_tiny(root: Path) -> Path:
+    """The tiny models under `root`, built there if absent. Built aside and renamed into place, so
+    shards that race on first use never read half a model (the builds are seeded: any winner will do)."""
+    done = root / "_SUCCESS"
+    if done.exists():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        build_tiny(tmp)
+        (tmp / "_SUCCESS").touch()
+        os.rename(tmp, root)
+    except OSError:
+        if not done.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root

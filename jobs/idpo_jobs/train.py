@@ -1,10 +1,12 @@
 """Train stage: DPO with TRL on this iteration's pairs; the result is the next iteration's base.
 
     python -m idpo_jobs.train --config iter-1-train.json
+    torchrun --nproc-per-node 2 -m idpo_jobs.train --config iter-1-train.json   # as idpo_jobs.distributed does
 
 Reads all rank parts, trains `DPOTrainer` (Zephyr / alignment-handbook style hyperparameters from
 the spec), merges LoRA adapters if any, and saves a plain `save_pretrained` directory (safetensors,
-tokenizer, chat template) as `iter-<n>/train/model`.
+tokenizer, chat template) as `iter-<n>/train/model`. Under torchrun every process trains (DDP, or
+FSDP2 full shard: `training.distributed`) and rank 0 alone writes and publishes (see `distributed`).
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from __future__ import annotations
 import shutil
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from idpo_jobs import contract, data
+from idpo_jobs import contract, data, distributed
 from idpo_jobs.config import MODEL_DIR, Stage, TrainConfig, on_volume, resolve_uri
 from idpo_jobs.rank import OUTPUT as PAIRS
 
@@ -36,12 +39,14 @@ def to_trl(pair: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": pair["chosen"][:-1], "chosen": pair["chosen"][-1:], "rejected": pair["rejected"][-1:]}
 
 
-def dpo_config(config: TrainConfig, out: Path, cuda: bool) -> Any:
+def dpo_config(
+    config: TrainConfig, out: Path, cuda: bool, strategy: str = "single", layer_classes: list[str] | None = None
+) -> Any:
     from trl import DPOConfig
 
     t = config.training
-    return DPOConfig(
-        output_dir=str(out / "trainer"),
+    fields = dict(
+        output_dir=str(out),
         beta=t.beta,
         learning_rate=t.learning_rate,
         num_train_epochs=t.epochs,
@@ -61,35 +66,100 @@ def dpo_config(config: TrainConfig, out: Path, cuda: bool) -> Any:
         logging_steps=1,
         disable_tqdm=True,
     )
+    fsdp = distributed.strategy_arguments(strategy, layer_classes or [], t.gradient_checkpointing)
+    return DPOConfig(**{**fields, **fsdp})  # FSDP's activation checkpointing replaces the Trainer's
 
 
-def progress_callback() -> Any:
+def progress_callback(world: distributed.World) -> Any:
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
-            contract.report_progress(state.global_step, state.max_steps)
+            # Every process takes every optimizer step; each says so at the first and the last.
+            if world.size > 1 and state.global_step in (1, state.max_steps):
+                print(f"idpo-train rank {world.rank}/{world.size} step {state.global_step}", flush=True)
+            if world.main:
+                contract.report_progress(state.global_step, state.max_steps)
 
     return Progress()
 
 
-def compute(config: TrainConfig, out: Path, shard: int) -> dict[str, Any]:
+def dtypes(config: TrainConfig, cuda: bool, fsdp: bool) -> tuple[str, str]:
+    """Weights dtypes of the policy and the reference on load.
+
+    The trained weights are fp32 masters under bf16 autocast: with bf16 weights, AdamW's steps at the
+    recipe's lr 5e-7 are below bf16's spacing (~6e-5 near 0.01) and are rounded away. Under FSDP,
+    accelerate upcasts the trainable weights to fp32 itself as it shards them, so they load as bf16
+    (half the host memory per process). The frozen LoRA base and the reference never step: bf16.
+    CPU kernels: fp32 throughout.
+    """
+    if not cuda:
+        return "float32", "float32"
+    full = config.training.lora is None
+    return ("float32" if full and not fsdp else "bfloat16"), "bfloat16"
+
+
+def training_dataset(pairs: list[dict[str, Any]], out: Path, ranks: distributed.Team, shared: bool) -> Any:
+    """The pairs in TRL's layout; on disk in the shared scratch when ranks must agree on cache files.
+
+    TRL 1.16 writes precomputed reference log-probs on rank 0 next to the dataset's cache files and has
+    every rank read them back; an in-memory dataset has none, so each rank would look in its own temp dir.
+    """
     import datasets
+
+    dataset = datasets.Dataset.from_list([to_trl(p) for p in pairs])
+    if not shared:
+        return dataset
+    path = distributed.scratch(out) / "pairs"
+    if ranks.world.main:
+        dataset.save_to_disk(str(path))
+    ranks.wait()
+    return datasets.load_from_disk(str(path))
+
+
+def save(trainer: Any, directory: Path, main: bool, merge: bool, dtype: Any) -> None:
+    """Write the trained policy as a plain checkpoint from rank 0; under FSDP every rank gathers."""
+    if trainer.is_fsdp_enabled:
+        state = trainer.accelerator.get_state_dict(trainer.model)  # collective; full only on rank 0
+        if main:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(directory, state_dict=state)
+        return
+    if not main:
+        return
+    trained = trainer.model
+    if merge:
+        trained = trained.merge_and_unload()  # the next iteration loads a plain model
+    trained.to(dtype).save_pretrained(directory)
+
+
+def compute(config: TrainConfig, out: Path, shard: int) -> dict[str, Any]:
     import torch
     from trl import DPOTrainer
 
     from idpo_jobs.models import load_causal_lm, load_tokenizer
 
     t = config.training
+    ranks = distributed.team()
+    world = ranks.world
+    problem = t.distributed.unsupported(world.size, lora=t.lora is not None)
+    if problem:  # the spec's validator saw the pod's GPUs; this is the world torchrun actually made
+        raise contract.StageError(problem)
     pairs = read_pairs(config)
     cuda = torch.cuda.is_available()
-    dtype = "bfloat16" if cuda else "float32"
+    strategy = distributed.effective_strategy(t.distributed.strategy, world.size, cuda)
+    if strategy != t.distributed.strategy and world.size > 1 and world.main:
+        print(f"note: {t.distributed.strategy} needs GPUs; training with {strategy} on CPUs", flush=True)
+    policy_dtype, reference_dtype = dtypes(config, cuda, strategy == "fsdp")
     policy = resolve_uri(config.model)
     reference = resolve_uri(config.reference_model)
     tokenizer = load_tokenizer(policy, config.revision, config.chat_template)
-    model = load_causal_lm(policy, config.revision, dtype)
-    # rolling + full fine-tuning: TRL copies the policy as reference; with LoRA the frozen base is it.
-    ref_model = load_causal_lm(reference, None, dtype) if reference != policy else None
+    model = load_causal_lm(policy, config.revision, policy_dtype)
+    # TRL's own rule: LoRA's reference is the frozen base with adapters off, and a precomputed one is
+    # the untrained policy; otherwise a second model, loaded here so that it is bf16 (TRL would copy the
+    # policy's fp32). An `initial` reference differs from this iteration's base, so it is always loaded.
+    separate = reference != policy or (t.lora is None and not t.precompute_ref_log_probs)
+    ref_model = load_causal_lm(reference, None, reference_dtype) if separate else None
 
     peft_config = None
     if t.lora is not None:
@@ -104,21 +174,25 @@ def compute(config: TrainConfig, out: Path, shard: int) -> dict[str, Any]:
             task_type="CAUSAL_LM",
         )
 
-    trainer = DPOTrainer(
-        model=model,
-        ref_model=ref_model,
-        args=dpo_config(config, out, cuda),
-        train_dataset=datasets.Dataset.from_list([to_trl(p) for p in pairs]),
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[progress_callback()],
-    )
-    result = trainer.train()
+    # Only rank 0 writes into `out`; the Trainer's logs of the other ranks go to a private directory.
+    with tempfile.TemporaryDirectory(prefix="idpo-train-") as private:
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=ref_model,
+            args=dpo_config(
+                config, out / "trainer" if world.main else Path(private), cuda, strategy, model._no_split_modules
+            ),
+            train_dataset=training_dataset(pairs, out, ranks, shared=world.size > 1 and t.precompute_ref_log_probs),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[progress_callback(world)],
+        )
+        result = trainer.train()
+        save(trainer, out / MODEL_DIR, world.main, peft_config is not None, torch.bfloat16 if cuda else torch.float32)
+    rank_steps = ranks.gather(trainer.state.global_step)
+    if not world.main:
+        return {}
     shutil.rmtree(out / "trainer", ignore_errors=True)  # save_strategy "no": only logs there
-    trained = trainer.model
-    if peft_config is not None:
-        trained = trained.merge_and_unload()  # the next iteration loads a plain model
-    trained.save_pretrained(out / MODEL_DIR)
     tokenizer.save_pretrained(out / MODEL_DIR)
 
     logs = [e for e in trainer.state.log_history if "rewards/accuracies" in e]
@@ -135,6 +209,10 @@ def compute(config: TrainConfig, out: Path, shard: int) -> dict[str, Any]:
         "reward_margin": mean("rewards/margins"),
         "checkpoint": str(config.stage_dir / MODEL_DIR),
         "lora": t.lora is not None,
+        "world_size": world.size,
+        # What ran, whatever was asked: accelerate, not the spec, has the last word.
+        "strategy": "fsdp" if trainer.is_fsdp_enabled else "ddp" if world.size > 1 else "single",
+        "rank_steps": rank_steps,
     }
 
 
@@ -147,6 +225,8 @@ def inputs(config: TrainConfig) -> dict[str, str]:
 
 
 def main() -> int:
+    if distributed.launched():
+        return distributed.cli(TrainConfig, compute, inputs)
     return contract.cli(TrainConfig, compute, inputs)
 
 

@@ -1,55 +1,107 @@
-"""The only module that talks to the Kubernetes API: observe a run, decide, apply.
+"""The only module that writes to the Kubernetes API: observe a run, decide, apply.
 
-Children are created if absent (deterministic names make a duplicate a harmless 409), the status
-is written once per reconcile through the status subresource and only when it changed, and events
-are posted after the status write succeeded. Reconciles of one run are serialized in-process: kopf
-may call us for the run and for its Jobs at the same time.
+Reads come from kopf's in-memory indexes (handlers.py), fed by the watch streams: a reconcile
+makes no GET or LIST. Writes go through one shared, pooled API client with timeouts. Children are
+created if absent (ownership is checked by uid in the decision), the status is written once per reconcile
+through the status subresource and only when it changed, and events are posted after the status
+write succeeded. A failed write lands in status (condition `ApplyFailed` with the API's message)
+before the error is raised for kopf to retry.
+
+Reconciles of one run are serialized and coalesced: a request that arrives while one runs marks the
+run dirty, and the running reconcile goes round once more, so a burst of events costs one or two.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from idpo_operator import metrics, reconcile, resources
-from idpo_operator.spec import API_VERSION, GROUP, KIND, PLURAL, VERSION
-from idpo_operator.status import timestamp
+from idpo_operator.spec import API_VERSION, DEFAULT_STAGE_IMAGE, GROUP, KIND, PLURAL, VERSION
+from idpo_operator.status import Reason, conditions, timestamp
 
 log = logging.getLogger("idpo.operator")
-_locks: dict[tuple[str, str], threading.Lock] = collections.defaultdict(threading.Lock)
+TIMEOUT = (5, 30)  # seconds: connect, read. A hung apiserver must not hang a reconcile forever.
 reconciles = 0  # reported by the liveness probe
 
 
+@dataclass
+class Settings:
+    stage_image: str = DEFAULT_STAGE_IMAGE
+
+
+settings = Settings()
+_api: client.ApiClient | None = None
+
+
 def connect() -> None:
+    global _api
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
+    _api = client.ApiClient()  # one pooled client for every write (kopf has its own for watches)
+    _api.configuration.connection_pool_maxsize = 16
 
 
-def _items(response: Any) -> list[dict[str, Any]]:
-    return json.loads(response.data)["items"]
+def api() -> client.ApiClient:
+    if _api is None:
+        connect()
+    return _api  # type: ignore[return-value]
+
+
+@dataclass
+class Cache:
+    """What the watches have seen, as kopf indexes keyed by (namespace, run name or label)."""
+
+    runs: Mapping[Any, Any]
+    jobs: Mapping[Any, Any]
+    pods: Mapping[Any, Any]
+
+    def one(self, index: Mapping[Any, Any], key: tuple[str, str]) -> list[dict[str, Any]]:
+        return [dict(o) for o in index.get(key, [])]
+
+
+@dataclass
+class _Slot:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    dirty: bool = False
+
+
+_slots: dict[tuple[str, str], _Slot] = {}
+_slots_lock = threading.Lock()
+# The status we last wrote per run, with the resourceVersion it replaced: until the cache shows a
+# newer version of the run, our own write is the truth (else a reconcile would redo a transition
+# from a stale status, posting its events twice).
+_written: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+
+
+class ApplyError(Exception):
+    """A write the API refused; the run's status already says so, and kopf retries."""
 
 
 def _create(obj: dict[str, Any]) -> None:
-    ns, kind = obj["metadata"]["namespace"], obj["kind"]
-    core, batch = client.CoreV1Api(), client.BatchV1Api()
+    ns, kind, name = obj["metadata"]["namespace"], obj["kind"], obj["metadata"]["name"]
+    core, batch = client.CoreV1Api(api()), client.BatchV1Api(api())
     create = {
         "PersistentVolumeClaim": core.create_namespaced_persistent_volume_claim,
         "ConfigMap": core.create_namespaced_config_map,
         "Job": batch.create_namespaced_job,
     }[kind]
     try:
-        create(ns, obj)
-        log.info("created %s %s/%s", kind, ns, obj["metadata"]["name"])
+        create(ns, obj, _preload_content=False, _request_timeout=TIMEOUT)
+        log.info("created %s %s/%s", kind, ns, name)
     except ApiException as err:
-        if err.status != 409:  # already there: a restarted operator re-found its child
+        # Already there: ours (a restarted operator, a cache a moment behind), or a Job of another
+        # run of this name, which the next reconcile sees in the cache and refuses to use.
+        if err.status != 409:
             raise
 
 
@@ -57,7 +109,7 @@ def _post_event(run: dict[str, Any], event: reconcile.Event) -> None:
     meta = run["metadata"]
     now = timestamp()
     body = {
-        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "metadata": {"generateName": f"{meta['name'][:200]}.", "namespace": meta["namespace"]},
         "involvedObject": {
             "apiVersion": API_VERSION,
             "kind": KIND,
@@ -75,7 +127,9 @@ def _post_event(run: dict[str, Any], event: reconcile.Event) -> None:
         "reportingComponent": "idpo-operator",
     }
     try:
-        client.CoreV1Api().create_namespaced_event(meta["namespace"], body)
+        client.CoreV1Api(api()).create_namespaced_event(
+            meta["namespace"], body, _preload_content=False, _request_timeout=TIMEOUT
+        )
     except ApiException as err:  # events are best effort; status already holds the record
         log.warning("could not post event %s: %s", event.reason, err.reason)
 
@@ -85,43 +139,103 @@ def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return {"status": {**{k: None for k in old if k not in new}, **new}}
 
 
-def reconcile_run(namespace: str, name: str) -> None:
-    try:
-        _reconcile(namespace, name)
-    except Exception:
-        metrics.ERRORS.inc()
-        raise
+def _patch_status(namespace: str, name: str, old: dict[str, Any], new: dict[str, Any]) -> None:
+    client.CustomObjectsApi(api()).patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, PLURAL, name, status_patch(old, new), _request_timeout=TIMEOUT
+    )
 
 
-def _reconcile(namespace: str, name: str) -> None:
-    global reconciles
-    with _locks[(namespace, name)]:
-        custom, core, batch = client.CustomObjectsApi(), client.CoreV1Api(), client.BatchV1Api()
+def _api_message(err: Exception) -> str:
+    if isinstance(err, ApiException):
         try:
-            run = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-        except ApiException as err:
-            if err.status == 404:
-                metrics.forget((namespace, name))
-                return
-            raise
-        meta = run["metadata"]
-        if meta.get("deletionTimestamp"):
-            metrics.forget((namespace, name))
-            return
-        view = reconcile.RunView(
-            name, namespace, meta["uid"], meta.get("generation", 1), run.get("spec") or {}, run.get("status") or {}
-        )
-        selector = f"{resources.LABEL_RUN}={name}"
-        jobs = _items(batch.list_namespaced_job(namespace, label_selector=selector, _preload_content=False))
-        pods = _items(core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False))
-        decision = reconcile.decide(view, jobs, pods)
-        for obj in decision.create:
-            _create(obj)
-        if decision.status != view.status:
-            custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, PLURAL, name, status_patch(view.status, decision.status)
+            return json.loads(err.body)["message"]
+        except (TypeError, ValueError, KeyError):
+            return f"{err.status} {err.reason}"
+    return str(err)
+
+
+def failed_write_status(status: dict[str, Any], message: str, generation: int) -> dict[str, Any]:
+    """The decided status, but Stalled with the API's refusal; observedGeneration still advances."""
+    now = timestamp()
+    text = f"API write failed: {message}"[:1000]
+    return {
+        **status,
+        "message": text,
+        "observedGeneration": generation,
+        "conditions": conditions(
+            status.get("phase", "Pending"), Reason.APPLY_FAILED, text, now, generation, status.get("conditions"), True
+        ),
+    }
+
+
+def reconcile_run(namespace: str, name: str, cache: Cache) -> None:
+    """Reconcile one run now, or leave it to the reconcile of it already running (coalescing)."""
+    key = (namespace, name)
+    with _slots_lock:
+        slot = _slots.setdefault(key, _Slot())
+        slot.dirty = True
+    if not slot.lock.acquire(blocking=False):
+        return  # the holder sees `dirty` and goes round again
+    try:
+        while True:
+            with _slots_lock:
+                if not slot.dirty:
+                    break
+                slot.dirty = False
+            try:
+                _reconcile(namespace, name, cache)
+            except Exception:
+                metrics.ERRORS.inc()
+                raise
+    finally:
+        slot.lock.release()
+
+
+def _reconcile(namespace: str, name: str, cache: Cache) -> None:
+    global reconciles
+    found = cache.one(cache.runs, (namespace, name))
+    if not found:
+        metrics.forget((namespace, name))
+        return
+    run = found[0]
+    meta = run["metadata"]
+    if meta.get("deletionTimestamp"):
+        metrics.forget((namespace, name))
+        _written.pop((namespace, name), None)
+        return
+    status = run.get("status") or {}
+    stale_version, written = _written.get((namespace, name), ("", {}))
+    if meta.get("resourceVersion") == stale_version:
+        status = written
+    view = reconcile.RunView(name, namespace, meta["uid"], meta.get("generation", 1), run.get("spec") or {}, status)
+    label = (namespace, resources.run_label(name))
+    decision = reconcile.decide(
+        view, cache.one(cache.jobs, label), cache.one(cache.pods, label), stage_image=settings.stage_image
+    )
+    batch = client.BatchV1Api(api())
+    writes: list[Callable[[], None]] = [lambda o=o: _create(o) for o in decision.create]
+    for job, why in decision.fail.items():
+        # The Job controller fails a Job past its deadline and removes its pods: the GPUs go back.
+        body = {"metadata": {"annotations": {resources.ANNOTATION_FAILURE: why}}, "spec": {"activeDeadlineSeconds": 1}}
+        writes.append(lambda j=job, b=body: batch.patch_namespaced_job(j, namespace, b, _request_timeout=TIMEOUT))
+    for job in decision.delete:
+        writes.append(
+            lambda j=job: batch.delete_namespaced_job(
+                j, namespace, propagation_policy="Background", _request_timeout=TIMEOUT
             )
-            for event in decision.events:
-                _post_event(run, event)
-        metrics.record((namespace, name), decision.status, decision.events)
-        reconciles += 1
+        )
+    try:
+        for write in writes:
+            write()
+    except (ApiException, ValueError) as err:
+        status = failed_write_status(decision.status, _api_message(err), view.generation)
+        if status != view.status:
+            _patch_status(namespace, name, view.status, status)
+        raise ApplyError(_api_message(err)) from err
+    if decision.status != view.status:
+        _patch_status(namespace, name, view.status, decision.status)
+        _written[(namespace, name)] = (meta.get("resourceVersion", ""), decision.status)
+        for event in decision.events:
+            _post_event(run, event)
+    metrics.record((namespace, name), decision.status, decision.events)
+    reconciles += 1

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from idpo_operator.spec import ManifestError, load_manifest
+from idpo_operator.spec import DEFAULT_STAGE_IMAGE, ManifestError, load_manifest
 
 DEFAULT_ROOT = Path(".idpo")
 
@@ -84,6 +85,9 @@ def _operator(args: argparse.Namespace) -> int:
     import kopf
 
     import idpo_operator.handlers  # noqa: F401  (registers the handlers)
+    from idpo_operator import apply
+
+    apply.settings.stage_image = args.stage_image
 
     if args.metrics_port:
         from idpo_operator import metrics
@@ -124,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     scope = op.add_mutually_exclusive_group(required=True)
     scope.add_argument("-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable)")
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
+    op.add_argument(
+        "--stage-image",
+        default=os.environ.get("IDPO_STAGE_IMAGE", DEFAULT_STAGE_IMAGE),
+        help=f"stage image for runs that name none (env IDPO_STAGE_IMAGE; default {DEFAULT_STAGE_IMAGE})",
+    )
     op.add_argument("--liveness", help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     op.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
     op.add_argument("--log-format", choices=["plain", "full", "json"], default="full", help="json for log pipelines")

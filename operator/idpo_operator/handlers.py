@@ -1,4 +1,5 @@
-"""kopf handlers: each only names the run to reconcile; `apply.reconcile_run` does the rest.
+"""kopf handlers: indexes that cache what the watches see, and handlers that only name the run to
+reconcile; `apply.reconcile_run` does the rest from the caches.
 
 kopf run --standalone -m idpo_operator.handlers --namespace ml      # or: idpo operator
 """
@@ -6,16 +7,28 @@ kopf run --standalone -m idpo_operator.handlers --namespace ml      # or: idpo o
 from __future__ import annotations
 
 import logging
+import random
 from typing import Any
 
 import kopf
 
 from idpo_operator import apply
-from idpo_operator.resources import LABEL_RUN
+from idpo_operator.resources import ANNOTATION_RUN, LABEL_RUN
 from idpo_operator.spec import GROUP, PLURAL, VERSION
 
 RUNS = (GROUP, VERSION, PLURAL)
+OURS = {LABEL_RUN: kopf.PRESENT}
 SAFETY_NET_SECONDS = 30.0
+FINISHED = ("Succeeded", "Failed")
+
+
+def plain(value: Any) -> Any:
+    """A deep copy as plain dicts and lists: index entries must not change under a reader."""
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
 
 
 @kopf.on.startup()
@@ -25,25 +38,54 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="idpo.dev")
     settings.posting.level = logging.WARNING  # our own events tell the run's story
     settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 60
     apply.connect()
 
 
+# -- the caches: reconciles read these, never the API ------------------------------------------------
+@kopf.index(*RUNS)
+def runs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {(namespace, name): plain(body)}
+
+
+@kopf.index("batch", "v1", "jobs", labels=OURS)
+def jobs(namespace: str, labels: dict[str, str], body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {(namespace, labels[LABEL_RUN]): {k: plain(body.get(k, {})) for k in ("metadata", "status")}}
+
+
+@kopf.index("", "v1", "pods", labels=OURS)
+def pods(namespace: str, labels: dict[str, str], body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {(namespace, labels[LABEL_RUN]): {k: plain(body.get(k, {})) for k in ("metadata", "status")}}
+
+
+def _reconcile(namespace: str, name: str, kwargs: dict[str, Any]) -> None:
+    apply.reconcile_run(namespace, name, apply.Cache(kwargs["runs"], kwargs["jobs"], kwargs["pods"]))
+
+
+# -- triggers ----------------------------------------------------------------------------------------
 @kopf.on.resume(*RUNS)
 @kopf.on.create(*RUNS)
 @kopf.on.update(*RUNS)
-def run_changed(name: str, namespace: str, **_: Any) -> None:
-    apply.reconcile_run(namespace, name)
+def run_changed(name: str, namespace: str, **kwargs: Any) -> None:
+    _reconcile(namespace, name, kwargs)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={LABEL_RUN: kopf.PRESENT})
-def job_changed(labels: dict[str, str], namespace: str, **_: Any) -> None:
-    apply.reconcile_run(namespace, labels[LABEL_RUN])
+@kopf.on.event("batch", "v1", "jobs", labels=OURS)
+@kopf.on.event("", "v1", "pods", labels=OURS)
+def child_changed(annotations: dict[str, str], labels: dict[str, str], namespace: str, **kwargs: Any) -> None:
+    # The annotation holds the full name; the label is shortened for names over 63 characters.
+    _reconcile(namespace, annotations.get(ANNOTATION_RUN) or labels[LABEL_RUN], kwargs)
 
 
-@kopf.timer(*RUNS, interval=SAFETY_NET_SECONDS, initial_delay=SAFETY_NET_SECONDS)
-def safety_net(name: str, namespace: str, **_: Any) -> None:
-    """Catches anything a missed watch event would leave waiting."""
-    apply.reconcile_run(namespace, name)
+@kopf.timer(
+    *RUNS,
+    interval=SAFETY_NET_SECONDS,
+    initial_delay=lambda **_: random.uniform(SAFETY_NET_SECONDS / 2, SAFETY_NET_SECONDS),  # spread, not in step
+    when=lambda status, **_: status.get("phase") not in FINISHED,
+)
+def safety_net(name: str, namespace: str, **kwargs: Any) -> None:
+    """For active runs only: catches a missed watch event and a pod's start deadline passing."""
+    _reconcile(namespace, name, kwargs)
 
 
 @kopf.on.probe(id="reconciles")

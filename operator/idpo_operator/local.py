@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from idpo_jobs import contract
-from idpo_jobs.config import Workspace
+from idpo_jobs.config import TINY_SCHEME, Workspace
+from idpo_jobs.tiny import ensure_tiny
 from tqdm import tqdm
 
 from idpo_operator import plan
@@ -29,7 +30,6 @@ from idpo_operator.plan import StageKey
 from idpo_operator.spec import IterativeDPORunSpec, Manifest
 from idpo_operator.status import Phase, StageRecord, build_status, record_from_summaries, timestamp
 
-TINY_SCHEME = "tiny://"
 STATUS_FILE = "status.json"
 
 
@@ -38,11 +38,9 @@ def resolve_tiny(spec: IterativeDPORunSpec, cache: Path) -> IterativeDPORunSpec:
     uris = [spec.model.name, spec.prompts.source, spec.ranking.model or ""]
     if not any(u.startswith(TINY_SCHEME) for u in uris):
         return spec
-    if not (cache / "policy" / "config.json").exists() or not (cache / "pairrm" / "config.json").exists():
-        from idpo_jobs.tiny import build_tiny
-
+    if not (cache / "_SUCCESS").exists():
         print(f"building tiny models in {cache} (first use)", file=sys.stderr)
-        build_tiny(cache)
+    ensure_tiny(cache)
 
     def local(uri: str | None) -> str | None:
         return str(cache / uri[len(TINY_SCHEME) :]) if uri and uri.startswith(TINY_SCHEME) else uri

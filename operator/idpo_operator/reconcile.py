@@ -7,24 +7,29 @@ the events to post. The kopf handlers only gather the observation and apply the 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from idpo_jobs.config import Stage
+from idpo_jobs.config import STAGE_ORDER, Stage
 from pydantic import ValidationError
 
 from idpo_operator import plan, resources
 from idpo_operator.plan import StageKey
-from idpo_operator.spec import IterativeDPORunSpec, format_validation_error
+from idpo_operator.spec import DEFAULT_STAGE_IMAGE, IterativeDPORunSpec, format_validation_error
 from idpo_operator.status import (
     Phase,
+    Reason,
     StageRecord,
     build_status,
     invalid_status,
     merge_metrics,
     timestamp,
 )
+from idpo_operator.status import current as status_current
+
+CONTROLLER_UID = "batch.kubernetes.io/controller-uid"  # the Job controller's label on its pods
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,22 @@ class Decision:
     create: list[dict[str, Any]]
     status: dict[str, Any]
     events: list[Event]
+    fail: dict[str, str] = field(default_factory=dict)  # Job name -> why: pods that cannot start
+    delete: list[str] = field(default_factory=list)  # Job names: out of range after `iterations` went down
+
+
+# Waiting reasons that no amount of waiting fixes: the stage fails at once, not at its start deadline.
+FATAL_WAITING = {"InvalidImageName", "ErrImageNeverPull"}
+# The spec sections each stage freezes for its iteration when it starts (their `resources` stay
+# live: a pod that cannot be scheduled may be fixed mid-iteration). A stage's sections are fixed once
+# it started, so later stages read what earlier ones produced; a stage not yet started, or re-run
+# after a failure and a fix, takes the live spec. Everything else applies to the next Job created.
+STAGE_SECTIONS = {
+    Stage.GENERATE: ("model", "prompts", "generation"),
+    Stage.RANK: ("ranking",),
+    Stage.TRAIN: ("training",),
+}
+FROZEN_SECTIONS = tuple(name for names in STAGE_SECTIONS.values() for name in names)
 
 
 def _true_conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -82,6 +103,28 @@ def key_of(obj: dict[str, Any]) -> StageKey | None:
         return None
 
 
+def _age(since: str | None, now: str) -> float:
+    if not since:
+        return 0.0
+    parse = lambda t: dt.datetime.fromisoformat(t.replace("Z", "+00:00"))  # noqa: E731
+    return (parse(now) - parse(since)).total_seconds()
+
+
+def waiting(pod: dict[str, Any]) -> tuple[str, str] | None:
+    """Why a pod has not started: (reason, message), from its containers or the scheduler."""
+    status = pod.get("status", {})
+    if status.get("phase") not in (None, "Pending"):
+        return None
+    for cs in status.get("containerStatuses", []):
+        wait = cs.get("state", {}).get("waiting")
+        if wait and wait.get("reason") not in (None, "ContainerCreating", "PodInitializing"):
+            return wait["reason"], wait.get("message", "")
+    for cond in status.get("conditions", []):
+        if cond["type"] == "PodScheduled" and cond["status"] == "False":
+            return cond.get("reason", "Unschedulable"), cond.get("message", "")
+    return None
+
+
 def job_record(job: dict[str, Any], pods: list[dict[str, Any]]) -> StageRecord:
     st = job.get("status", {})
     done = _true_conditions(job)
@@ -91,6 +134,9 @@ def job_record(job: dict[str, Any], pods: list[dict[str, Any]]) -> StageRecord:
         job_name=job["metadata"]["name"], start_time=st.get("startTime"), completion_time=st.get("completionTime")
     )
     if "Complete" in done or "SuccessCriteriaMet" in done:
+        # SuccessCriteriaMet comes first, and completionTime only with Complete (after the pods end).
+        cond = done.get("Complete") or done["SuccessCriteriaMet"]
+        record.completion_time = record.completion_time or cond.get("lastTransitionTime")
         record.phase = Phase.SUCCEEDED
         record.attempts = failed_pods + 1
         stage = key_of(job).stage  # type: ignore[union-attr]
@@ -101,11 +147,20 @@ def job_record(job: dict[str, Any], pods: list[dict[str, Any]]) -> StageRecord:
         errors = [s["error"] for s in summaries if s.get("error")]
         record.phase = Phase.FAILED
         record.attempts = max(failed_pods, 1)
-        record.message = errors[-1] if errors else f"{cond.get('reason', 'Failed')}: {cond.get('message', '')}"
+        stuck = job["metadata"].get("annotations", {}).get(resources.ANNOTATION_FAILURE)
+        record.message = stuck or (
+            errors[-1] if errors else f"{cond.get('reason', 'Failed')}: {cond.get('message', '')}"
+        )
         record.completion_time = record.completion_time or cond.get("lastTransitionTime")
     else:
         record.phase = Phase.RUNNING
         record.attempts = failed_pods + 1
+        stuck = [(w, p) for p in pods if (w := waiting(p))]
+        if stuck:
+            (reason, message), pod = stuck[0]
+            record.message = f"Pending: {reason}: {message}"[:500]
+            record.waiting_since = pod["metadata"].get("creationTimestamp")
+            record.waiting_reason = reason
     return record
 
 
@@ -149,7 +204,46 @@ def _stage_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
     return events
 
 
-def decide(run: RunView, jobs: list[dict[str, Any]], pods: list[dict[str, Any]], now: str | None = None) -> Decision:
+def frozen_specs(status: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    return {it["iteration"]: it["spec"] for it in status.get("iterations", []) if it.get("spec")}
+
+
+def _sections(spec: IterativeDPORunSpec) -> dict[str, Any]:
+    wire = spec.to_wire()
+    return {name: {k: v for k, v in wire[name].items() if k != "resources"} for name in FROZEN_SECTIONS}
+
+
+def spec_for(spec: IterativeDPORunSpec, frozen: dict[str, Any] | None) -> IterativeDPORunSpec:
+    """The spec an iteration runs with: its frozen sections over the live spec (live `resources`)."""
+    if not frozen:
+        return spec
+    wire = spec.to_wire()
+    for name, section in frozen.items():
+        wire[name] = {**section, **({"resources": wire[name]["resources"]} if "resources" in wire[name] else {})}
+    return IterativeDPORunSpec.model_validate(wire)
+
+
+def _refreeze(frozen: dict[str, Any], live: dict[str, Any], starting: Stage) -> dict[str, Any]:
+    """Keep the sections of the stages before `starting`; take the rest from the live spec."""
+    before = STAGE_ORDER[: STAGE_ORDER.index(starting)]
+    kept = {name for stage in before for name in STAGE_SECTIONS[stage]}
+    return {name: frozen[name] if name in kept and name in frozen else live[name] for name in FROZEN_SECTIONS}
+
+
+def _deferred(frozen: dict[str, Any], live: dict[str, Any], records: dict[StageKey, StageRecord], at: StageKey) -> bool:
+    """Whether the live spec changed a section that a started stage of iteration `at` froze."""
+    started = [s for s in STAGE_ORDER if records.get(StageKey(at.iteration, s), StageRecord()).phase != Phase.PENDING]
+    return any(frozen.get(name) not in (None, live[name]) for s in started for name in STAGE_SECTIONS[s])
+
+
+def decide(
+    run: RunView,
+    jobs: list[dict[str, Any]],
+    pods: list[dict[str, Any]],
+    now: str | None = None,
+    *,
+    stage_image: str = DEFAULT_STAGE_IMAGE,
+) -> Decision:
     now = now or timestamp()
     try:
         spec = IterativeDPORunSpec.model_validate(run.spec)
@@ -162,33 +256,71 @@ def decide(run: RunView, jobs: list[dict[str, Any]], pods: list[dict[str, Any]],
     owner = run.owner
     ws = resources.workspace(spec, owner)
     records = previous_records(run.status)
+    frozen = frozen_specs(run.status)
+    # Ownership is by uid: a Job of a deleted run of the same name is never used (the garbage
+    # collector is removing it), and blocks its name until it is gone.
+    foreign = {j["metadata"]["name"]: j for j in jobs if not resources.owned_by(j, run.uid)}
+    jobs = [j for j in jobs if resources.owned_by(j, run.uid)]
+    job_uids = {j["metadata"]["uid"] for j in jobs if "uid" in j["metadata"]}
+    pods = [p for p in pods if p["metadata"].get("labels", {}).get(CONTROLLER_UID) in job_uids]
     jobs_by_key = {k: j for j in jobs if (k := key_of(j)) is not None}
+    out_of_range = [j["metadata"]["name"] for k, j in jobs_by_key.items() if k.iteration > spec.iterations]
+    fail: dict[str, str] = {}
     for key, job in jobs_by_key.items():
         name = job["metadata"]["name"]
         owned_pods = [p for p in pods if key_of(p) == key]
         # A Job gone missing keeps its old record; a present Job is the truth.
         if records.get(key, StageRecord()).phase != Phase.SUCCEEDED or name == records[key].job_name:
             records[key] = job_record(job, owned_pods)
+        record = records[key]
+        if record.phase == Phase.RUNNING and record.waiting_reason:
+            late = _age(record.waiting_since, now) > spec.runtime.start_timeout_seconds
+            if late or record.waiting_reason in FATAL_WAITING:
+                fail[name] = f"did not start within {spec.runtime.start_timeout_seconds}s: {record.message}"
+                if record.waiting_reason in FATAL_WAITING:
+                    fail[name] = f"cannot start: {record.message}"
 
     create: list[dict[str, Any]] = []
+    problem: tuple[str, str] | None = None
     completed = [k for k, r in records.items() if r.phase == Phase.SUCCEEDED]
-    failed = any(r.phase == Phase.FAILED for r in records.values())
+    failed = any(r.phase == Phase.FAILED for k, r in records.items() if k.iteration <= spec.iterations)
     key = plan.next_stage(spec, completed)
     if key is not None and not failed and not spec.suspend and key not in jobs_by_key:
-        config = plan.stage_config(spec, run.name, ws, key)
-        pvc = resources.build_pvc(spec, owner)
-        create = [
-            o
-            for o in (
-                pvc,
-                resources.build_config_map(owner, key, config),
-                resources.build_job(spec, owner, key, config),
-            )
-            if o
-        ]
-        records[key] = StageRecord(
-            phase=Phase.RUNNING, job_name=resources.job_name(run.name, key), attempts=1, start_time=now
-        )
+        name = resources.job_name(run.name, key)
+        if name in foreign:
+            problem = (Reason.FOREIGN_CHILD, f"Job {name} belongs to another object; waiting for it to be deleted")
+        else:
+            frozen[key.iteration] = _refreeze(frozen.get(key.iteration, {}), _sections(spec), key.stage)
+            effective = spec_for(spec, frozen[key.iteration])
+            config = plan.stage_config(effective, run.name, ws, key)
+            pvc = resources.build_pvc(spec, owner)
+            create = [
+                o
+                for o in (
+                    pvc,
+                    resources.build_config_map(owner, key, config),
+                    resources.build_job(effective, owner, key, config, stage_image),
+                )
+                if o
+            ]
+            records[key] = StageRecord(phase=Phase.RUNNING, job_name=name, attempts=1, start_time=now)
 
-    status = build_status(spec, records, ws, generation=run.generation, previous=run.status, now=now)
-    return Decision(create, status, _stage_events(run.status, status))
+    at = status_current(spec, records)
+    deferred = at is not None and _deferred(frozen.get(at.iteration, {}), _sections(spec), records, at)
+    status = build_status(
+        spec,
+        records,
+        ws,
+        generation=run.generation,
+        previous=run.status,
+        now=now,
+        claim=resources.pvc_name(spec, run.name),
+        frozen=frozen,
+        problem=problem,
+        deferred=deferred,
+    )
+    events = _stage_events(run.status, status)
+    if deferred and not run.status.get("specChangeDeferred"):
+        message = f"spec change applies from iteration {at.iteration + 1}: iteration {at.iteration} keeps its spec"
+        events.append(Event("Normal", "SpecChangeDeferred", message))
+    return Decision(create, status, events, fail=fail, delete=out_of_range)

@@ -11,22 +11,28 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from idpo_jobs.config import PVC_ROOT_ENV, Resources, Stage, StageConfig, Workspace
+from idpo_jobs.config import PVC_CLAIM_ENV, PVC_ROOT_ENV, Resources, Stage, StageConfig, Workspace
 from idpo_jobs.contract import EXIT_BAD_INPUT
 
 from idpo_operator.plan import StageKey
-from idpo_operator.spec import API_VERSION, KIND, IterativeDPORunSpec
+from idpo_operator.spec import API_VERSION, DEFAULT_STAGE_IMAGE, KIND, IterativeDPORunSpec
 
 LABEL_RUN = "idpo.dev/run"
 LABEL_ITERATION = "idpo.dev/iteration"
 LABEL_STAGE = "idpo.dev/stage"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+ANNOTATION_RUN = "idpo.dev/run-name"  # the run's full name, when its label had to be shortened
+ANNOTATION_FAILURE = "idpo.dev/failure"  # why the operator failed a Job that could not start
 COMMON_LABELS = {"app.kubernetes.io/name": "idpo", "app.kubernetes.io/managed-by": "idpo-operator"}
 VOLUME_MOUNT = "/workspace"
 CONFIG_MOUNT = "/etc/idpo"
 CONFIG_KEY = "config.json"
 CONTAINER = "stage"
-MAX_NAME = 63  # a Job name becomes a label value on its Pods
+MAX_NAME = 253  # a DNS-1123 subdomain: ConfigMaps, claims
+MAX_LABEL = 63
+# An Indexed Job's pods are named and host-named `<job>-<index>`: a DNS label (no dots, <= 63),
+# with room for a 3-digit index and for what Kueue derives from it (its 63-char Workload names).
+MAX_JOB_NAME = 52
 
 
 @dataclass(frozen=True)
@@ -48,17 +54,30 @@ class Owner:
         }
 
 
-def child_name(run: str, suffix: str) -> str:
-    """`<run>-<suffix>`, shortened with a hash of the full name when over 63 characters."""
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def child_name(run: str, suffix: str, limit: int = MAX_NAME, dots: bool = True) -> str:
+    """`<run>-<suffix>` when that is valid, else shortened (and dots replaced) with a hash of the
+    full name, so different runs never share a child name and every run name Kubernetes accepts works."""
     full = f"{run}-{suffix}"
-    if len(full) <= MAX_NAME:
+    if len(full) <= limit and (dots or "." not in full):
         return full
-    digest = hashlib.sha256(full.encode()).hexdigest()[:8]
-    return f"{run[: MAX_NAME - len(suffix) - 10].rstrip('-.')}-{digest}-{suffix}"
+    stem = run if dots else run.replace(".", "-")
+    return f"{stem[: limit - len(suffix) - 10].rstrip('-.')}-{_digest(full)}-{suffix}"
 
 
 def job_name(run: str, key: StageKey) -> str:
-    return child_name(run, f"i{key.iteration}-{key.stage.value}")
+    return child_name(run, f"i{key.iteration}-{key.stage.value}", MAX_JOB_NAME, dots=False)
+
+
+def run_label(run: str) -> str:
+    """The `idpo.dev/run` label value: the name itself when it fits a label (<= 63), else a hashed
+    prefix; ANNOTATION_RUN keeps the full name."""
+    if len(run) <= MAX_LABEL:
+        return run
+    return f"{run[: MAX_LABEL - 9].rstrip('-.')}-{_digest(run)}"
 
 
 def config_map_name(run: str, key: StageKey, config: StageConfig) -> str:
@@ -78,14 +97,24 @@ def workspace(spec: IterativeDPORunSpec, owner: Owner) -> Workspace:
 
 def labels(owner: Owner, key: StageKey | None = None) -> dict[str, str]:
     """Identifying labels only: never the run's own labels (GitOps tracking labels stay on the run)."""
-    out = {**COMMON_LABELS, LABEL_RUN: owner.name}
+    out = {**COMMON_LABELS, LABEL_RUN: run_label(owner.name)}
     if key is not None:
         out |= {LABEL_ITERATION: str(key.iteration), LABEL_STAGE: key.stage.value}
     return out
 
 
+def owned_by(obj: dict[str, Any], uid: str) -> bool:
+    """Whether `obj` is controlled by the object with `uid`: ownership is by uid, never by name."""
+    return any(r.get("uid") == uid and r.get("controller") for r in obj.get("metadata", {}).get("ownerReferences", []))
+
+
 def _metadata(name: str, owner: Owner, key: StageKey | None = None, owned: bool = True) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "namespace": owner.namespace, "labels": labels(owner, key)}
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": labels(owner, key),
+        "annotations": {ANNOTATION_RUN: owner.name},
+    }
     if owned:
         meta["ownerReferences"] = [owner.reference()]
     return meta
@@ -121,12 +150,13 @@ def stage_resources(spec: IterativeDPORunSpec, stage: Stage) -> Resources:
     return {Stage.GENERATE: spec.generation, Stage.RANK: spec.ranking, Stage.TRAIN: spec.training}[stage].resources
 
 
-# The restricted Pod Security Standard; the jobs image runs as uid 1000 and fsGroup makes the claim writable.
+# The restricted Pod Security Standard, with no fixed uid: the image's user (1000) by default, or the
+# one the platform assigns (OpenShift's restricted-v2). fsGroup makes the claim group-writable;
+# `runtime.podSecurityContext` overrides any of it (`fsGroup: null` where the platform picks one).
 POD_SECURITY: dict[str, Any] = {
     "runAsNonRoot": True,
-    "runAsUser": 1000,
-    "runAsGroup": 1000,
     "fsGroup": 1000,
+    "fsGroupChangePolicy": "OnRootMismatch",
     "seccompProfile": {"type": "RuntimeDefault"},
 }
 CONTAINER_SECURITY: dict[str, Any] = {
@@ -134,27 +164,66 @@ CONTAINER_SECURITY: dict[str, Any] = {
     "readOnlyRootFilesystem": True,
     "capabilities": {"drop": ["ALL"]},
 }
+# Under a read-only root, everything that writes a cache or a home directory gets the `/tmp`
+# emptyDir; model downloads go to the claim, so each is fetched once per run.
+SCRATCH = "/tmp"
+WRITABLE_ENV = {
+    "HOME": f"{SCRATCH}/home",
+    "XDG_CACHE_HOME": f"{SCRATCH}/cache",
+    "TRITON_CACHE_DIR": f"{SCRATCH}/cache/triton",
+    "TORCHINDUCTOR_CACHE_DIR": f"{SCRATCH}/cache/torchinductor",
+    "VLLM_CACHE_ROOT": f"{SCRATCH}/cache/vllm",
+    "MPLCONFIGDIR": f"{SCRATCH}/cache/matplotlib",
+    "HF_HOME": f"{VOLUME_MOUNT}/.cache/huggingface",
+}
 
 
-def _container(spec: IterativeDPORunSpec, key: StageKey) -> dict[str, Any]:
+def pod_security(spec: IterativeDPORunSpec) -> dict[str, Any]:
+    merged = {**copy.deepcopy(POD_SECURITY), **spec.runtime.pod_security_context}
+    return {k: v for k, v in merged.items() if v is not None}
+
+
+def stage_command(stage: Stage) -> list[str]:
+    """Train goes through the torchrun launcher (a world of one runs in-process); the rest run as is."""
+    config = f"{CONFIG_MOUNT}/{CONFIG_KEY}"
+    if stage is Stage.TRAIN:
+        return ["python", "-m", "idpo_jobs.distributed", "train", "--config", config]
+    return ["python", "-m", f"idpo_jobs.{stage.value}", "--config", config]
+
+
+def rendezvous_env(spec: IterativeDPORunSpec) -> list[dict[str, str]]:
+    """Kubeflow Trainer's torchrun contract (PET_*), so the image runs the same under a TrainJob.
+    One node: the rendezvous is local. Several nodes are not built yet (the spec refuses them)."""
+    dist = spec.training.distributed
+    return [
+        {"name": "PET_NNODES", "value": str(dist.nodes)},
+        {"name": "PET_NPROC_PER_NODE", "value": str(dist.processes(spec.training.resources))},
+        {"name": "PET_MASTER_ADDR", "value": "127.0.0.1"},
+        {"name": "PET_MASTER_PORT", "value": str(dist.master_port)},
+    ]
+
+
+def _container(spec: IterativeDPORunSpec, owner: Owner, key: StageKey, image: str) -> dict[str, Any]:
     rt = spec.runtime
     env = [
         {"name": PVC_ROOT_ENV, "value": VOLUME_MOUNT},
-        {"name": "HF_HOME", "value": f"{VOLUME_MOUNT}/.cache/huggingface"},  # downloads land on the PVC once
+        {"name": PVC_CLAIM_ENV, "value": pvc_name(spec, owner.name)},
+        *({"name": k, "value": v} for k, v in WRITABLE_ENV.items()),
         {"name": "PYTHONUNBUFFERED", "value": "1"},
-        *rt.env,
+        *(rendezvous_env(spec) if key.stage is Stage.TRAIN else []),
+        *rt.env,  # last: the user's values win
     ]
     res = stage_resources(spec, key.stage)
     container: dict[str, Any] = {
         "name": CONTAINER,
-        "image": rt.image,
+        "image": rt.image or image,
         "imagePullPolicy": rt.image_pull_policy,
-        "command": ["python", "-m", f"idpo_jobs.{key.stage.value}", "--config", f"{CONFIG_MOUNT}/{CONFIG_KEY}"],
+        "command": stage_command(key.stage),
         "env": env,
         "volumeMounts": [
             {"name": "workspace", "mountPath": VOLUME_MOUNT},
             {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
-            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "tmp", "mountPath": SCRATCH},
             {"name": "dshm", "mountPath": "/dev/shm"},  # NCCL and dataloaders need more than 64 MiB
         ],
         "securityContext": copy.deepcopy(CONTAINER_SECURITY),
@@ -163,12 +232,18 @@ def _container(spec: IterativeDPORunSpec, key: StageKey) -> dict[str, Any]:
     if rt.env_from:
         container["envFrom"] = list(rt.env_from)
     if res.requests or res.limits:
-        container["resources"] = {k: v for k, v in res.to_wire().items() if v}
+        # Quantities as strings: the API takes `4` or "4", but typed clients (and admission
+        # webhooks written with them) accept only strings.
+        wire = res.to_wire()
+        container["resources"] = {kind: {k: str(q) for k, q in wire[kind].items()} for kind in wire if wire[kind]}
     return container
 
 
-def build_job(spec: IterativeDPORunSpec, owner: Owner, key: StageKey, config: StageConfig) -> dict[str, Any]:
-    """One Job per stage per iteration; an Indexed Job whose index k is shard k of `config.shards`."""
+def build_job(
+    spec: IterativeDPORunSpec, owner: Owner, key: StageKey, config: StageConfig, image: str = DEFAULT_STAGE_IMAGE
+) -> dict[str, Any]:
+    """One Job per stage per iteration; an Indexed Job whose index k is shard k of `config.shards`.
+    `image` is the operator's default stage image, for runs that name none."""
     rt = spec.runtime
     meta = _metadata(job_name(owner.name, key), owner, key)
     if rt.queue_name:
@@ -176,8 +251,8 @@ def build_job(spec: IterativeDPORunSpec, owner: Owner, key: StageKey, config: St
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
-        "securityContext": copy.deepcopy(POD_SECURITY),
-        "containers": [_container(spec, key)],
+        "securityContext": pod_security(spec),
+        "containers": [_container(spec, owner, key, image)],
         "volumes": [
             {"name": "workspace", "persistentVolumeClaim": {"claimName": pvc_name(spec, owner.name)}},
             {"name": "config", "configMap": {"name": config_map_name(owner.name, key, config)}},
@@ -197,7 +272,10 @@ def build_job(spec: IterativeDPORunSpec, owner: Owner, key: StageKey, config: St
         "completionMode": "Indexed",
         "completions": config.shards,
         "parallelism": config.shards,
-        "backoffLimit": rt.retries,
+        # Retries per shard: one flaky shard cannot use up the others' retries. The first shard
+        # that runs out fails the Job (and the stage) at once.
+        "backoffLimitPerIndex": rt.retries,
+        "maxFailedIndexes": 0,
         "podFailurePolicy": {
             "rules": [
                 # Evictions, preemptions and node drains are not the stage's fault: not counted.
@@ -209,7 +287,10 @@ def build_job(spec: IterativeDPORunSpec, owner: Owner, key: StageKey, config: St
                 },
             ]
         },
-        "template": {"metadata": {"labels": labels(owner, key)}, "spec": pod},
+        "template": {
+            "metadata": {"labels": labels(owner, key), "annotations": {ANNOTATION_RUN: owner.name}},
+            "spec": pod,
+        },
     }
     if rt.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = rt.active_deadline_seconds

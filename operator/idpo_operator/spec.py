@@ -18,7 +18,7 @@ from idpo_jobs.config import (
     RankingSpec,
     TrainingSpec,
 )
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 GROUP = "idpo.dev"
 VERSION = "v1alpha1"
@@ -40,8 +40,15 @@ class StorageSpec(Model):
     root: str = Field("idpo", description="Directory on the volume under which each run gets `<run>-<uid8>/`.")
 
 
+# The stage image when neither the run nor the operator (`idpo operator --stage-image`, which the
+# chart sets from its values) names one: the `jobs` target of the Dockerfile, at this version.
+DEFAULT_STAGE_IMAGE = "ghcr.io/idpo-dev/idpo-jobs:0.1.0"
+
+
 class RuntimeSpec(Model):
-    image: str = Field("ghcr.io/idpo-dev/idpo-jobs:0.1.0", description="Stage image (jobs target).")
+    image: str | None = Field(
+        None, description="Stage image (the Dockerfile's jobs target). None: the operator's --stage-image."
+    )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent")
     image_pull_secrets: list[str] = Field(default_factory=list, description="Secret names.")
     node_selector: dict[str, str] = Field(default_factory=dict)
@@ -54,8 +61,26 @@ class RuntimeSpec(Model):
         description="Extra container env, as in a Pod spec (e.g. HF_TOKEN from a Secret).",
     )
     env_from: list[dict[str, Any]] = Field(default_factory=list, description="As in a Pod spec.")
-    retries: int = Field(2, ge=0, le=20, description="Times a failed stage is retried before the run fails.")
+    retries: int = Field(
+        2,
+        ge=0,
+        le=20,
+        description="Times each shard of a stage is retried (with Kubernetes' exponential backoff) before the "
+        "run fails. Bad input (exit code 2) is never retried.",
+    )
     active_deadline_seconds: int | None = Field(None, ge=60, description="Deadline of each stage Job.")
+    start_timeout_seconds: int = Field(
+        600,
+        ge=30,
+        description="A stage pod that has not started after this long (image pull, scheduling, a missing "
+        "Secret) fails the stage with the reason it was waiting for.",
+    )
+    pod_security_context: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Merged over the stage pods' securityContext (runAsNonRoot, seccomp RuntimeDefault, "
+        "fsGroup 1000); a null removes a default, e.g. `fsGroup: null` where the platform assigns one "
+        "(OpenShift restricted-v2).",
+    )
 
 
 class IterativeDPORunSpec(Model):
@@ -70,6 +95,14 @@ class IterativeDPORunSpec(Model):
     storage: StorageSpec = Field(default_factory=StorageSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     suspend: bool = Field(False, description="Stop starting new stages (running ones finish).")
+
+    @model_validator(mode="after")
+    def _runnable(self) -> IterativeDPORunSpec:
+        if self.training.distributed.nodes > 1:
+            # The stage and its launcher support several nodes; the operator does not yet build the
+            # gang (Indexed Job, headless Service, PET_NODE_RANK). Refused rather than run on one.
+            raise ValueError("training.distributed.nodes > 1 is not supported by this operator yet; use 1")
+        return self
 
 
 class Metadata(Model):

@@ -40,6 +40,8 @@ class Reason:
     STAGE_FAILED = "StageFailed"  # a stage failed after its retries
     INVALID_SPEC = "InvalidSpec"  # the spec failed validation
     SUSPENDED = "Suspended"  # spec.suspend is true
+    FOREIGN_CHILD = "ForeignChild"  # a child's name is taken by an object another run (uid) owns
+    APPLY_FAILED = "ApplyFailed"  # the API refused a create, patch or delete; the message is the API's
 
 
 @dataclass
@@ -51,6 +53,9 @@ class StageRecord:
     completion_time: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     message: str | None = None
+    # A running stage whose pod waits to start: since when, and the kubelet's or scheduler's reason.
+    waiting_since: str | None = field(default=None, compare=False)
+    waiting_reason: str | None = field(default=None, compare=False)
 
     def to_wire(self) -> dict[str, Any]:
         out = {
@@ -145,12 +150,14 @@ def conditions(
     now: str,
     generation: int,
     previous: list[dict[str, Any]] | None = None,
+    stalled: bool = False,
 ) -> list[dict[str, Any]]:
+    """`stalled`: a problem that stops progress without failing the run (it may clear by itself)."""
     prev = {c["type"]: c for c in previous or []}
     flags = {
         "Ready": phase == Phase.SUCCEEDED,
-        "Reconciling": phase in (Phase.PENDING, Phase.RUNNING),
-        "Stalled": phase == Phase.FAILED,
+        "Reconciling": phase in (Phase.PENDING, Phase.RUNNING) and not stalled,
+        "Stalled": phase == Phase.FAILED or stalled,
         "Succeeded": phase == Phase.SUCCEEDED,
         "Failed": phase == Phase.FAILED,
         "Suspended": phase == Phase.SUSPENDED,
@@ -174,10 +181,23 @@ def build_status(
     generation: int = 1,
     previous: dict[str, Any] | None = None,
     now: str | None = None,
+    claim: str | None = None,
+    frozen: dict[int, dict[str, Any]] | None = None,
+    problem: tuple[str, str] | None = None,
+    deferred: bool = False,
 ) -> dict[str, Any]:
+    """`claim`: checkpoints as `pvc://<claim>/<path>` (KServe's storage URI) for a run on a cluster.
+    `frozen`: each started iteration's spec sections. `problem`: (reason, message) of something
+    that blocks progress without failing the run. `deferred`: the spec changed after the current
+    iteration started; the change applies from the next one."""
     now = now or timestamp()
     previous = previous or {}
+    frozen = frozen or {}
     phase = _phase(spec, records)
+
+    def checkpoint(i: int) -> str:
+        return f"pvc://{claim}/{workspace.checkpoint(i)}" if claim else workspace.checkpoint_uri(i)
+
     at = current(spec, records)
     failed = next((k for k in all_stages(spec) if records.get(k, StageRecord()).phase == Phase.FAILED), None)
 
@@ -192,9 +212,14 @@ def build_status(
     elif phase == Phase.SUSPENDED:
         reason, message = Reason.SUSPENDED, "suspended: no new stages start"
     elif phase == Phase.RUNNING and at is not None:
-        reason, message = Reason.RUNNING, f"{at} is {records.get(at, StageRecord()).phase.lower()}"
+        record = records.get(at, StageRecord())
+        reason, message = Reason.RUNNING, f"{at} is {record.phase.lower()}"
+        if record.phase == Phase.RUNNING and record.message:
+            message = f"{at}: {record.message}"
     else:
         reason, message = Reason.PENDING, "waiting to start"
+    if problem is not None and phase not in (Phase.SUCCEEDED, Phase.FAILED):
+        reason, message = problem
 
     iterations = []
     for i in range(1, spec.iterations + 1):
@@ -208,7 +233,9 @@ def build_status(
             "stages": {name: r.to_wire() for name, r in stages.items()},
         }
         if ok:
-            entry["checkpoint"] = workspace.checkpoint_uri(i)
+            entry["checkpoint"] = checkpoint(i)
+        if i in frozen:
+            entry["spec"] = frozen[i]
         iterations.append(entry)
 
     done_iterations = [e for e in iterations if "checkpoint" in e]
@@ -224,8 +251,11 @@ def build_status(
         "startTime": previous.get("startTime") or (min(started) if started else None),
         "completionTime": now if phase in (Phase.SUCCEEDED, Phase.FAILED) else None,
         "latestCheckpoint": done_iterations[-1]["checkpoint"] if done_iterations else None,
-        "conditions": conditions(phase, reason, message, now, generation, previous.get("conditions")),
+        "conditions": conditions(
+            phase, reason, message, now, generation, previous.get("conditions"), stalled=problem is not None
+        ),
         "iterations": iterations,
+        "specChangeDeferred": f"applies from iteration {at.iteration + 1}" if deferred and at else None,
     }
     if previous.get("completionTime") and status["completionTime"]:
         status["completionTime"] = previous["completionTime"]

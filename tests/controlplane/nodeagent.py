@@ -31,6 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from idpo_operator.spec import DEFAULT_STAGE_IMAGE
+
 from tests.controlplane import binaries, logserver, podspec
 from tests.controlplane.pods import PodWorker
 from tests.controlplane.rest import MERGE, ApiException, Rest
@@ -38,7 +40,6 @@ from tests.controlplane.rest import MERGE, ApiException, Rest
 log = logging.getLogger("node-agent")
 PROVISIONER = "idpo.dev/local-path"
 STORAGE_CLASS = "local"
-DEFAULT_IMAGE = "ghcr.io/idpo-dev/idpo-jobs:0.1.0"  # the spec's default stage image
 LEASE_SECONDS = 40
 HEARTBEAT_SECONDS = 10
 REPO = Path(__file__).parents[2]
@@ -70,7 +71,7 @@ class Agent:
         self.capacity = {"cpu": args.cpu, "memory": args.memory, "pods": "250", "nvidia.com/gpu": str(args.gpus)}
         self.free_gpus = {n: set(range(args.gpus)) for n in self.nodes}
         self.fast_pods: float | None = args.fast_pods
-        self.images: list[str] = args.image or [DEFAULT_IMAGE]
+        self.images: list[str] = args.image or [DEFAULT_STAGE_IMAGE]  # the operator's default stage image
         self.image_user = (1000, 1000)  # USER 1000:1000, as in the Dockerfile
         venv_bin = Path(sys.executable).parent
         self.image_env = {

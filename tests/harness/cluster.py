@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from idpo_operator import resources
 from idpo_operator.crd import crd
 from idpo_operator.resources import CONTAINER_SECURITY, POD_SECURITY, VOLUME_MOUNT
-from idpo_operator.spec import GROUP, KIND, PLURAL, VERSION, RuntimeSpec
+from idpo_operator.spec import DEFAULT_STAGE_IMAGE, GROUP, KIND, PLURAL, VERSION
 from kubernetes import client, config
 
 from tests.harness import chart
@@ -90,7 +91,7 @@ def local_target(root: Path) -> Target:
     """Starts a control plane of our own; the caller stops it (`target.plane.stop()`)."""
     from tests.controlplane.plane import ControlPlane
 
-    image = RuntimeSpec().image  # what the node agent "has": this checkout's code
+    image = DEFAULT_STAGE_IMAGE  # what the node agent "has" (this checkout's code) and the operator's default
     plane = ControlPlane(root / "admin.kubeconfig", images=[image], log=lambda *_: None).__enter__()
     return Target(plane.kubeconfig, image, patience=1.0, plane=plane)
 
@@ -226,7 +227,7 @@ class Cluster:
         return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
 
     def jobs(self, run: str) -> list[dict[str, Any]]:
-        selector = f"idpo.dev/run={run}"
+        selector = f"{resources.LABEL_RUN}={resources.run_label(run)}"
         listed = self.batch.list_namespaced_job(self.namespace, label_selector=selector, _preload_content=False)
         return json.loads(listed.data)["items"]
 
