@@ -163,3 +163,5 @@ def test_names_stay_valid_for_any_run_name_kubernetes_accepts() -> None:
     assert resources.job_name("team-a-run", RANK) != resources.job_name(dotted, RANK)  # no collision
     assert resources.run_label(dotted) == dotted and len(resources.run_label(long)) <= 63
     assert len(resources.child_name(long, "workspace")) <= 253
+    folder = resources.workspace(spec(), resources.Owner(long, "ml", "0123456789abcdef")).root.name
+    assert len(folder) <= 128 and folder.endswith("-01234567")

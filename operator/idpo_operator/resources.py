@@ -33,6 +33,7 @@ MAX_LABEL = 63
 # An Indexed Job's pods are named and host-named `<job>-<index>`: a DNS label (no dots, <= 63),
 # with room for a 3-digit index and for what Kueue derives from it (its 63-char Workload names).
 MAX_JOB_NAME = 52
+MAX_FOLDER = 128  # the run's folder on the volume
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,10 @@ def pvc_name(spec: IterativeDPORunSpec, run: str) -> str:
 
 def workspace(spec: IterativeDPORunSpec, owner: Owner) -> Workspace:
     """Relative to the volume: one directory per run (uid-suffixed, so a re-created run starts clean)."""
-    return Workspace(f"{spec.storage.root.strip('/')}/{owner.name}-{owner.uid[:8]}")
+    folder = f"{owner.name}-{owner.uid[:8]}"
+    if len(folder) > MAX_FOLDER:  # a file name is at most 255 bytes; stages add their own below it
+        folder = f"{owner.name[: MAX_FOLDER - 18].rstrip('-.')}-{_digest(owner.name)}-{owner.uid[:8]}"
+    return Workspace(f"{spec.storage.root.strip('/')}/{folder}")
 
 
 def labels(owner: Owner, key: StageKey | None = None) -> dict[str, str]:

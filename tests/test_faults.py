@@ -1,0 +1,112 @@
+"""The fault suite: what a real cluster does to a run, on the real control plane, with the operator
+under the chart's RBAC and the stage namespace enforcing the restricted Pod Security profile.
+
+Each story asserts the final phase, the status message, that no stage ran twice, and that finished
+outputs are intact."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.harness.cluster import Cluster, Target
+from tests.test_operator_e2e import CLAIM, FAULT_PATH_GRANTS, pods_per_job, run_manifest, stage
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster(kube: Target, tmp_path_factory: pytest.TempPathFactory):
+    with Cluster(kube, tmp_path_factory.mktemp("faults"), "faults") as c:
+        c.seed(CLAIM)
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def delete_runs_afterwards(cluster: Cluster):
+    yield
+    cluster.kubectl("delete", "idpo", "--all", "--wait=false")
+
+
+def no_stage_ran_twice(cluster: Cluster, run: str) -> None:
+    pods = pods_per_job(cluster, run)
+    assert pods and set(pods.values()) == {1}, pods
+
+
+@pytest.mark.parametrize("name", ["team.a.tiny", "r" + "-long" * 50], ids=["dotted", "253-characters"])
+def test_any_run_name_kubernetes_accepts_runs_to_succeeded(cluster: Cluster, name: str) -> None:
+    assert len(name) <= 253
+    applied = cluster.apply(run_manifest(name, iterations=1))
+    assert applied.returncode == 0, applied.stderr
+    status = cluster.wait_phase(name, "Succeeded", "Failed")
+    assert status["phase"] == "Succeeded", status.get("message")
+    no_stage_ran_twice(cluster, name)
+    assert all("." not in j["metadata"]["name"] and len(j["metadata"]["name"]) <= 52 for j in cluster.jobs(name))
+
+
+def test_a_pod_that_cannot_start_fails_the_stage_with_its_reason_after_the_start_deadline(cluster: Cluster) -> None:
+    runtime = {"image": "registry.invalid/idpo/missing:0", "startTimeoutSeconds": 30}
+    assert cluster.apply(run_manifest("stuck", iterations=1, runtime=runtime)).returncode == 0
+    waiting = cluster.wait("stuck", lambda s: "ImagePullBackOff" in s.get("message", ""), timeout=60)
+    assert waiting["phase"] == "Running" and waiting["message"].startswith("iteration 1 generate: Pending: ")
+    status = cluster.wait_phase("stuck", "Failed", timeout=120)
+    assert "did not start within 30s: Pending: ImagePullBackOff" in status["message"]
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Stalled"] == "True"
+    deadline = time.monotonic() + 60
+    while cluster.pods("stuck-i1-generate"):  # the Job controller removed the pod: nothing holds a node
+        assert time.monotonic() < deadline, cluster.pods("stuck-i1-generate")
+        time.sleep(1)
+
+
+def test_a_missing_secret_waits_and_the_stage_starts_once_it_exists(cluster: Cluster) -> None:
+    env = [
+        *run_manifest("x")["spec"]["runtime"]["env"],
+        {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hub-token", "key": "token"}}},
+    ]
+    assert cluster.apply(run_manifest("secretive", iterations=1, runtime={"env": env})).returncode == 0
+    waiting = cluster.wait("secretive", lambda s: "CreateContainerConfigError" in s.get("message", ""), timeout=60)
+    assert 'secret "hub-token" not found' in waiting["message"]
+    created = cluster.kubectl("create", "secret", "generic", "hub-token", "--from-literal=token=hf_x")
+    assert created.returncode == 0, created.stderr
+    status = cluster.wait_phase("secretive", "Succeeded", "Failed")
+    assert status["phase"] == "Succeeded", status.get("message")
+    no_stage_ran_twice(cluster, "secretive")
+
+
+def test_a_run_recreated_with_the_same_name_never_uses_its_predecessors_jobs(cluster: Cluster) -> None:
+    assert cluster.apply(run_manifest("again", iterations=1)).returncode == 0
+    cluster.wait("again", lambda s: s.get("currentStage") == "rank")
+    old_uid = cluster.run("again")["metadata"]["uid"]
+    assert cluster.kubectl("delete", "idpo", "again", "--wait=true").returncode == 0
+    assert cluster.apply(run_manifest("again", iterations=1)).returncode == 0
+    status = cluster.wait_phase("again", "Succeeded", "Failed")
+    assert status["phase"] == "Succeeded", status.get("message")
+    new_uid = cluster.run("again")["metadata"]["uid"]
+    assert new_uid != old_uid
+    for job in cluster.jobs("again"):
+        assert [r["uid"] for r in job["metadata"]["ownerReferences"]] == [new_uid]
+    assert f"again-{new_uid[:8]}" in status["latestCheckpoint"]
+    no_stage_ran_twice(cluster, "again")
+
+
+def test_lowering_iterations_mid_run_stops_after_the_new_last_and_raising_continues(cluster: Cluster) -> None:
+    assert cluster.apply(run_manifest("shrink", iterations=2)).returncode == 0
+    cluster.wait("shrink", lambda s: s.get("currentIteration") == 2 and s.get("currentStage") == "generate")
+    assert cluster.apply(run_manifest("shrink", iterations=1)).returncode == 0
+    status = cluster.wait_phase("shrink", "Succeeded", "Failed", timeout=120)
+    assert status["phase"] == "Succeeded" and status["progress"] == "1/1"
+    deadline = time.monotonic() + 60
+    while any(j["metadata"]["name"].startswith("shrink-i2-") for j in cluster.jobs("shrink")):
+        assert time.monotonic() < deadline, "the out-of-range iteration's Job was not deleted"
+        time.sleep(1)
+    assert cluster.apply(run_manifest("shrink", iterations=2)).returncode == 0
+    status = cluster.wait("shrink", lambda s: s.get("phase") == "Succeeded" and s.get("progress") == "2/2")
+    assert stage(status, 2, "train")["phase"] == "Succeeded"
+    assert stage(status, 1, "train")["attempts"] == 1  # iteration 1 was not redone
+
+
+def test_the_operator_used_the_grants_only_fault_paths_need(cluster: Cluster) -> None:
+    if cluster.target.plane is None:
+        pytest.skip("reads the apiserver's audit log, which only the local control plane shares")
+    assert cluster.operator_calls() >= FAULT_PATH_GRANTS
