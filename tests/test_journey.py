@@ -97,6 +97,8 @@ def test_every_manifest_in_examples_and_docs_passes_server_side_validation(
     if path.suffix == ".md":
         blocks = re.findall(r"```yaml\n(.*?)```", text, re.DOTALL)
         docs = [d for b in blocks for d in yaml.safe_load_all(b) if isinstance(d, dict) and "kind" in d]
+        # Other projects' kinds (a KServe InferenceService in the serving hand-off) need their CRDs.
+        docs = [d for d in docs if d["apiVersion"].split("/")[0] in ("v1", "idpo.dev", "batch", "apps")]
         if not docs:
             return
         text = yaml.safe_dump_all(docs)
