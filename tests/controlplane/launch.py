@@ -48,10 +48,7 @@ def mount_point(target: str, is_file: bool) -> None:
 
 
 def expose_image(mounts: list[dict], sources: dict[str, str]) -> None:
-    """Mask each directory the pod's user may not enter (an empty tmpfs) and bind back the paths
-    the image needs below it, read-only: the interpreter, the virtualenv and the checkout."""
-    for mask in sorted({m["mask"] for m in mounts}):
-        mount("image", mask, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
+    """Bind the image's paths (interpreter, virtualenv, checkout) in place, read-only."""
     for m in mounts:
         os.makedirs(m["target"], exist_ok=True)
         mount(sources[m["source"]], m["target"], None, MS_BIND | MS_REC)
@@ -70,16 +67,19 @@ def main(plan_path: str) -> None:
     sources = {m["source"]: f"/proc/self/fd/{os.open(m['source'], os.O_PATH)}" for m in plan["mounts"]}
     image = [m for m in plan["mounts"] if "mask" in m]
     mounts = sorted((m for m in plan["mounts"] if "mask" not in m), key=lambda m: m["target"].rstrip("/").count("/"))
-    expose_image(image, sources)
+    masks = sorted({m["mask"] for m in image if m["mask"]})
+    for mask in masks:  # a directory the pod's user may not enter: an empty one in its place
+        mount("image", mask, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
     for m in mounts:
         mount_point(m["target"], os.path.isfile(sources[m["source"]]))
         mount(sources[m["source"]], m["target"], None, MS_BIND | MS_REC)
         if m.get("readOnly"):
             mount(None, m["target"], None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+    expose_image(image, sources)  # last: no volume hides them
     if not any(m["target"] == "/dev/shm" for m in mounts):
         mount("shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "size=64m,mode=1777")
     if plan.get("readOnlyRoot"):
-        for mask in {m["mask"] for m in image}:
+        for mask in masks:
             mount(None, mask, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
         mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY)
     os.setgroups(plan["groups"])

@@ -52,14 +52,17 @@ def micro_now() -> str:
 
 
 def image_mounts(paths: list[Path]) -> list[dict[str, Any]]:
-    """Read-only binds that make the interpreter, its virtualenv and this checkout readable by any
-    uid, as the image's own files would be, when they live below a directory only root may enter
-    (/root is 0700): the launcher binds them in place and masks the rest of that directory."""
+    """Read-only binds of the interpreter, its virtualenv and this checkout, bound in place last, as
+    an image's own files are always there: a volume at /tmp must not hide a checkout below /tmp,
+    and a directory only root may enter (/root is 0700) is masked with an empty one (`mask`)."""
     out: list[dict[str, Any]] = []
     for path in sorted({p.resolve() for p in paths}):
+        if any(path.is_relative_to(m["source"]) for m in out):
+            continue
         hidden = next((a for a in reversed(path.parents) if not os.stat(a).st_mode & stat.S_IXOTH), None)
-        if hidden is not None and not any(path.is_relative_to(m["source"]) for m in out):
-            out.append({"source": str(path), "target": str(path), "readOnly": True, "mask": str(hidden)})
+        out.append(
+            {"source": str(path), "target": str(path), "readOnly": True, "mask": str(hidden) if hidden else None}
+        )
     return out
 
 
