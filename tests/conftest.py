@@ -34,6 +34,8 @@ TINY_SPEC: dict[str, Any] = {
         "batchSize": 8,
     },
     "ranking": {"ranker": "pairrm", "model": "tiny://pairrm", "batchSize": 8},
+    # Off here, so each test runs only the stages it is about; the evaluation tests turn it on.
+    "evaluation": {"enabled": False, "limit": 16, "maxNewTokens": 12},
     "training": {
         "beta": 0.1,
         "learningRate": 1e-3,

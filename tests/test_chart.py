@@ -36,7 +36,7 @@ def test_the_chart_ships_the_generated_crd_and_no_copy() -> None:
 def test_operator_pod_is_restricted_and_single() -> None:
     (deploy,) = [d for d in render() if d["kind"] == "Deployment"]
     spec = deploy["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    assert spec["replicas"] == 1 and spec["strategy"]["type"] == "RollingUpdate"  # safe: leader election
     pod = spec["template"]["spec"]
     assert (
         pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
@@ -53,7 +53,7 @@ def test_operator_pod_is_restricted_and_single() -> None:
 
 def test_namespaced_mode_uses_roles_and_watches_only_those_namespaces() -> None:
     docs = render({"watchNamespaces": ["ml", "research"]})
-    roles = [d for d in docs if d["kind"] == "Role"]
+    roles = [d for d in docs if d["kind"] == "Role" and not d["metadata"]["name"].endswith("-leader-election")]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["ml", "research"]
     cluster_rules = rules(docs, "ClusterRole")
     assert cluster_rules == [  # only what kopf's own discovery needs; the run's resources stay in Roles
@@ -75,3 +75,11 @@ def test_rbac_has_no_wildcards() -> None:
 def test_values_are_checked_against_the_schema() -> None:
     with pytest.raises(helm.HelmValuesError, match="watchNamespaces"):
         render({"watchNamespaces": "ml"})
+
+
+def test_leader_election_may_touch_leases_in_the_release_namespace_only() -> None:
+    (role,) = [d for d in render() if d["kind"] == "Role" and d["metadata"]["name"].endswith("-leader-election")]
+    assert role["metadata"]["namespace"] == "idpo-system"
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]}
+    ]

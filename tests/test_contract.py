@@ -132,3 +132,42 @@ def test_stale_temp_dirs_of_killed_attempts_are_removed_but_outputs_kept(tmp_pat
     removed = contract.remove_stale_temps(tmp_path / "iter-1")
     assert sorted(p.name for p in removed) == [".part-00001.tmp-abc", ".train.tmp-9"]
     assert (stage / "part-00000").is_dir()
+
+
+class RepositoryNotFoundError(OSError):
+    """Stands in for huggingface_hub's (matched by class name: the hub is an optional import)."""
+
+
+class OutOfMemoryError(RuntimeError):
+    """Stands in for torch's CUDA out-of-memory error."""
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (contract.StageError("no pairs"), contract.EXIT_BAD_INPUT),
+        (ValueError("bad config"), contract.EXIT_BAD_INPUT),
+        (FileNotFoundError("no such model"), contract.EXIT_BAD_INPUT),
+        (RepositoryNotFoundError("404 mistralai/Nope"), contract.EXIT_BAD_INPUT),
+        (OSError("x is not a local folder and is not a valid model identifier"), contract.EXIT_BAD_INPUT),
+        (TimeoutError("hub timed out"), contract.EXIT_TRANSIENT),
+        (ConnectionError("reset by peer"), contract.EXIT_TRANSIENT),
+        (OutOfMemoryError("CUDA out of memory"), contract.EXIT_TRANSIENT),
+        (OSError("Input/output error"), contract.EXIT_TRANSIENT),
+        (RuntimeError("a bug"), contract.EXIT_FAILED),
+    ],
+    ids=[
+        "stage-error",
+        "value",
+        "missing-file",
+        "hub-404",
+        "unknown-model",
+        "timeout",
+        "network",
+        "oom",
+        "io",
+        "crash",
+    ],
+)
+def test_stage_errors_are_told_apart_so_only_bad_input_is_never_retried(error: Exception, code: int) -> None:
+    assert contract.exit_code(error) == code

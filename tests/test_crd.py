@@ -63,7 +63,7 @@ def test_crd_names_version_status_and_printer_columns() -> None:
     (version,) = doc["spec"]["versions"]
     assert version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"] if "priority" not in c]
-    assert columns == ["Phase", "Iteration", "Stage", "Ready", "Age"]
+    assert columns == ["Phase", "Iteration", "Stage", "WinRate", "Ready", "Age"]
 
 
 @pytest.mark.parametrize(

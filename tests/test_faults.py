@@ -110,3 +110,46 @@ def test_the_operator_used_the_grants_only_fault_paths_need(cluster: Cluster) ->
     if cluster.target.plane is None:
         pytest.skip("reads the apiserver's audit log, which only the local control plane shares")
     assert cluster.operator_calls() >= FAULT_PATH_GRANTS
+
+
+def test_a_second_operator_stays_passive_until_the_leader_hands_over(cluster: Cluster, tmp_path) -> None:
+    import json
+    import urllib.request
+
+    from tests.harness.cluster import free_port
+
+    liveness = f"http://127.0.0.1:{free_port()}/healthz"
+    second = cluster.spawn_operator(tmp_path / "second.log", liveness, free_port())
+    try:
+        assert cluster.apply(run_manifest("handover", iterations=1)).returncode == 0
+        cluster.wait("handover", lambda s: s.get("currentStage") == "rank")
+
+        def reconciles() -> int:
+            return json.loads(urllib.request.urlopen(liveness, timeout=10).read())["reconciles"]
+
+        assert reconciles() == 0  # it watches and caches, and writes nothing
+        cluster.stop_operator()  # SIGTERM: the leader releases the Lease on its way out
+        first, cluster.operator = cluster.operator, second  # `wait` gives up if this one dies
+        status = cluster.wait_phase("handover", "Succeeded", "Failed")
+        assert status["phase"] == "Succeeded", status.get("message")
+        assert reconciles() > 0
+        no_stage_ran_twice(cluster, "handover")
+    finally:
+        second.terminate()
+        second.wait(30)
+        cluster.start_operator()
+    assert first is not None and first.returncode is not None
+
+
+def test_reconciles_read_from_the_watch_caches_not_from_list_calls(cluster: Cluster) -> None:
+    if cluster.target.plane is None:
+        pytest.skip("reads the apiserver's audit log, which only the local control plane shares")
+
+    def lists() -> int:
+        return sum(verb in ("list", "get") for verb, _, res in cluster.operator_requests() if res != "leases")
+
+    before = lists()
+    assert cluster.apply(run_manifest("cached", iterations=1)).returncode == 0
+    assert cluster.wait_phase("cached", "Succeeded", "Failed")["phase"] == "Succeeded"
+    # Three stages, many Job and Pod events, dozens of reconciles: not one read beyond the watches.
+    assert lists() == before

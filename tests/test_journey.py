@@ -77,7 +77,8 @@ def test_the_five_minute_journey_ends_with_a_succeeded_run(kubeconfig: Path, tmp
             time.sleep(2)
             phase = kubectl(kubeconfig, "get", "idpo", "tiny", "-o", "jsonpath={.status.phase}").stdout
         row = kubectl(kubeconfig, "get", "idpo", "tiny").stdout.splitlines()[-1].split()
-        assert row[:4] == ["tiny", "Succeeded", "2/2", "True"], row  # Ready
+        assert row[:3] == ["tiny", "Succeeded", "2/2"] and row[-2] == "True", row  # ... WinRate, Ready, Age
+        assert 0 <= float(row[3]) <= 1  # iteration 2's length-controlled win rate against the base
     finally:
         os.killpg(operator.pid, signal.SIGTERM)
         operator.wait(30)

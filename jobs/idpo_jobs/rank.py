@@ -10,6 +10,7 @@ Rankers share one interface: `score(prompts, candidates) -> scores` (higher is b
 from __future__ import annotations
 
 import importlib
+import math
 import statistics
 import sys
 from collections.abc import Callable
@@ -39,6 +40,10 @@ class PairRMRanker:
         except FileNotFoundError as err:
             raise contract.StageError(str(err)) from None
         self.spec = spec
+        # `Blender.compare` and `get_best_of_n` take no length arguments: they truncate to the collator's
+        # (`rank` sets its own on a copy, so the rank stage is unaffected).
+        collator = self.blender.ranker_collator
+        collator.source_maxlength, collator.candidate_maxlength = spec.max_source_length, spec.max_candidate_length
 
     def score(self, prompts: list[str], candidates: list[list[str]]) -> list[list[float]]:
         scores = self.blender.rank(
@@ -51,6 +56,33 @@ class PairRMRanker:
             candidate_max_length=self.spec.max_candidate_length,
         )
         return [[float(s) for s in row] for row in scores]
+
+    def compare(self, prompts: list[str], first: list[str], second: list[str]) -> list[float]:
+        """P(`first` beats `second`) per prompt, averaged over both orders to cancel PairRM's position bias.
+
+        PairRM reads the pair as one sequence; its logit says how much the left response beats the
+        right. Each pair is judged as (first, second) and as (second, first); swapping the arguments
+        gives exactly 1 minus the result.
+        """
+        kwargs = {"batch_size": self.spec.batch_size, "return_logits": True, "disable_tqdm": True}
+        left_first = self.blender.compare(prompts, first, second, mode="[A,B]", **kwargs)
+        left_second = self.blender.compare(prompts, first, second, mode="[B,A]", **kwargs)
+        return [(_sigmoid(float(a)) + 1 - _sigmoid(float(b))) / 2 for a, b in zip(left_first, left_second, strict=True)]
+
+    def best_of_n(self, prompts: list[str], candidates: list[list[str]]) -> list[int]:
+        """Index of each prompt's best candidate by llm-blender's best-of-n: one bubble pass of n-1
+        comparisons (both orders each), instead of the n(n-1) of a full ranking."""
+        import torch
+
+        torch.manual_seed(0)  # the pass visits candidates in a random order: the same one on every rerun
+        best = self.blender.get_best_of_n(
+            prompts, candidates, pairrm_cmp_type="bubble", batch_size=self.spec.batch_size
+        )
+        return [cands.index(b) for cands, b in zip(candidates, best, strict=True)]
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
 
 
 class RewardModelRanker:
@@ -134,6 +166,11 @@ RANKERS: dict[str, Callable[[RankingSpec, str], Ranker]] = {
 }
 
 
+def make_ranker(spec: RankingSpec) -> Ranker:
+    """The ranker `spec` names, its checkpoint resolved (`pvc://`, `tiny://`)."""
+    return RANKERS[spec.ranker](spec, resolve_uri(spec.model) if spec.model else "")
+
+
 def read_generations(config: RankConfig) -> list[dict[str, Any]]:
     parts = contract.require_input(on_volume(config.input_dir), config.input_shards, Stage.GENERATE)
     return [row for part in parts for row in data.read_jsonl(part / GENERATIONS)]
@@ -142,8 +179,7 @@ def read_generations(config: RankConfig) -> list[dict[str, Any]]:
 def compute(config: RankConfig, out: Path, shard: int) -> dict[str, Any]:
     spec = config.ranking
     rows = data.shard_slice(read_generations(config), shard, config.shards)
-    model = resolve_uri(spec.model) if spec.model else ""
-    ranker = RANKERS[spec.ranker](spec, model)
+    ranker = make_ranker(spec)
     pairs, ties = [], 0
     for start in range(0, len(rows), spec.batch_size):
         batch = rows[start : start + spec.batch_size]

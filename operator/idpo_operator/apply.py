@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from idpo_operator import metrics, reconcile, resources
+from idpo_operator import leader, metrics, reconcile, resources
 from idpo_operator.spec import API_VERSION, DEFAULT_STAGE_IMAGE, GROUP, KIND, PLURAL, VERSION
 from idpo_operator.status import Reason, conditions, timestamp
 
@@ -35,6 +36,8 @@ reconciles = 0  # reported by the liveness probe
 @dataclass
 class Settings:
     stage_image: str = DEFAULT_STAGE_IMAGE
+    lease_namespace: str | None = None  # None: no leader election (one replica, or local development)
+    max_concurrent_stages: int = 0  # across all runs; 0: no cap (Kueue, if any, queues them instead)
 
 
 settings = Settings()
@@ -168,9 +171,68 @@ def failed_write_status(status: dict[str, Any], message: str, generation: int) -
     }
 
 
+_elector: leader.Elector | None = None
+_latest: Cache | None = None  # what a new leader resyncs from
+
+
+def elect(namespace: str, lease: str = "idpo-operator") -> None:
+    """Act only while holding the Lease; on becoming the leader, reconcile every cached run."""
+    global _elector
+    _elector = leader.Elector(api(), namespace, lease, on_elected=_resync)
+    _elector.start()
+
+
+def step_down() -> None:
+    if _elector is not None:
+        _elector.release()
+
+
+def _resync() -> None:
+    cache = _latest
+    for namespace, name in list(cache.runs.keys()) if cache is not None else []:
+        try:
+            reconcile_run(namespace, name, cache)
+        except Exception as err:  # the handlers and the safety net retry it
+            log.warning("resync of %s/%s: %s", namespace, name, err)
+
+
+_capacity_lock = threading.Lock()
+_started: dict[str, float] = {}  # Jobs this process created, until the cache shows them
+_queued: dict[tuple[str, str], None] = {}  # runs waiting for capacity, in arrival order
+
+
+def _active(job: dict[str, Any]) -> bool:
+    done = {c["type"] for c in job.get("status", {}).get("conditions", []) if c.get("status") == "True"}
+    return not done & {"Complete", "Failed", "SuccessCriteriaMet", "FailureTarget"}
+
+
+def _has_capacity(cache: Cache) -> bool:
+    if not settings.max_concurrent_stages:
+        return True
+    seen = {j["metadata"]["name"]: j for jobs in cache.jobs.values() for j in jobs}
+    for name, when in list(_started.items()):
+        if name in seen or time.monotonic() - when > 60:
+            _started.pop(name)
+    running = sum(_active(j) for j in seen.values()) + len(_started)
+    return running < settings.max_concurrent_stages
+
+
+def release_queued(cache: Cache) -> None:
+    """A stage Job ended: let the runs waiting for capacity try again, oldest first."""
+    for key in list(_queued):
+        if not _has_capacity(cache):
+            break
+        reconcile_run(*key, cache)
+
+
 def reconcile_run(namespace: str, name: str, cache: Cache) -> None:
     """Reconcile one run now, or leave it to the reconcile of it already running (coalescing)."""
+    global _latest
+    _latest = cache
+    if _elector is not None and not _elector.leader.is_set():
+        return  # a follower watches and caches, and writes nothing
     key = (namespace, name)
+    _queued.pop(key, None)
     with _slots_lock:
         slot = _slots.setdefault(key, _Slot())
         slot.dirty = True
@@ -209,9 +271,20 @@ def _reconcile(namespace: str, name: str, cache: Cache) -> None:
         status = written
     view = reconcile.RunView(name, namespace, meta["uid"], meta.get("generation", 1), run.get("spec") or {}, status)
     label = (namespace, resources.run_label(name))
-    decision = reconcile.decide(
-        view, cache.one(cache.jobs, label), cache.one(cache.pods, label), stage_image=settings.stage_image
-    )
+    with _capacity_lock:  # the count and the create, as one step across runs
+        capacity = _has_capacity(cache)
+        decision = reconcile.decide(
+            view,
+            cache.one(cache.jobs, label),
+            cache.one(cache.pods, label),
+            stage_image=settings.stage_image,
+            capacity=capacity,
+        )
+        for obj in decision.create:
+            if obj["kind"] == "Job":
+                _started[obj["metadata"]["name"]] = time.monotonic()
+    if not capacity:
+        _queued.setdefault((namespace, name), None)
     batch = client.BatchV1Api(api())
     writes: list[Callable[[], None]] = [lambda o=o: _create(o) for o in decision.create]
     for job, why in decision.fail.items():

@@ -54,20 +54,35 @@ def _cluster_status(name: str, namespace: str | None) -> dict:
     return run.get("status") or {}
 
 
+def _load_status(args: argparse.Namespace) -> tuple[dict, str]:
+    """A run's status and name: RUN on the cluster of the kubeconfig, or a local run's status.json."""
+    if args.run:
+        return _cluster_status(args.run, args.namespace), args.run
+    workdir = _find_workdir(args.workdir)
+    try:
+        return json.loads((workdir / "status.json").read_text()), workdir.name
+    except FileNotFoundError:
+        raise SystemExit(f"error: no status.json in {workdir}") from None
+
+
 def _status(args: argparse.Namespace) -> int:
     from idpo_operator.table import render
 
-    if args.run:
-        status = _cluster_status(args.run, args.namespace)
-        print(json.dumps(status, indent=2) if args.json else render(status, args.run))
-        return 0
-    workdir = _find_workdir(args.workdir)
-    try:
-        status = json.loads((workdir / "status.json").read_text())
-    except FileNotFoundError:
-        print(f"error: no status.json in {workdir}", file=sys.stderr)
-        return 1
-    print(json.dumps(status, indent=2) if args.json else render(status, workdir.name))
+    status, name = _load_status(args)
+    print(json.dumps(status, indent=2) if args.json else render(status, name))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from idpo_operator import report
+
+    status, name = _load_status(args)
+    text = report.render_html(status, name) if args.format == "html" else report.render_markdown(status, name)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -88,6 +103,11 @@ def _operator(args: argparse.Namespace) -> int:
     from idpo_operator import apply
 
     apply.settings.stage_image = args.stage_image
+    apply.settings.max_concurrent_stages = args.max_concurrent_stages
+    if args.leader_election:
+        from idpo_operator.leader import default_namespace
+
+        apply.settings.lease_namespace = args.leader_election_namespace or default_namespace()
 
     if args.metrics_port:
         from idpo_operator import metrics
@@ -98,6 +118,23 @@ def _operator(args: argparse.Namespace) -> int:
         standalone=True, namespaces=args.namespace, clusterwide=args.all_namespaces, liveness_endpoint=args.liveness
     )
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import yaml
+
+    from idpo_operator import memory, render
+
+    manifest = load_manifest(args.manifest)
+    if args.output == "yaml":
+        print(yaml.safe_dump_all(render.iteration_objects(manifest, args.stage_image), sort_keys=False), end="")
+        return 0
+    plan = memory.plan_memory(manifest.spec, gpu_memory=args.gpu_memory * memory.GB)
+    print(memory.format_plan(plan))
+    misfits = [s for s in render.chosen_stages(manifest.spec, plan) if s.fits(plan.gpu_memory) is False]
+    for stage in misfits:
+        print(f"warning: {stage.stage} ({stage.variant}) does not fit {args.gpu_memory:g} GB per GPU", file=sys.stderr)
+    return 1 if misfits and args.strict else 0
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
@@ -121,6 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--workdir", help="a local run's workdir")
     status.add_argument("--json", action="store_true", help="print status.json")
     status.set_defaults(func=_status)
+    rep = sub.add_parser("report", help="win rates, LC win rates, length, loss per iteration (HTML or markdown)")
+    rep.add_argument("run", nargs="?", help="an IterativeDPORun on the cluster of the current kubeconfig")
+    rep.add_argument("-n", "--namespace", help="with RUN; default: the kubeconfig context's namespace")
+    rep.add_argument("--workdir", help="a local run's workdir")
+    rep.add_argument("--format", choices=["html", "md"], default="md")
+    rep.add_argument("-o", "--output", help="write to this file (an .html page embeds its plots)")
+    rep.set_defaults(func=_report)
     crd = sub.add_parser("crd", help="print the CustomResourceDefinition generated from the spec models")
     crd.add_argument("-o", "--output", help="write to this file instead of stdout")
     crd.set_defaults(func=_crd)
@@ -133,11 +177,31 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("IDPO_STAGE_IMAGE", DEFAULT_STAGE_IMAGE),
         help=f"stage image for runs that name none (env IDPO_STAGE_IMAGE; default {DEFAULT_STAGE_IMAGE})",
     )
+    op.add_argument(
+        "--leader-election",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="act only while holding the Lease `idpo-operator`, so replicas never both write (default: on)",
+    )
+    op.add_argument("--leader-election-namespace", help="the Lease's namespace (default: POD_NAMESPACE)")
+    op.add_argument(
+        "--max-concurrent-stages",
+        type=int,
+        default=0,
+        help="stage Jobs running at once across all runs; more wait as `Pending: waiting for capacity` (0: no cap)",
+    )
     op.add_argument("--liveness", help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     op.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
     op.add_argument("--log-format", choices=["plain", "full", "json"], default="full", help="json for log pipelines")
     op.add_argument("-v", "--verbose", action="store_true")
     op.set_defaults(func=_operator)
+    plan = sub.add_parser("plan", help="GPU memory per stage; -o yaml prints the objects of iteration 1")
+    plan.add_argument("manifest")
+    plan.add_argument("-o", "--output", choices=["text", "yaml"], default="text")
+    plan.add_argument("--gpu-memory", type=float, default=80, help="GB per GPU to check against (default 80)")
+    plan.add_argument("--strict", action="store_true", help="exit 1 when a stage does not fit")
+    plan.add_argument("--stage-image", default=DEFAULT_STAGE_IMAGE, help="as the operator's --stage-image")
+    plan.set_defaults(func=_plan)
     tiny = sub.add_parser("make-tiny", help="build the tiny demo models")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)

@@ -51,6 +51,7 @@ PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Iteration", "type": "string", "jsonPath": ".status.progress"},
     {"name": "Stage", "type": "string", "jsonPath": ".status.currentStage"},
+    {"name": "WinRate", "type": "number", "jsonPath": ".status.latestWinRate"},  # LC, vs the base model
     {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},

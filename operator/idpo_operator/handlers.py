@@ -40,6 +40,13 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
     apply.connect()
+    if apply.settings.lease_namespace:
+        apply.elect(apply.settings.lease_namespace)
+
+
+@kopf.on.cleanup()
+def hand_over(**_: Any) -> None:
+    apply.step_down()  # a rollout's next replica takes over at once, not after the lease expires
 
 
 # -- the caches: reconciles read these, never the API ------------------------------------------------
@@ -75,6 +82,7 @@ def run_changed(name: str, namespace: str, **kwargs: Any) -> None:
 def child_changed(annotations: dict[str, str], labels: dict[str, str], namespace: str, **kwargs: Any) -> None:
     # The annotation holds the full name; the label is shortened for names over 63 characters.
     _reconcile(namespace, annotations.get(ANNOTATION_RUN) or labels[LABEL_RUN], kwargs)
+    apply.release_queued(apply.Cache(kwargs["runs"], kwargs["jobs"], kwargs["pods"]))
 
 
 @kopf.timer(

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from idpo_jobs import contract
-from idpo_jobs.config import TINY_SCHEME, Workspace
+from idpo_jobs.config import TINY_SCHEME, Stage, Workspace
 from idpo_jobs.tiny import ensure_tiny
 from tqdm import tqdm
 
@@ -90,8 +90,14 @@ class LocalRunner:
                 done.append(key)
         return done
 
+    def early_stop(self) -> tuple[int, str] | None:
+        evaluations = {k.iteration: r.metrics for k, r in self.records.items() if k.stage is Stage.EVALUATE}
+        return plan.early_stop(self.spec, evaluations)
+
     def write_status(self) -> dict[str, Any]:
-        status = build_status(self.spec, self.records, self.workspace, previous=self.previous)
+        stop = self.early_stop()
+        spec = plan.truncated(self.spec, stop)
+        status = build_status(spec, self.records, self.workspace, previous=self.previous, early_stop=stop)
         self.workdir.mkdir(parents=True, exist_ok=True)
         tmp = self.workdir / f".{STATUS_FILE}.tmp"
         tmp.write_text(json.dumps(status, indent=2))
@@ -103,6 +109,8 @@ class LocalRunner:
     def run(self) -> int:
         self.workdir.mkdir(parents=True, exist_ok=True)
         while (key := plan.next_stage(self.spec, self.observe())) is not None:
+            if (stop := self.early_stop()) is not None and key.iteration > stop[0]:
+                break  # evaluation.stopWhen: no further iteration
             if self.spec.suspend:
                 self.write_status()
                 print("run is suspended (spec.suspend: true); no stage started", file=self.out)

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
+from idpo_jobs import winrate
 from idpo_jobs.config import (
     STAGE_ORDER,
+    EvaluateConfig,
     GenerateConfig,
     RankConfig,
     Stage,
@@ -31,8 +34,38 @@ class StageKey:
         return f"iteration {self.iteration} {self.stage.value}"
 
 
+BASE = 0  # the iteration number of the base model's evaluation
+
+
+def iteration_stages(spec: IterativeDPORunSpec, iteration: int) -> list[Stage]:
+    """Iteration 0 only evaluates the base model; iteration n generates, ranks, trains, evaluates."""
+    evaluate = [Stage.EVALUATE] if spec.evaluation.enabled else []
+    return evaluate if iteration == BASE else [*STAGE_ORDER, *evaluate]
+
+
 def all_stages(spec: IterativeDPORunSpec) -> list[StageKey]:
-    return [StageKey(i, s) for i in range(1, spec.iterations + 1) for s in STAGE_ORDER]
+    first = BASE if spec.evaluation.enabled else 1
+    return [StageKey(i, s) for i in range(first, spec.iterations + 1) for s in iteration_stages(spec, i)]
+
+
+def early_stop(spec: IterativeDPORunSpec, evaluations: dict[int, dict[str, Any]]) -> tuple[int, str] | None:
+    """(the last iteration, why) when `evaluation.stopWhen` ends the run before `iterations`, given the
+    evaluate metrics of the iterations evaluated so far (1, 2, ... in order)."""
+    rule = spec.evaluation.stop_when if spec.evaluation.enabled else None
+    history: list[dict[str, Any]] = []
+    for i in range(1, spec.iterations):
+        if i not in evaluations:
+            return None
+        history.append(evaluations[i])
+        stop, why = winrate.should_stop(history, rule)
+        if stop:
+            return i, why
+    return None
+
+
+def truncated(spec: IterativeDPORunSpec, stop: tuple[int, str] | None) -> IterativeDPORunSpec:
+    """The spec as far as it runs: an early stop makes its iteration the last."""
+    return spec if stop is None else spec.model_copy(update={"iterations": stop[0]})
 
 
 def policy_for(spec: IterativeDPORunSpec, workspace: Workspace, iteration: int) -> str:
@@ -52,6 +85,20 @@ def stage_config(spec: IterativeDPORunSpec, run: str, workspace: Workspace, key:
             chat_template=spec.model.chat_template,
             prompts=spec.prompts,
             generation=spec.generation,
+        )
+    if key.stage is Stage.EVALUATE:
+        return EvaluateConfig(
+            **common,
+            model=spec.model.name if i == BASE else workspace.checkpoint_uri(i),
+            revision=spec.model.revision if i == BASE else None,
+            chat_template=spec.model.chat_template,
+            prompts=spec.prompts,
+            iterations=spec.iterations,
+            generation=spec.generation,
+            ranking=spec.ranking,
+            evaluation=spec.evaluation,
+            base_iteration=None if i == BASE else BASE,
+            previous_iteration=None if i == BASE else i - 1,
         )
     if key.stage is Stage.RANK:
         return RankConfig(

@@ -65,6 +65,7 @@ class Decision:
     delete: list[str] = field(default_factory=list)  # Job names: out of range after `iterations` went down
 
 
+WAITING_FOR_CAPACITY = "Pending: waiting for capacity"
 # Waiting reasons that no amount of waiting fixes: the stage fails at once, not at its start deadline.
 FATAL_WAITING = {"InvalidImageName", "ErrImageNeverPull"}
 # The spec sections each stage freezes for its iteration when it starts (their `resources` stay
@@ -75,6 +76,7 @@ STAGE_SECTIONS = {
     Stage.GENERATE: ("model", "prompts", "generation"),
     Stage.RANK: ("ranking",),
     Stage.TRAIN: ("training",),
+    Stage.EVALUATE: ("evaluation",),
 }
 FROZEN_SECTIONS = tuple(name for names in STAGE_SECTIONS.values() for name in names)
 
@@ -194,8 +196,14 @@ def _stage_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
             elif phase == Phase.RUNNING and s.get("attempts", 1) > prev.get("attempts", 1):
                 events.append(Event("Warning", "StageRetrying", f"{key}: attempt {s['attempts']} after a failure", key))
             elif phase == Phase.SUCCEEDED and was != Phase.SUCCEEDED:
-                message = f"{key} succeeded: {json.dumps(s.get('metrics', {}))}"
+                message = f"{key} succeeded: {json.dumps(s.get('metrics', {}))}"[:1000]
                 events.append(Event("Normal", "StageSucceeded", message, key))
+                worse = s.get("metrics", {}).get("lc_win_rate_vs_previous")
+                if key.stage is Stage.EVALUATE and key.iteration > 1 and isinstance(worse, float) and worse < 0.5:
+                    message = (
+                        f"iteration {key.iteration} is worse than iteration {key.iteration - 1}: LC win rate {worse}"
+                    )
+                    events.append(Event("Warning", "IterationWorse", message, key))
             elif phase == Phase.FAILED and was != Phase.FAILED:
                 events.append(Event("Warning", "StageFailed", f"{key} failed: {s.get('message', '')}", key))
     if new.get("phase") != old.get("phase") and new.get("phase") in (Phase.SUCCEEDED, Phase.FAILED):
@@ -225,14 +233,16 @@ def spec_for(spec: IterativeDPORunSpec, frozen: dict[str, Any] | None) -> Iterat
 
 def _refreeze(frozen: dict[str, Any], live: dict[str, Any], starting: Stage) -> dict[str, Any]:
     """Keep the sections of the stages before `starting`; take the rest from the live spec."""
-    before = STAGE_ORDER[: STAGE_ORDER.index(starting)]
+    order = [*STAGE_ORDER, Stage.EVALUATE]
+    before = order[: order.index(starting)]
     kept = {name for stage in before for name in STAGE_SECTIONS[stage]}
     return {name: frozen[name] if name in kept and name in frozen else live[name] for name in FROZEN_SECTIONS}
 
 
 def _deferred(frozen: dict[str, Any], live: dict[str, Any], records: dict[StageKey, StageRecord], at: StageKey) -> bool:
     """Whether the live spec changed a section that a started stage of iteration `at` froze."""
-    started = [s for s in STAGE_ORDER if records.get(StageKey(at.iteration, s), StageRecord()).phase != Phase.PENDING]
+    stages = [*STAGE_ORDER, Stage.EVALUATE]
+    started = [s for s in stages if records.get(StageKey(at.iteration, s), StageRecord()).phase != Phase.PENDING]
     return any(frozen.get(name) not in (None, live[name]) for s in started for name in STAGE_SECTIONS[s])
 
 
@@ -243,7 +253,9 @@ def decide(
     now: str | None = None,
     *,
     stage_image: str = DEFAULT_STAGE_IMAGE,
+    capacity: bool = True,
 ) -> Decision:
+    """`capacity`: whether the operator's cap on concurrent stage Jobs lets this run start one now."""
     now = now or timestamp()
     try:
         spec = IterativeDPORunSpec.model_validate(run.spec)
@@ -264,7 +276,6 @@ def decide(
     job_uids = {j["metadata"]["uid"] for j in jobs if "uid" in j["metadata"]}
     pods = [p for p in pods if p["metadata"].get("labels", {}).get(CONTROLLER_UID) in job_uids]
     jobs_by_key = {k: j for j in jobs if (k := key_of(j)) is not None}
-    out_of_range = [j["metadata"]["name"] for k, j in jobs_by_key.items() if k.iteration > spec.iterations]
     fail: dict[str, str] = {}
     for key, job in jobs_by_key.items():
         name = job["metadata"]["name"]
@@ -280,6 +291,12 @@ def decide(
                 if record.waiting_reason in FATAL_WAITING:
                     fail[name] = f"cannot start: {record.message}"
 
+    evaluations = {
+        k.iteration: r.metrics for k, r in records.items() if k.stage is Stage.EVALUATE and r.phase == Phase.SUCCEEDED
+    }
+    stop = plan.early_stop(spec, evaluations)
+    spec = plan.truncated(spec, stop)  # an early stop makes its iteration the last
+    out_of_range = [j["metadata"]["name"] for k, j in jobs_by_key.items() if k.iteration > spec.iterations]
     create: list[dict[str, Any]] = []
     problem: tuple[str, str] | None = None
     completed = [k for k, r in records.items() if r.phase == Phase.SUCCEEDED]
@@ -289,6 +306,8 @@ def decide(
         name = resources.job_name(run.name, key)
         if name in foreign:
             problem = (Reason.FOREIGN_CHILD, f"Job {name} belongs to another object; waiting for it to be deleted")
+        elif not capacity:
+            records[key] = StageRecord(phase=Phase.PENDING, message=WAITING_FOR_CAPACITY)
         else:
             frozen[key.iteration] = _refreeze(frozen.get(key.iteration, {}), _sections(spec), key.stage)
             effective = spec_for(spec, frozen[key.iteration])
@@ -318,6 +337,7 @@ def decide(
         frozen=frozen,
         problem=problem,
         deferred=deferred,
+        early_stop=stop,
     )
     events = _stage_events(run.status, status)
     if deferred and not run.status.get("specChangeDeferred"):

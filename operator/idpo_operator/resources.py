@@ -151,7 +151,9 @@ def build_config_map(owner: Owner, key: StageKey, config: StageConfig) -> dict[s
 
 
 def stage_resources(spec: IterativeDPORunSpec, stage: Stage) -> Resources:
-    return {Stage.GENERATE: spec.generation, Stage.RANK: spec.ranking, Stage.TRAIN: spec.training}[stage].resources
+    # Evaluation generates, then judges: it needs what generation needs.
+    sections = {Stage.GENERATE: spec.generation, Stage.RANK: spec.ranking, Stage.TRAIN: spec.training}
+    return sections.get(stage, spec.generation).resources
 
 
 # The restricted Pod Security Standard, with no fixed uid: the image's user (1000) by default, or the

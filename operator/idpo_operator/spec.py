@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import yaml
 from idpo_jobs.config import (
+    EvaluationSpec,
     GenerationSpec,
     Model,
     ModelSpec,
@@ -92,6 +93,10 @@ class IterativeDPORunSpec(Model):
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     ranking: RankingSpec = Field(default_factory=RankingSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+    evaluation: EvaluationSpec = Field(
+        default_factory=EvaluationSpec,
+        description="Held-out evaluation of the base model and of every iteration: win rates, early stop.",
+    )
     storage: StorageSpec = Field(default_factory=StorageSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     suspend: bool = Field(False, description="Stop starting new stages (running ones finish).")
@@ -102,6 +107,9 @@ class IterativeDPORunSpec(Model):
             # The stage and its launcher support several nodes; the operator does not yet build the
             # gang (Indexed Job, headless Service, PET_NODE_RANK). Refused rather than run on one.
             raise ValueError("training.distributed.nodes > 1 is not supported by this operator yet; use 1")
+        problem = self.evaluation.heldout_problem(self.prompts, self.iterations)
+        if problem:
+            raise ValueError(f"evaluation: {problem}")
         return self
 
 

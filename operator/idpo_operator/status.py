@@ -17,9 +17,10 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from idpo_jobs.config import STAGE_ORDER, Stage, Workspace
+from idpo_jobs import winrate
+from idpo_jobs.config import Stage, Workspace
 
-from idpo_operator.plan import StageKey, all_stages
+from idpo_operator.plan import StageKey, all_stages, iteration_stages
 from idpo_operator.spec import IterativeDPORunSpec
 
 
@@ -35,6 +36,7 @@ class Reason:
     """Condition reasons, one line each."""
 
     SUCCEEDED = "RunSucceeded"  # every stage of every iteration completed
+    EARLY_STOPPED = "EarlyStopped"  # evaluation.stopWhen ended the run before `iterations`
     RUNNING = "StageRunning"  # a stage is running or about to start
     PENDING = "Pending"  # nothing started yet
     STAGE_FAILED = "StageFailed"  # a stage failed after its retries
@@ -76,7 +78,7 @@ def timestamp(seconds: float | None = None) -> str:
 
 
 # Which count weights a stage's `mean_*` metrics when shards are merged.
-_WEIGHTS = {Stage.GENERATE: "responses", Stage.RANK: "pairs", Stage.TRAIN: "pairs"}
+_WEIGHTS = {Stage.GENERATE: "responses", Stage.RANK: "pairs", Stage.TRAIN: "pairs", Stage.EVALUATE: "prompts"}
 
 
 def merge_metrics(stage: Stage, parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -185,6 +187,7 @@ def build_status(
     frozen: dict[int, dict[str, Any]] | None = None,
     problem: tuple[str, str] | None = None,
     deferred: bool = False,
+    early_stop: tuple[int, str] | None = None,
 ) -> dict[str, Any]:
     """`claim`: checkpoints as `pvc://<claim>/<path>` (KServe's storage URI) for a run on a cluster.
     `frozen`: each started iteration's spec sections. `problem`: (reason, message) of something
@@ -201,7 +204,9 @@ def build_status(
     at = current(spec, records)
     failed = next((k for k in all_stages(spec) if records.get(k, StageRecord()).phase == Phase.FAILED), None)
 
-    if phase == Phase.SUCCEEDED:
+    if phase == Phase.SUCCEEDED and early_stop is not None:
+        reason, message = Reason.EARLY_STOPPED, f"stopped early after iteration {early_stop[0]}: {early_stop[1]}"
+    elif phase == Phase.SUCCEEDED:
         reason, message = Reason.SUCCEEDED, f"completed {spec.iterations} iterations"
     elif failed is not None:
         detail = records[failed].message or "failed"
@@ -211,19 +216,18 @@ def build_status(
         )
     elif phase == Phase.SUSPENDED:
         reason, message = Reason.SUSPENDED, "suspended: no new stages start"
+    elif phase in (Phase.RUNNING, Phase.PENDING) and at is not None and records.get(at, StageRecord()).message:
+        reason, message = (Reason.RUNNING if phase == Phase.RUNNING else Reason.PENDING), f"{at}: {records[at].message}"
     elif phase == Phase.RUNNING and at is not None:
-        record = records.get(at, StageRecord())
-        reason, message = Reason.RUNNING, f"{at} is {record.phase.lower()}"
-        if record.phase == Phase.RUNNING and record.message:
-            message = f"{at}: {record.message}"
+        reason, message = Reason.RUNNING, f"{at} is {records.get(at, StageRecord()).phase.lower()}"
     else:
         reason, message = Reason.PENDING, "waiting to start"
     if problem is not None and phase not in (Phase.SUCCEEDED, Phase.FAILED):
         reason, message = problem
 
     iterations = []
-    for i in range(1, spec.iterations + 1):
-        stages = {s.value: records.get(StageKey(i, s), StageRecord()) for s in STAGE_ORDER}
+    for i in sorted({k.iteration for k in all_stages(spec)}):
+        stages = {s.value: records.get(StageKey(i, s), StageRecord()) for s in iteration_stages(spec, i)}
         ok = all(r.phase == Phase.SUCCEEDED for r in stages.values())
         entry: dict[str, Any] = {
             "iteration": i,
@@ -232,13 +236,18 @@ def build_status(
             else next((r.phase for r in stages.values() if r.phase != Phase.SUCCEEDED), Phase.PENDING),
             "stages": {name: r.to_wire() for name, r in stages.items()},
         }
-        if ok:
+        if i >= 1 and stages[Stage.TRAIN.value].phase == Phase.SUCCEEDED:
             entry["checkpoint"] = checkpoint(i)
         if i in frozen:
             entry["spec"] = frozen[i]
         iterations.append(entry)
 
     done_iterations = [e for e in iterations if "checkpoint" in e]
+    evaluated = [e for e in iterations if e["iteration"] >= 1 and "evaluate" in e["stages"]]
+    history = [e["stages"]["evaluate"].get("metrics", {}) for e in evaluated]
+    rule = spec.evaluation.stop_when
+    best = winrate.best_index(history, rule.metric if rule else "lcWinRateVsBase")
+    latest = next((h["lc_win_rate_vs_base"] for h in reversed(history) if "lc_win_rate_vs_base" in h), None)
     started = [r.start_time for r in records.values() if r.start_time]
     status: dict[str, Any] = {
         "phase": phase,
@@ -256,6 +265,11 @@ def build_status(
         ),
         "iterations": iterations,
         "specChangeDeferred": f"applies from iteration {at.iteration + 1}" if deferred and at else None,
+        # latestCheckpoint is the last trained iteration's; bestCheckpoint is the one to ship.
+        "bestIteration": evaluated[best]["iteration"] if best is not None else None,
+        "bestCheckpoint": evaluated[best].get("checkpoint") if best is not None else None,
+        "latestWinRate": round(latest, 3) if latest is not None else None,  # printer column: LC vs base
+        "earlyStop": {"iteration": early_stop[0], "reason": early_stop[1]} if early_stop else None,
     }
     if previous.get("completionTime") and status["completionTime"]:
         status["completionTime"] = previous["completionTime"]

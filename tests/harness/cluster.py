@@ -164,33 +164,42 @@ class Cluster:
         assert token.returncode == 0, token.stderr
         return self.target.plane.token_kubeconfig(self.root / "operator.kubeconfig", token.stdout.strip())
 
-    def operator_calls(self) -> set[tuple[str, str, str]]:
-        """(verb, group, resource) of every request the operator's identity made, from the audit log."""
+    def operator_requests(self) -> list[tuple[str, str, str]]:
+        """(verb, group, resource) of each request the operator's identity made, from the audit log."""
         namespace, account = chart.service_account(chart.render())
         user = f"system:serviceaccount:{namespace}:{account}"
-        calls = set()
+        calls = []
         for line in self.target.plane.audit_log.read_text().splitlines():
             event = json.loads(line)
             ref = event.get("objectRef")
             if event["user"]["username"] == user and ref:
                 resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
-                calls.add((event["verb"], ref.get("apiGroup", ""), resource))
+                calls.append((event["verb"], ref.get("apiGroup", ""), resource))
         return calls
+
+    def operator_calls(self) -> set[tuple[str, str, str]]:
+        return set(self.operator_requests())
 
     # -- the operator process ---------------------------------------------------------------------
     def start_operator(self) -> None:
-        env = {**os.environ, "KUBECONFIG": str(self.operator_kubeconfig)}
-        log = self.operator_log.open("a")
-        self.operator = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "idpo_operator", "operator", "-n", self.namespace, "-v"),
-                *("--liveness", self.liveness, "--metrics-port", str(self.metrics_port)),
-            ],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self.operator = self.spawn_operator(self.operator_log, self.liveness, self.metrics_port)
+
+    def spawn_operator(self, log_path: Path, liveness: str, metrics_port: int) -> subprocess.Popen[bytes]:
+        """An operator process; it acts while it holds the leader-election Lease (in the chart's
+        namespace, where its Role grants it, or in the test namespace on another cluster)."""
+        lease_namespace = chart.RELEASE_NAMESPACE if self.target.plane is not None else self.namespace
+        with log_path.open("a") as log:
+            return subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "idpo_operator", "operator", "-n", self.namespace, "-v"),
+                    *("--liveness", liveness, "--metrics-port", str(metrics_port)),
+                    *("--leader-election-namespace", lease_namespace),
+                ],
+                env={**os.environ, "KUBECONFIG": str(self.operator_kubeconfig)},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def stop_operator(self, sig: int = signal.SIGTERM) -> None:
         if self.operator and self.operator.poll() is None:

@@ -1,0 +1,219 @@
+"""The operator at platform scale: N concurrent runs of K iterations on the local control plane.
+
+    python bench/operator_scale.py --runs 100                  # after `python -m tests.controlplane build`
+    python bench/operator_scale.py --runs 500 --iterations 1
+    python bench/operator_scale.py --runs 100 --operator-src DIR   # another checkout's operator, to compare
+
+Pods complete in `--pod-seconds` without running anything (the node agent's fast-pods mode, with a canned
+stage summary), so what is measured is the operator and the control plane. Everything is read from the
+apiserver's audit log (microsecond timestamps), as the API saw it:
+- hand-off latency: a stage Job's last status write by the Job controller (it completed) -> the next
+  stage's Job created by the operator; p50/p90/p99;
+- time to first Job: the run created -> its first Job created;
+- API calls per hand-off, by verb, for the operator's identity only (the chart's ServiceAccount);
+- CPU seconds and peak RSS of the operator, and CPU seconds of each control-plane process.
+Results go to bench/results/operator_scale-<runs>x<iterations>-<label>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as dt
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import yaml
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.controlplane.plane import ControlPlane  # noqa: E402
+from tests.harness import chart  # noqa: E402
+from tests.harness.cluster import kubectl_binary  # noqa: E402
+
+NAMESPACE = "bench"
+JOB_CONTROLLER = "system:serviceaccount:kube-system:job-controller"
+FINALIZERS = {"apiGroups": ["idpo.dev"], "resources": ["iterativedporuns/finalizers"], "verbs": ["update"]}
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / TICKS  # incl. children
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def stamp(value: str) -> float:
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+def manifest(name: str, iterations: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "idpo.dev/v1alpha1",
+        "kind": "IterativeDPORun",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {
+            "model": {"name": "pvc://m"},
+            "prompts": {"source": "pvc://p.jsonl", "perIteration": 8},
+            "iterations": iterations,
+            "generation": {"engine": "transformers"},
+            "ranking": {"ranker": "function", "function": "rewards:starts_with_s", "model": None},
+            "storage": {"existingClaim": "shared"},
+        },
+    }
+
+
+def analyse(audit: Path, operator_user: str, runs: int) -> dict[str, Any]:
+    created_runs: dict[str, float] = {}
+    job_created: dict[str, float] = {}
+    job_done: dict[str, float] = {}
+    calls: collections.Counter[str] = collections.Counter()
+    for line in audit.read_text().splitlines():
+        event = json.loads(line)
+        ref, user, verb = event.get("objectRef") or {}, event["user"]["username"], event["verb"]
+        when = stamp(event["stageTimestamp"])
+        if ref.get("namespace") not in (NAMESPACE, None):
+            continue
+        if user == operator_user:
+            calls[verb] += 1
+        if ref.get("resource") == "iterativedporuns" and verb == "create" and not ref.get("subresource"):
+            created_runs[ref["name"]] = when
+        elif ref.get("resource") == "jobs" and verb == "create" and user == operator_user:
+            job_created.setdefault(ref["name"], when)
+        elif ref.get("resource") == "jobs" and ref.get("subresource") == "status" and user == JOB_CONTROLLER:
+            job_done[ref["name"]] = max(job_done.get(ref["name"], 0.0), when)
+    handoffs, first = [], []
+    for run, created in created_runs.items():
+        jobs = sorted((t, name) for name, t in job_created.items() if name.startswith(f"{run}-i"))
+        if jobs:
+            first.append(jobs[0][0] - created)
+        handoffs += [b[0] - job_done[a[1]] for a, b in itertools.pairwise(jobs) if a[1] in job_done]
+    return {
+        "handoffs": len(handoffs),
+        "handoff_seconds": {
+            q: round(percentile(handoffs, v), 3) for q, v in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
+        },
+        "handoff_mean_seconds": round(statistics.fmean(handoffs), 3) if handoffs else None,
+        "first_job_seconds": {q: round(percentile(first, v), 3) for q, v in (("p50", 0.5), ("p99", 0.99))},
+        "operator_calls": dict(calls),
+        "operator_calls_per_handoff": {v: round(n / max(len(handoffs), 1), 2) for v, n in calls.items()},
+        "runs_seen": len(created_runs),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--iterations", type=int, default=1)
+    parser.add_argument("--pod-seconds", type=float, default=1.0)
+    parser.add_argument("--operator-src", help="a checkout whose operator/ and jobs/ to run instead of this one")
+    parser.add_argument("--label", default="current")
+    parser.add_argument("--timeout", type=float, default=1800)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="idpo-bench-"))
+    with ControlPlane(work / "admin.kubeconfig", fast_pods=args.pod_seconds) as plane:
+        env = {**os.environ, "KUBECONFIG": str(plane.kubeconfig)}
+
+        def kubectl(*a: str, stdin: str | None = None) -> str:
+            out = subprocess.run([kubectl_binary(), *a], input=stdin, capture_output=True, text=True, env=env)
+            if out.returncode:
+                raise RuntimeError(out.stderr)
+            return out.stdout
+
+        source = Path(args.operator_src) if args.operator_src else ROOT
+        kubectl("apply", "-f", str(source / "crds"))  # each operator with its own CRD and chart RBAC
+        kubectl("wait", "--for=condition=Established", "crd", "--all")
+        kubectl("create", "namespace", NAMESPACE)
+        kubectl("create", "namespace", chart.RELEASE_NAMESPACE)
+        rendered = helm.Chart.load(source / "charts" / "idpo").render(
+            None, name=chart.RELEASE, namespace=chart.RELEASE_NAMESPACE
+        )
+        docs = [
+            d for text in rendered.values() for d in yaml.safe_load_all(text) if d and d["kind"] in chart.RBAC_KINDS
+        ]
+        for role in (d for d in docs if d["kind"] == "ClusterRole"):
+            role["rules"].append(FINALIZERS)  # older charts lack it; without it no Job can be created
+        kubectl("apply", "-n", chart.RELEASE_NAMESPACE, "-f", "-", stdin=yaml.safe_dump_all(docs))
+        ns, account = chart.service_account(docs)
+        token = kubectl("create", "token", account, "-n", ns, "--duration=24h").strip()
+        operator_config = plane.token_kubeconfig(work / "operator.kubeconfig", token)
+        claim = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "shared"}}
+        claim["spec"] = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
+        kubectl("apply", "-n", NAMESPACE, "-f", "-", stdin=json.dumps(claim))
+
+        operator_env = {**env, "KUBECONFIG": str(operator_config), "POD_NAMESPACE": ns}  # the Lease's namespace
+        operator_env["PYTHONPATH"] = os.pathsep.join([str(source / "operator"), str(source / "jobs")])
+        log = (work / "operator.log").open("w")
+        operator = subprocess.Popen(
+            [sys.executable, "-m", "idpo_operator", "operator", "-n", NAMESPACE, "--log-format", "plain"],
+            env=operator_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=work,
+        )
+        try:
+            time.sleep(3)  # the operator lists and starts its watches
+            plane_cpu = {name: cpu_seconds(pid) for name, pid in plane.pids().items()}
+            operator_cpu = cpu_seconds(operator.pid)
+            started = time.monotonic()
+            bodies = [manifest(f"run-{i:04d}", args.iterations) for i in range(args.runs)]
+            kubectl("create", "-f", "-", stdin=yaml.safe_dump_all(bodies))
+            while True:
+                phases = kubectl("get", "idpo", "-n", NAMESPACE, "-o", "jsonpath={.items[*].status.phase}").split()
+                done = sum(p in ("Succeeded", "Failed") for p in phases)
+                if done == args.runs:
+                    break
+                if time.monotonic() - started > args.timeout:
+                    raise RuntimeError(f"only {done}/{args.runs} runs finished in {args.timeout:.0f} s")
+                time.sleep(2)
+            wall = time.monotonic() - started
+            result = {
+                "runs": args.runs,
+                "iterations": args.iterations,
+                "pod_seconds": args.pod_seconds,
+                "label": args.label,
+                "wall_seconds": round(wall, 1),
+                "failed_runs": sum(p == "Failed" for p in phases),
+                "operator_cpu_seconds": round(cpu_seconds(operator.pid) - operator_cpu, 2),
+                "operator_peak_rss_mb": round(peak_rss_mb(operator.pid), 1),
+                "control_plane_cpu_seconds": {
+                    name: round(cpu_seconds(pid) - plane_cpu[name], 2) for name, pid in plane.pids().items()
+                },
+            }
+        finally:
+            operator.terminate()
+            operator.wait(30)
+        result |= analyse(plane.audit_log, f"system:serviceaccount:{ns}:{account}", args.runs)
+        result["operator_cpu_ms_per_handoff"] = round(
+            1000 * result["operator_cpu_seconds"] / max(result["handoffs"], 1), 2
+        )
+    out = ROOT / "bench" / "results" / f"operator_scale-{args.runs}x{args.iterations}-{args.label}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

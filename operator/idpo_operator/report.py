@@ -1,0 +1,187 @@
+"""`idpo report`: does each iteration make the model better? A Markdown table or an HTML page with plots.
+
+Pure functions over a run's status dict (local `status.json` or the resource's `.status`): each
+iteration's `stages.evaluate.metrics` (win rates against the base model and the previous iteration,
+with 95% intervals; see idpo_jobs.evaluate), `stages.rank.metrics` (chosen/rejected scores) and
+`stages.train.metrics` (DPO loss, reward accuracy), plus `bestIteration` and `bestCheckpoint`. An
+entry with iteration 0 is the base model's evaluation. The operator image has no matplotlib: it is
+imported only to draw the HTML page's plots.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Callable
+from typing import Any
+
+NONE = "–"
+# Evaluate metrics the report reads; `<key>_ci` holds [low, high] for the rates.
+RATES = (
+    "win_rate_vs_base",
+    "lc_win_rate_vs_base",
+    "win_rate_vs_previous",
+    "lc_win_rate_vs_previous",
+    "best_of_n_win_rate_vs_base",
+)
+
+
+def _metrics(stages: dict[str, Any], name: str) -> dict[str, Any]:
+    return (stages.get(name) or {}).get("metrics") or {}
+
+
+def iteration_rows(status: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat record per iteration (base model first): the numbers the report shows, None where unknown."""
+    rows = []
+    for it in sorted(status.get("iterations", []), key=lambda e: e["iteration"]):
+        stages = it.get("stages") or {}
+        evaluate, rank, train = (_metrics(stages, name) for name in ("evaluate", "rank", "train"))
+        row: dict[str, Any] = {
+            "iteration": it["iteration"],
+            "checkpoint": it.get("checkpoint"),
+            "prompts": evaluate.get("prompts"),
+            "mean_response_chars": evaluate.get("mean_response_chars"),
+            "best_of_n": evaluate.get("best_of_n"),
+            "mean_chosen_score": rank.get("mean_chosen_score"),
+            "mean_rejected_score": rank.get("mean_rejected_score"),
+            "loss": train.get("loss"),
+            "reward_accuracy": train.get("reward_accuracy"),
+        }
+        for key in RATES:
+            row[key], row[f"{key}_ci"] = evaluate.get(key), evaluate.get(f"{key}_ci")
+        rows.append(row)
+    return rows
+
+
+def _number(value: Any, digits: int) -> str:
+    return NONE if not isinstance(value, int | float) or isinstance(value, bool) else f"{value:.{digits}f}"
+
+
+def _rate(row: dict[str, Any], key: str) -> str:
+    value, ci = row.get(key), row.get(f"{key}_ci")
+    if value is None:
+        return NONE
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{value:.3f}"
+
+
+def _scores(row: dict[str, Any]) -> str:
+    chosen, rejected = row["mean_chosen_score"], row["mean_rejected_score"]
+    return NONE if chosen is None else f"{_number(chosen, 3)} / {_number(rejected, 3)}"
+
+
+Column = tuple[str, Callable[[dict[str, Any]], str]]
+
+
+def columns(rows: list[dict[str, Any]], best: int | None) -> list[Column]:
+    """The table's columns; best-of-N only when some iteration measured it."""
+    cols: list[Column] = [
+        ("Iteration", lambda r: f"{r['iteration']}{' (best)' if r['iteration'] == best else ''}"),
+        ("Win rate vs base", lambda r: _rate(r, "win_rate_vs_base")),
+        ("LC win rate vs base", lambda r: _rate(r, "lc_win_rate_vs_base")),
+        ("Win rate vs previous", lambda r: _rate(r, "win_rate_vs_previous")),
+        ("LC win rate vs previous", lambda r: _rate(r, "lc_win_rate_vs_previous")),
+    ]
+    if any(r["best_of_n_win_rate_vs_base"] is not None for r in rows):
+        cols.append(("Best-of-N win rate vs base", lambda r: _rate(r, "best_of_n_win_rate_vs_base")))
+    return [
+        *cols,
+        ("Mean length (chars)", lambda r: _number(r["mean_response_chars"], 1)),
+        ("Chosen / rejected score", _scores),
+        ("DPO loss", lambda r: _number(r["loss"], 4)),
+        ("Reward accuracy", lambda r: _number(r["reward_accuracy"], 3)),
+    ]
+
+
+def _summary(status: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    prompts = next((r["prompts"] for r in reversed(rows) if r["prompts"] is not None), None)
+    if prompts is not None:
+        lines.append(f"Held-out prompts: {prompts}. Intervals are 95% (Wilson; Wald on the logit scale for LC).")
+    if status.get("bestIteration") is not None:
+        where = status.get("bestCheckpoint")
+        lines.append(f"Best iteration: {status['bestIteration']}" + (f" — checkpoint `{where}`" if where else ""))
+    return lines
+
+
+def render_markdown(status: dict[str, Any], name: str = "") -> str:
+    """A per-iteration Markdown table of win rates (with intervals), length, scores and DPO training metrics."""
+    rows = iteration_rows(status)
+    cols = columns(rows, status.get("bestIteration"))
+    lines = [f"# Evaluation{': ' + name if name else ''}", ""]
+    lines.append("| " + " | ".join(title for title, _ in cols) + " |")
+    lines.append("|" + "|".join("---:" for _ in cols) + "|")
+    lines += ["| " + " | ".join(cell(r) for _, cell in cols) + " |" for r in rows]
+    return "\n".join([*lines, "", *_summary(status, rows)]).rstrip() + "\n"
+
+
+def _plot(rows: list[dict[str, Any]]) -> bytes:
+    """Four panels as one PNG: win rates with intervals, mean length, DPO loss, reward accuracy."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global backend state, no display needed
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        raise ImportError("the HTML report needs matplotlib: pip install 'matplotlib>=3.8'") from None
+
+    fig = Figure(figsize=(11, 7.5), layout="constrained")
+    (rates, length), (loss, accuracy) = fig.subplots(2, 2, sharex=True)
+    for key, label, style in (
+        ("win_rate_vs_base", "win rate vs base", "o-"),
+        ("lc_win_rate_vs_base", "LC win rate vs base", "s-"),
+        ("lc_win_rate_vs_previous", "LC win rate vs previous", "^--"),
+        ("best_of_n_win_rate_vs_base", "best-of-N win rate vs base", "d:"),
+    ):
+        points = [(r["iteration"], r[key], r[f"{key}_ci"] or (r[key], r[key])) for r in rows if r[key] is not None]
+        if points:
+            xs, ys, cis = zip(*points, strict=True)
+            lows, highs = zip(*cis, strict=True)
+            below = [y - lo for y, lo in zip(ys, lows, strict=True)]
+            above = [hi - y for y, hi in zip(ys, highs, strict=True)]
+            rates.errorbar(xs, ys, yerr=[below, above], fmt=style, capsize=3, label=label)
+    rates.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+    rates.set(ylim=(0, 1), title="Held-out win rates (95% intervals)", ylabel="win rate")
+    if rates.get_legend_handles_labels()[0]:
+        rates.legend(fontsize=8, loc="lower right")
+    for ax, key, title in (
+        (length, "mean_response_chars", "Mean response length (chars)"),
+        (loss, "loss", "DPO loss"),
+        (accuracy, "reward_accuracy", "Reward accuracy"),
+    ):
+        points = [(r["iteration"], r[key]) for r in rows if r[key] is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), "o-")
+        else:
+            ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(title)
+    for ax in (rates, length, loss, accuracy):
+        ax.set_xlabel("iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:2em;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}"
+    "th{background:#f4f4f4}img{max-width:100%}"
+)
+
+
+def render_html(status: dict[str, Any], name: str = "") -> str:
+    """A self-contained HTML page: the plots as an embedded base64 PNG, then the table of render_markdown."""
+    rows = iteration_rows(status)
+    cols = columns(rows, status.get("bestIteration"))
+    title = html.escape(f"Evaluation{': ' + name if name else ''}")
+    image = base64.b64encode(_plot(rows)).decode()
+    head = "".join(f"<th>{html.escape(t)}</th>" for t, _ in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell(r))}</td>" for _, cell in cols) + "</tr>" for r in rows)
+    notes = "".join(f"<p>{html.escape(line).replace('`', '')}</p>" for line in _summary(status, rows))
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{STYLE}</style></head><body>\n<h1>{title}</h1>\n"
+        f'<img src="data:image/png;base64,{image}" alt="win rates, mean length, DPO loss and reward accuracy '
+        f'per iteration">\n<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>\n{notes}\n'
+        "</body></html>\n"
+    )
