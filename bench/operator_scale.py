@@ -7,8 +7,8 @@
 Pods complete in `--pod-seconds` without running anything (the node agent's fast-pods mode, with a canned
 stage summary), so what is measured is the operator and the control plane. Everything is read from the
 apiserver's audit log (microsecond timestamps), as the API saw it:
-- hand-off latency: a stage Job's last status write by the Job controller (it completed) -> the next
-  stage's Job created by the operator; p50/p90/p99;
+- hand-off latency: a stage's pod reported Succeeded (the node agent's last pod status write) -> the
+  next stage's Job created by the operator, so the Job controller's reaction is included; p50/p90/p99;
 - time to first Job: the run created -> its first Job created;
 - API calls per hand-off, by verb, for the operator's identity only (the chart's ServiceAccount);
 - CPU seconds and peak RSS of the operator, and CPU seconds of each control-plane process.
@@ -42,7 +42,7 @@ from tests.harness import chart  # noqa: E402
 from tests.harness.cluster import kubectl_binary  # noqa: E402
 
 NAMESPACE = "bench"
-JOB_CONTROLLER = "system:serviceaccount:kube-system:job-controller"
+NODE_AGENT = "idpo-node-agent"  # its client certificate's name (tests/controlplane/pki.py)
 FINALIZERS = {"apiGroups": ["idpo.dev"], "resources": ["iterativedporuns/finalizers"], "verbs": ["update"]}
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -68,8 +68,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
 
 
-def manifest(name: str, iterations: int) -> dict[str, Any]:
-    return {
+def manifest(name: str, iterations: int, evaluation: bool | None) -> dict[str, Any]:
+    """`evaluation`: None for an operator that predates it; else whether each iteration is evaluated."""
+    body = {
         "apiVersion": "idpo.dev/v1alpha1",
         "kind": "IterativeDPORun",
         "metadata": {"name": name, "namespace": NAMESPACE},
@@ -82,6 +83,9 @@ def manifest(name: str, iterations: int) -> dict[str, Any]:
             "storage": {"existingClaim": "shared"},
         },
     }
+    if evaluation is not None:
+        body["spec"]["evaluation"] = {"enabled": evaluation}
+    return body
 
 
 def analyse(audit: Path, operator_user: str, runs: int) -> dict[str, Any]:
@@ -89,6 +93,7 @@ def analyse(audit: Path, operator_user: str, runs: int) -> dict[str, Any]:
     job_created: dict[str, float] = {}
     job_done: dict[str, float] = {}
     calls: collections.Counter[str] = collections.Counter()
+    by_resource: collections.Counter[str] = collections.Counter()
     for line in audit.read_text().splitlines():
         event = json.loads(line)
         ref, user, verb = event.get("objectRef") or {}, event["user"]["username"], event["verb"]
@@ -97,12 +102,15 @@ def analyse(audit: Path, operator_user: str, runs: int) -> dict[str, Any]:
             continue
         if user == operator_user:
             calls[verb] += 1
+            resource = ref.get("resource", "") + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+            by_resource[f"{verb} {resource}"] += 1
         if ref.get("resource") == "iterativedporuns" and verb == "create" and not ref.get("subresource"):
             created_runs[ref["name"]] = when
         elif ref.get("resource") == "jobs" and verb == "create" and user == operator_user:
             job_created.setdefault(ref["name"], when)
-        elif ref.get("resource") == "jobs" and ref.get("subresource") == "status" and user == JOB_CONTROLLER:
-            job_done[ref["name"]] = max(job_done.get(ref["name"], 0.0), when)
+        elif ref.get("resource") == "pods" and ref.get("subresource") == "status" and user == NODE_AGENT:
+            job = ref["name"].rsplit("-", 2)[0]  # `<job>-<index>-<suffix>`: an Indexed Job's pod
+            job_done[job] = max(job_done.get(job, 0.0), when)  # its last word: the pod succeeded
     handoffs, first = [], []
     for run, created in created_runs.items():
         jobs = sorted((t, name) for name, t in job_created.items() if name.startswith(f"{run}-i"))
@@ -118,6 +126,7 @@ def analyse(audit: Path, operator_user: str, runs: int) -> dict[str, Any]:
         "first_job_seconds": {q: round(percentile(first, v), 3) for q, v in (("p50", 0.5), ("p99", 0.99))},
         "operator_calls": dict(calls),
         "operator_calls_per_handoff": {v: round(n / max(len(handoffs), 1), 2) for v, n in calls.items()},
+        "operator_calls_by_resource": dict(by_resource.most_common()),
         "runs_seen": len(created_runs),
     }
 
@@ -129,6 +138,7 @@ def main() -> None:
     parser.add_argument("--pod-seconds", type=float, default=1.0)
     parser.add_argument("--operator-src", help="a checkout whose operator/ and jobs/ to run instead of this one")
     parser.add_argument("--label", default="current")
+    parser.add_argument("--evaluate", action="store_true", help="evaluate each iteration (5 stages, not 3)")
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args()
 
@@ -144,7 +154,14 @@ def main() -> None:
 
         source = Path(args.operator_src) if args.operator_src else ROOT
         kubectl("apply", "-f", str(source / "crds"))  # each operator with its own CRD and chart RBAC
-        kubectl("wait", "--for=condition=Established", "crd", "--all")
+        for attempt in range(20):  # a CRD just applied may have no conditions yet: kubectl wait then errs
+            try:
+                kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=30s")
+                break
+            except RuntimeError:
+                if attempt == 19:
+                    raise
+                time.sleep(0.5)
         kubectl("create", "namespace", NAMESPACE)
         kubectl("create", "namespace", chart.RELEASE_NAMESPACE)
         rendered = helm.Chart.load(source / "charts" / "idpo").render(
@@ -178,7 +195,9 @@ def main() -> None:
             plane_cpu = {name: cpu_seconds(pid) for name, pid in plane.pids().items()}
             operator_cpu = cpu_seconds(operator.pid)
             started = time.monotonic()
-            bodies = [manifest(f"run-{i:04d}", args.iterations) for i in range(args.runs)]
+            knows_evaluation = "evaluation:" in (source / "crds" / "idpo.dev_iterativedporuns.yaml").read_text()
+            evaluation = args.evaluate if knows_evaluation else None
+            bodies = [manifest(f"run-{i:04d}", args.iterations, evaluation) for i in range(args.runs)]
             kubectl("create", "-f", "-", stdin=yaml.safe_dump_all(bodies))
             while True:
                 phases = kubectl("get", "idpo", "-n", NAMESPACE, "-o", "jsonpath={.items[*].status.phase}").split()

@@ -231,3 +231,11 @@ def test_a_stop_rule_ends_the_run_with_the_best_checkpoint_and_a_worse_iteration
     assert d.status["earlyStop"]["iteration"] == 2 and d.status["progress"] == "2/2"
     assert d.status["bestIteration"] == 1 and d.status["bestCheckpoint"].endswith("iter-1/train/model")
     assert "IterationWorse" in [e.reason for e in d.events]
+
+
+def test_a_job_cache_behind_the_status_does_not_undo_a_succeeded_stage() -> None:
+    g1 = StageKey(1, Stage.GENERATE)
+    done = decide(run(), [job(g1, "Complete")], [], NOW)
+    behind = decide(run(done.status), [job(g1, None)], [], NOW)  # the Job as it was before it completed
+    assert behind.status["iterations"][0]["stages"]["generate"]["phase"] == "Succeeded"
+    assert "StageStarted" not in [e.reason for e in behind.events]

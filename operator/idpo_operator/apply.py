@@ -13,6 +13,7 @@ run dirty, and the running reconcile goes round once more, so a burst of events 
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import threading
@@ -29,6 +30,7 @@ from idpo_operator.spec import API_VERSION, DEFAULT_STAGE_IMAGE, GROUP, KIND, PL
 from idpo_operator.status import Reason, conditions, timestamp
 
 log = logging.getLogger("idpo.operator")
+POOL = 32  # = kopf's handler threads (handlers.py)
 TIMEOUT = (5, 30)  # seconds: connect, read. A hung apiserver must not hang a reconcile forever.
 reconciles = 0  # reported by the liveness probe
 
@@ -46,12 +48,15 @@ _api: client.ApiClient | None = None
 
 def connect() -> None:
     global _api
+    configuration = client.Configuration()
     try:
-        config.load_incluster_config()
+        config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
-        config.load_kube_config()
-    _api = client.ApiClient()  # one pooled client for every write (kopf has its own for watches)
-    _api.configuration.connection_pool_maxsize = 16
+        config.load_kube_config(client_configuration=configuration)
+    # One pooled client for every write (kopf has its own for watches), with as many kept-alive
+    # connections as handler threads: a connection dropped from a full pool is a TLS handshake later.
+    configuration.connection_pool_maxsize = POOL
+    _api = client.ApiClient(configuration)
 
 
 def api() -> client.ApiClient:
@@ -80,8 +85,8 @@ class _Slot:
 
 _slots: dict[tuple[str, str], _Slot] = {}
 _slots_lock = threading.Lock()
-# The status we last wrote per run, with the resourceVersion it replaced: until the cache shows a
-# newer version of the run, our own write is the truth (else a reconcile would redo a transition
+# The status we last wrote per run, with the resourceVersion the write made: until the cache shows
+# that version of the run, our own write is the truth (else a reconcile would redo a transition
 # from a stale status, posting its events twice).
 _written: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
 
@@ -142,10 +147,21 @@ def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return {"status": {**{k: None for k in old if k not in new}, **new}}
 
 
-def _patch_status(namespace: str, name: str, old: dict[str, Any], new: dict[str, Any]) -> None:
-    client.CustomObjectsApi(api()).patch_namespaced_custom_object_status(
+def _patch_status(namespace: str, name: str, old: dict[str, Any], new: dict[str, Any]) -> str:
+    """Patch the status; the run's resourceVersion after the write."""
+    patched = client.CustomObjectsApi(api()).patch_namespaced_custom_object_status(
         GROUP, VERSION, namespace, PLURAL, name, status_patch(old, new), _request_timeout=TIMEOUT
     )
+    return patched["metadata"]["resourceVersion"]
+
+
+def _older(cached: str, written: str) -> bool:
+    """Whether the cached run predates our write. resourceVersions are etcd revisions, integers that
+    only grow; were they ever not, only the version our write replaced counts as older."""
+    try:
+        return int(cached) < int(written)
+    except ValueError:
+        return False
 
 
 def _api_message(err: Exception) -> str:
@@ -196,6 +212,8 @@ def _resync() -> None:
             log.warning("resync of %s/%s: %s", namespace, name, err)
 
 
+_inflight: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}  # (namespace, run label) -> created Jobs
+_events = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="events")
 _capacity_lock = threading.Lock()
 _started: dict[str, float] = {}  # Jobs this process created, until the cache shows them
 _queued: dict[tuple[str, str], None] = {}  # runs waiting for capacity, in arrival order
@@ -264,21 +282,25 @@ def _reconcile(namespace: str, name: str, cache: Cache) -> None:
     if meta.get("deletionTimestamp"):
         metrics.forget((namespace, name))
         _written.pop((namespace, name), None)
+        _inflight.pop((namespace, resources.run_label(name)), None)
         return
     status = run.get("status") or {}
-    stale_version, written = _written.get((namespace, name), ("", {}))
-    if meta.get("resourceVersion") == stale_version:
+    version, written = _written.get((namespace, name), ("", {}))
+    if version and _older(meta.get("resourceVersion", ""), version):
         status = written
     view = reconcile.RunView(name, namespace, meta["uid"], meta.get("generation", 1), run.get("spec") or {}, status)
     label = (namespace, resources.run_label(name))
+    jobs = cache.one(cache.jobs, label)
+    # Jobs this process created that the cache does not show yet: present, not to be created again.
+    seen = {j["metadata"]["name"] for j in jobs}
+    inflight = _inflight.setdefault(label, {})
+    for job_name in [n for n in inflight if n in seen]:
+        del inflight[job_name]
+    jobs += list(inflight.values())
     with _capacity_lock:  # the count and the create, as one step across runs
         capacity = _has_capacity(cache)
         decision = reconcile.decide(
-            view,
-            cache.one(cache.jobs, label),
-            cache.one(cache.pods, label),
-            stage_image=settings.stage_image,
-            capacity=capacity,
+            view, jobs, cache.one(cache.pods, label), stage_image=settings.stage_image, capacity=capacity
         )
         for obj in decision.create:
             if obj["kind"] == "Job":
@@ -300,15 +322,17 @@ def _reconcile(namespace: str, name: str, cache: Cache) -> None:
     try:
         for write in writes:
             write()
+        for obj in decision.create:  # reconciles of one run are serialized: registered before the next
+            if obj["kind"] == "Job":
+                inflight[obj["metadata"]["name"]] = {"metadata": obj["metadata"], "status": {}}
     except (ApiException, ValueError) as err:
         status = failed_write_status(decision.status, _api_message(err), view.generation)
         if status != view.status:
             _patch_status(namespace, name, view.status, status)
         raise ApplyError(_api_message(err)) from err
     if decision.status != view.status:
-        _patch_status(namespace, name, view.status, decision.status)
-        _written[(namespace, name)] = (meta.get("resourceVersion", ""), decision.status)
-        for event in decision.events:
-            _post_event(run, event)
+        _written[(namespace, name)] = (_patch_status(namespace, name, view.status, decision.status), decision.status)
+        for event in decision.events:  # off the reconcile's path: the next stage need not wait for them
+            _events.submit(_post_event, run, event)
     metrics.record((namespace, name), decision.status, decision.events)
     reconciles += 1

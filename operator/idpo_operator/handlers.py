@@ -23,9 +23,10 @@ FINISHED = ("Succeeded", "Failed")
 
 
 def plain(value: Any) -> Any:
-    """A deep copy as plain dicts and lists: index entries must not change under a reader."""
+    """A deep copy as plain dicts and lists: index entries must not change under a reader.
+    managedFields are dropped: large, and nothing here reads them."""
     if isinstance(value, dict) or hasattr(value, "items"):
-        return {k: plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items() if k != "managedFields"}
     if isinstance(value, list | tuple):
         return [plain(v) for v in value]
     return value
@@ -39,6 +40,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING  # our own events tell the run's story
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
+    # Handlers mostly wait on API writes: more threads than cores keep hand-offs from queueing.
+    settings.execution.max_workers = apply.POOL
     apply.connect()
     if apply.settings.lease_namespace:
         apply.elect(apply.settings.lease_namespace)
@@ -77,8 +80,12 @@ def run_changed(name: str, namespace: str, **kwargs: Any) -> None:
     _reconcile(namespace, name, kwargs)
 
 
+def _waiting(status: dict[str, Any], **_: Any) -> bool:
+    return status.get("phase") == "Pending"
+
+
 @kopf.on.event("batch", "v1", "jobs", labels=OURS)
-@kopf.on.event("", "v1", "pods", labels=OURS)
+@kopf.on.event("", "v1", "pods", labels=OURS, when=_waiting)  # why a pod waits; its Job tells the rest
 def child_changed(annotations: dict[str, str], labels: dict[str, str], namespace: str, **kwargs: Any) -> None:
     # The annotation holds the full name; the label is shortened for names over 63 characters.
     _reconcile(namespace, annotations.get(ANNOTATION_RUN) or labels[LABEL_RUN], kwargs)

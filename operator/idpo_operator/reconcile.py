@@ -280,9 +280,12 @@ def decide(
     for key, job in jobs_by_key.items():
         name = job["metadata"]["name"]
         owned_pods = [p for p in pods if key_of(p) == key]
-        # A Job gone missing keeps its old record; a present Job is the truth.
-        if records.get(key, StageRecord()).phase != Phase.SUCCEEDED or name == records[key].job_name:
-            records[key] = job_record(job, owned_pods)
+        # A Job gone missing keeps its old record; a present Job is the truth, except that a Job
+        # recorded as succeeded never runs again: a cache a moment behind the status must not undo it.
+        previous, observed = records.get(key, StageRecord()), job_record(job, owned_pods)
+        behind = previous.phase == Phase.SUCCEEDED and observed.phase != Phase.SUCCEEDED
+        if previous.phase != Phase.SUCCEEDED or (name == previous.job_name and not behind):
+            records[key] = observed
         record = records[key]
         if record.phase == Phase.RUNNING and record.waiting_reason:
             late = _age(record.waiting_since, now) > spec.runtime.start_timeout_seconds

@@ -143,8 +143,7 @@ class Cluster:
         if self.target.plane is not None:
             self.operator_kubeconfig = self._operator_identity()
         self.install_crd()
-        established = self.kubectl("wait", "--for=condition=Established", f"crd/{PLURAL}.{GROUP}", "--timeout=60s")
-        assert established.returncode == 0, established.stderr
+        self._wait_for(self._crd_established, "Established CRD")
         self.start_operator()
         return self
 
@@ -270,6 +269,11 @@ class Cluster:
         while not check():
             assert time.monotonic() < deadline, f"no {what} in namespace {self.namespace}"
             time.sleep(0.2)
+
+    def _crd_established(self) -> bool:
+        """`kubectl wait` errs on a CRD whose status has no conditions yet: poll it instead."""
+        got = self.kubectl("get", f"crd/{PLURAL}.{GROUP}", "-o", "jsonpath={.status.conditions}")
+        return got.returncode == 0 and '"type":"Established","status":"True"' in got.stdout.replace(" ", "")
 
     def _exists(self, read: Any, name: str) -> bool:
         try:
