@@ -171,3 +171,18 @@ class OutOfMemoryError(RuntimeError):
 )
 def test_stage_errors_are_told_apart_so_only_bad_input_is_never_retried(error: Exception, code: int) -> None:
     assert contract.exit_code(error) == code
+
+
+def test_an_input_rebuilt_since_the_stage_was_planned_is_refused(tmp_path: Path) -> None:
+    from idpo_jobs.config import Stage
+
+    stage_dir = tmp_path / "generate"
+    for k in (0, 1):
+        part = stage_dir / f"part-0000{k}"
+        part.mkdir(parents=True)
+        (part / "_SUCCESS.json").write_text(json.dumps({"shard": k}))
+    planned = [contract.part_digest(stage_dir / f"part-0000{k}") for k in (0, 1)]
+    assert contract.require_input(stage_dir, 2, Stage.GENERATE, planned)  # what was planned: accepted
+    (stage_dir / "part-00001" / "_SUCCESS.json").write_text(json.dumps({"shard": 1, "rerun": True}))
+    with pytest.raises(contract.StageError, match="part 1 is not the one this stage was planned on"):
+        contract.require_input(stage_dir, 2, Stage.GENERATE, planned)

@@ -153,3 +153,27 @@ def test_reconciles_read_from_the_watch_caches_not_from_list_calls(cluster: Clus
     assert cluster.wait_phase("cached", "Succeeded", "Failed")["phase"] == "Succeeded"
     # Three stages, many Job and Pod events, dozens of reconciles: not one read beyond the watches.
     assert lists() == before
+
+
+def test_an_operator_killed_at_every_stage_boundary_finishes_the_run_without_duplicates(cluster: Cluster) -> None:
+    import signal
+
+    from tests.test_operator_e2e import job_conditions
+
+    assert cluster.apply(run_manifest("boundaries", iterations=1)).returncode == 0
+    for stage_name in ("generate", "rank", "train"):
+        job = f"boundaries-i1-{stage_name}"
+        deadline = time.monotonic() + 180
+        while not any(c["type"] == "Complete" for c in job_conditions(cluster, "boundaries", job)):
+            assert time.monotonic() < deadline, f"{job} did not complete"
+            time.sleep(0.2)
+        cluster.stop_operator(signal.SIGKILL)  # right at the hand-off: no release of the Lease
+        cluster.start_operator()  # it waits out the dead leader's Lease (15 s), then resumes
+    status = cluster.wait_phase("boundaries", "Succeeded", "Failed")
+    assert status["phase"] == "Succeeded", status.get("message")
+    assert sorted(j["metadata"]["name"] for j in cluster.jobs("boundaries")) == [
+        "boundaries-i1-generate",
+        "boundaries-i1-rank",
+        "boundaries-i1-train",
+    ]
+    no_stage_ran_twice(cluster, "boundaries")

@@ -239,3 +239,12 @@ def test_a_job_cache_behind_the_status_does_not_undo_a_succeeded_stage() -> None
     behind = decide(run(done.status), [job(g1, None)], [], NOW)  # the Job as it was before it completed
     assert behind.status["iterations"][0]["stages"]["generate"]["phase"] == "Succeeded"
     assert "StageStarted" not in [e.reason for e in behind.events]
+
+
+def test_the_next_stage_is_told_the_digests_its_input_reported() -> None:
+    g1 = StageKey(1, Stage.GENERATE)
+    summary = {"shard": 0, "shards": 1, "digest": "abc123", "metrics": {"prompts": 8}}
+    d = decide(run(), [job(g1, "Complete")], [pod(g1, summary)], NOW)
+    rank = json.loads(d.create[-2]["data"]["config.json"])
+    assert rank["stage"] == "rank" and rank["inputDigests"] == ["abc123"]
+    assert d.status["iterations"][0]["stages"]["generate"]["digests"] == ["abc123"]

@@ -479,6 +479,9 @@ class StageConfig(Model):
     workspace: str = Field(description="Run workspace root: absolute, or relative to the volume.")
     shards: int = Field(1, ge=1)
     termination_log: str | None = Field(None, description="Summary path; None: /dev/termination-log when it exists.")
+    input_digests: list[str] | None = Field(
+        None, description="The input stage's part digests as reported when it completed; None: not checked."
+    )
 
     @property
     def stage_dir(self) -> Path:

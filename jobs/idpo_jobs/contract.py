@@ -104,11 +104,24 @@ def completed_parts(stage_dir: Path, shards: int, stage: Stage) -> list[dict[str
     return None if any(s is None for s in summaries) else summaries  # type: ignore[return-value]
 
 
-def require_input(stage_dir: str | Path, shards: int, stage: Stage) -> list[Path]:
+def part_digest(directory: Path) -> str:
+    """A completed part's identity: the hash of its `_SUCCESS.json` (which a rerun rewrites)."""
+    return hashlib.sha256((directory / SUCCESS_FILE).read_bytes()).hexdigest()[:16]
+
+
+def require_input(stage_dir: str | Path, shards: int, stage: Stage, digests: list[str] | None = None) -> list[Path]:
+    """The input stage's parts, all complete; with `digests` (what the operator saw them report),
+    exactly those parts: an input rebuilt since this stage was planned is refused, not mixed in."""
     dirs = stage_parts(Path(stage_dir), shards, stage)
     missing = [str(d) for d in dirs if read_success(d) is None]
     if missing:
         raise StageError(f"input stage '{stage}' is incomplete: no {SUCCESS_FILE} in {', '.join(missing)}")
+    for k, (directory, expected) in enumerate(zip(dirs, digests or [], strict=False)):
+        if part_digest(directory) != expected:
+            raise StageError(
+                f"input stage '{stage}' part {k} is not the one this stage was planned on (digest "
+                f"{part_digest(directory)}, expected {expected}): it was rebuilt; rerun this stage"
+            )
     return dirs
 
 
@@ -180,6 +193,7 @@ def run_stage(config: C, compute: Compute[C], inputs: dict[str, str]) -> dict[st
     done = read_success(final)
     if done is not None:
         print(f"{final} is complete already; nothing to do", flush=True)
+        done["digest"] = part_digest(final)
         write_termination_log(config, done)
         return done
 
@@ -209,6 +223,7 @@ def run_stage(config: C, compute: Compute[C], inputs: dict[str, str]) -> dict[st
             summary = read_success(final) or summary
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    summary["digest"] = part_digest(final)  # what the next stage is told to expect of this part
     write_termination_log(config, summary)
     return summary
 

@@ -172,7 +172,9 @@ def make_ranker(spec: RankingSpec) -> Ranker:
 
 
 def read_generations(config: RankConfig) -> list[dict[str, Any]]:
-    parts = contract.require_input(on_volume(config.input_dir), config.input_shards, Stage.GENERATE)
+    parts = contract.require_input(
+        on_volume(config.input_dir), config.input_shards, Stage.GENERATE, config.input_digests
+    )
     return [row for part in parts for row in data.read_jsonl(part / GENERATIONS)]
 
 

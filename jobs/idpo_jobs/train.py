@@ -24,7 +24,7 @@ from idpo_jobs.rank import OUTPUT as PAIRS
 
 
 def read_pairs(config: TrainConfig) -> list[dict[str, Any]]:
-    parts = contract.require_input(on_volume(config.input_dir), config.input_shards, Stage.RANK)
+    parts = contract.require_input(on_volume(config.input_dir), config.input_shards, Stage.RANK, config.input_digests)
     pairs = [row for part in parts for row in data.read_jsonl(part / PAIRS)]
     if not pairs:
         raise contract.StageError(

@@ -86,7 +86,11 @@ class LocalRunner:
                 self.workspace.stage_dir(key.iteration, key.stage), self._shards(key), key.stage
             )
             if summaries is not None:
-                self.records[key] = record_from_summaries(key.stage, summaries, self._previous_attempts(key))
+                record = record_from_summaries(key.stage, summaries, self._previous_attempts(key))
+                stage_dir = self.workspace.stage_dir(key.iteration, key.stage)
+                parts = contract.stage_parts(stage_dir, self._shards(key), key.stage)
+                record.digests = [contract.part_digest(d) for d in parts]
+                self.records[key] = record
                 done.append(key)
         return done
 
@@ -124,7 +128,9 @@ class LocalRunner:
         return 0
 
     def run_stage(self, key: StageKey) -> bool:
-        config = plan.stage_config(self.spec, self.name, self.workspace, key)
+        source = plan.input_of(key)
+        digests = self.records[source].digests if source in self.records else None
+        config = plan.stage_config(self.spec, self.name, self.workspace, key, input_digests=digests)
         config_path = self.workdir / "configs" / f"iter-{key.iteration}-{key.stage.value}.json"
         config_path.parent.mkdir(parents=True, exist_ok=True)
         config.dump(config_path)

@@ -73,8 +73,23 @@ def policy_for(spec: IterativeDPORunSpec, workspace: Workspace, iteration: int) 
     return spec.model.name if iteration == 1 else workspace.checkpoint_uri(iteration - 1)
 
 
-def stage_config(spec: IterativeDPORunSpec, run: str, workspace: Workspace, key: StageKey) -> StageConfig:
-    common = {"run": run, "iteration": key.iteration, "workspace": str(workspace.root)}
+def input_of(key: StageKey) -> StageKey | None:
+    """The stage whose parts `key` reads (and checks by digest)."""
+    reads = {Stage.RANK: Stage.GENERATE, Stage.TRAIN: Stage.RANK}
+    return StageKey(key.iteration, reads[key.stage]) if key.stage in reads else None
+
+
+def stage_config(
+    spec: IterativeDPORunSpec,
+    run: str,
+    workspace: Workspace,
+    key: StageKey,
+    input_digests: list[str] | None = None,
+) -> StageConfig:
+    """`input_digests`: the input stage's part digests (rank and train), so a rebuilt input is refused."""
+    common: dict[str, Any] = {"run": run, "iteration": key.iteration, "workspace": str(workspace.root)}
+    if input_of(key) is not None:
+        common["input_digests"] = input_digests
     i = key.iteration
     if key.stage is Stage.GENERATE:
         return GenerateConfig(

@@ -23,6 +23,7 @@ from idpo_operator.status import (
     Reason,
     StageRecord,
     build_status,
+    digests_of,
     invalid_status,
     merge_metrics,
     timestamp,
@@ -144,6 +145,7 @@ def job_record(job: dict[str, Any], pods: list[dict[str, Any]]) -> StageRecord:
         stage = key_of(job).stage  # type: ignore[union-attr]
         parts = [s["metrics"] for s in summaries if isinstance(s.get("metrics"), dict)]
         record.metrics = merge_metrics(stage, parts) if parts else {}
+        record.digests = digests_of(summaries)
     elif "Failed" in done or "FailureTarget" in done:
         cond = done.get("Failed") or done["FailureTarget"]
         errors = [s["error"] for s in summaries if s.get("error")]
@@ -179,6 +181,7 @@ def previous_records(status: dict[str, Any]) -> dict[StageKey, StageRecord]:
                     start_time=s.get("startTime"),
                     completion_time=s.get("completionTime"),
                     metrics=s.get("metrics", {}),
+                    digests=s.get("digests"),
                 )
     return out
 
@@ -314,7 +317,8 @@ def decide(
         else:
             frozen[key.iteration] = _refreeze(frozen.get(key.iteration, {}), _sections(spec), key.stage)
             effective = spec_for(spec, frozen[key.iteration])
-            config = plan.stage_config(effective, run.name, ws, key)
+            inputs = records.get(plan.input_of(key), StageRecord()).digests if plan.input_of(key) else None
+            config = plan.stage_config(effective, run.name, ws, key, input_digests=inputs)
             pvc = resources.build_pvc(spec, owner)
             create = [
                 o

@@ -55,6 +55,7 @@ class StageRecord:
     completion_time: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     message: str | None = None
+    digests: list[str] | None = None  # per part, as the stage reported them: the next stage checks them
     # A running stage whose pod waits to start: since when, and the kubelet's or scheduler's reason.
     waiting_since: str | None = field(default=None, compare=False)
     waiting_reason: str | None = field(default=None, compare=False)
@@ -68,6 +69,7 @@ class StageRecord:
             "completionTime": self.completion_time,
             "metrics": self.metrics or None,
             "message": self.message,
+            "digests": self.digests,
         }
         return {k: v for k, v in out.items() if v is not None}
 
@@ -98,6 +100,14 @@ def merge_metrics(stage: Stage, parts: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             merged[key] = round(sum(values), 4)
     return merged
+
+
+def digests_of(summaries: list[dict[str, Any]]) -> list[str] | None:
+    """Every part's digest in part order (from the stage's termination summaries), or None while one
+    is missing."""
+    found = {s.get("shard", 0): s["digest"] for s in summaries if s.get("digest")}
+    shards = max((s.get("shards", 1) for s in summaries), default=0)
+    return [found[k] for k in range(shards)] if shards and len(found) == shards else None
 
 
 def record_from_summaries(stage: Stage, summaries: list[dict[str, Any]], attempts: int = 1) -> StageRecord:

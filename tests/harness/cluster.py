@@ -272,8 +272,9 @@ class Cluster:
 
     def _crd_established(self) -> bool:
         """`kubectl wait` errs on a CRD whose status has no conditions yet: poll it instead."""
-        got = self.kubectl("get", f"crd/{PLURAL}.{GROUP}", "-o", "jsonpath={.status.conditions}")
-        return got.returncode == 0 and '"type":"Established","status":"True"' in got.stdout.replace(" ", "")
+        path = 'jsonpath={.status.conditions[?(@.type=="Established")].status}'
+        got = self.kubectl("get", f"crd/{PLURAL}.{GROUP}", "-o", path)
+        return got.returncode == 0 and got.stdout.strip() == "True"
 
     def _exists(self, read: Any, name: str) -> bool:
         try:
