@@ -420,13 +420,13 @@ def test_the_apiserver_rejects_an_indexed_job_whose_pod_hostnames_are_not_dns_la
 
 
 def test_evaluation_stops_a_run_early_and_names_the_best_checkpoint(cluster: Cluster) -> None:
-    # No model reaches an LC win rate of 1.01: the rule fires after iteration 1 of 3, by construction.
-    evaluation = {"enabled": True, "stopWhen": {"metric": "lcWinRateVsBase", "below": 1.01}}
+    # An LC win rate is a logistic's value, always below 1: the rule fires after iteration 1 of 3.
+    evaluation = {"enabled": True, "stopWhen": {"metric": "lcWinRateVsBase", "below": 1.0}}
     assert cluster.apply(run_manifest("early", iterations=3, evaluation=evaluation)).returncode == 0
     status = cluster.wait_phase("early", "Succeeded", "Failed")
     assert status["phase"] == "Succeeded", status.get("message")
     assert {c["type"]: c["reason"] for c in status["conditions"]}["Ready"] == "EarlyStopped"
-    assert status["earlyStop"]["iteration"] == 1 and "is below 1.01" in status["message"]
+    assert status["earlyStop"]["iteration"] == 1 and "is below 1" in status["message"]
     assert status["bestIteration"] == 1 and status["bestCheckpoint"] == status["latestCheckpoint"]
     names = {j["metadata"]["name"] for j in cluster.jobs("early")}
     assert names == {"early-i0-evaluate", *(f"early-i1-{s}" for s in ("generate", "rank", "train", "evaluate"))}
