@@ -57,8 +57,13 @@ if "RANK" in os.environ:
     def prepare_and_report(accelerator, model):
         from torch.distributed.fsdp import FSDPModule
 
+        import os
+
         model = prepare(accelerator, model)
-        print("fsdp units:", *(type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)), flush=True)
+        units = " ".join(type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule))
+        # A file per rank: the ranks' stdout lines can interleave mid-line through torchrun.
+        with open(f"{os.environ['FSDP_UNITS']}-{os.environ['RANK']}", "w") as report:
+            report.write(units)
         return model
 
     accelerate.accelerator.fsdp2_prepare_model = prepare_and_report
@@ -184,9 +189,9 @@ def test_fsdp2_full_shard_wraps_each_decoder_layer_and_trains_what_ddp_trains(
     path = f"{tmp_path / 'force'}:{env_with_tests()['PYTHONPATH']}"
     training = {"perDeviceBatchSize": 2, "precomputeRefLogProbs": precompute}
     config, _ = write_config(tiny_spec(tiny, training=training), ranked, T1, out_dir=tmp_path)
-    proc = launch(config, PYTHONPATH=path)
+    proc = launch(config, PYTHONPATH=path, FSDP_UNITS=str(tmp_path / "units"))
     ok(proc)
-    units = [line.split()[2:] for line in proc.stdout.splitlines() if line.startswith("fsdp units:")]
+    units = [p.read_text().split() for p in sorted(tmp_path.glob("units-*"))]
     assert len(units) == 2 and all(u.count("FSDPMistralDecoderLayer") == 2 for u in units)  # a unit per layer
     stage = tmp_path / "iter-1" / "train"
     assert read_json(stage / "_SUCCESS.json")["metrics"]["strategy"] == "fsdp"
