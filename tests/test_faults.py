@@ -12,7 +12,14 @@ import time
 import pytest
 
 from tests.harness.cluster import Cluster, Target
-from tests.test_operator_e2e import CLAIM, FAULT_PATH_GRANTS, pods_per_job, run_manifest, stage
+from tests.test_operator_e2e import (
+    CLAIM,
+    FAULT_PATH_GRANTS,
+    delete_runs_afterwards,  # noqa: F401  (autouse: the e2e module's, here too)
+    pods_per_job,
+    run_manifest,
+    stage,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -22,12 +29,6 @@ def cluster(kube: Target, tmp_path_factory: pytest.TempPathFactory):
     with Cluster(kube, tmp_path_factory.mktemp("faults"), "faults") as c:
         c.seed(CLAIM)
         yield c
-
-
-@pytest.fixture(autouse=True)
-def delete_runs_afterwards(cluster: Cluster):
-    yield
-    cluster.kubectl("delete", "idpo", "--all", "--wait=false")
 
 
 def no_stage_ran_twice(cluster: Cluster, run: str) -> None:
