@@ -40,3 +40,31 @@ def test_the_rendered_train_job_launches_torchrun_with_one_process_per_gpu() -> 
     assert container["command"][:4] == ["python", "-m", "idpo_jobs.distributed", "train"]
     assert (env["PET_NNODES"], env["PET_NPROC_PER_NODE"], env["PET_MASTER_PORT"]) == ("1", "8", "29500")
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    rank = next(e for e in container["env"] if e["name"] == "PET_NODE_RANK")
+    assert (
+        rank["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    )
+
+
+def test_two_nodes_render_a_gang_with_its_headless_service(tmp_path: Path) -> None:
+    recipe = yaml.safe_load(RECIPE.read_text())
+    recipe["spec"]["training"]["distributed"]["nodes"] = 2
+    recipe["spec"]["storage"]["accessModes"] = ["ReadWriteMany"]
+    path = tmp_path / "two-nodes.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    docs = list(yaml.safe_load_all(idpo("plan", str(path), "-o", "yaml").stdout))
+    assert [d["kind"] for d in docs] == [
+        "PersistentVolumeClaim",
+        *["ConfigMap", "Job"] * 2,
+        "Service",
+        "ConfigMap",
+        "Job",
+    ]
+    service, train = docs[-3], docs[-1]
+    name = train["metadata"]["name"]
+    assert train["spec"]["completions"] == train["spec"]["parallelism"] == 2
+    assert train["spec"]["template"]["spec"]["subdomain"] == service["metadata"]["name"]
+    env = {e["name"]: e.get("value") for e in train["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert (env["PET_NNODES"], env["PET_MASTER_ADDR"]) == ("2", f"{name}-0.{service['metadata']['name']}")
+    shown = idpo("plan", str(path), "--strict")  # 16 GPUs: the sharded state halves again
+    assert shown.returncode == 0 and "train (fsdp, 16 processes (2 nodes x 8)" in shown.stdout

@@ -6,6 +6,7 @@ outputs are intact."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -16,6 +17,7 @@ from tests.test_operator_e2e import (
     CLAIM,
     FAULT_PATH_GRANTS,
     delete_runs_afterwards,  # noqa: F401  (autouse: the e2e module's, here too)
+    on_volume,
     pods_per_job,
     run_manifest,
     stage,
@@ -107,6 +109,49 @@ def test_lowering_iterations_mid_run_stops_after_the_new_last_and_raising_contin
     status = cluster.wait("shrink", lambda s: s.get("phase") == "Succeeded" and s.get("progress") == "2/2")
     assert stage(status, 2, "train")["phase"] == "Succeeded"
     assert stage(status, 1, "train")["attempts"] == 1  # iteration 1 was not redone
+
+
+def test_a_two_node_train_runs_as_one_gang_and_a_killed_pod_restarts_it_whole(cluster: Cluster) -> None:
+    from tests.harness.cluster import free_port
+
+    gang = {"distributed": {"nodes": 2, "masterPort": free_port()}}
+    assert cluster.apply(run_manifest("gang", iterations=1, training=gang)).returncode == 0
+    job = "gang-i1-train"
+
+    def both_running() -> list[dict]:
+        pods = cluster.pods(job)
+        return pods if len(pods) == 2 and all(p["status"].get("phase") == "Running" for p in pods) else []
+
+    deadline = time.monotonic() + 300 * cluster.patience
+    while not (first := both_running()):
+        assert time.monotonic() < deadline, cluster.pods(job)
+        time.sleep(0.2)
+    index = {p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]: p for p in first}
+    assert sorted(index) == ["0", "1"] and index["0"]["spec"]["subdomain"] == job
+    # Node 1 dies mid-run (as a pod on a failed node would): the whole gang is stopped and re-created.
+    cluster.core.delete_namespaced_pod(index["1"]["metadata"]["name"], cluster.namespace)
+    restarting = cluster.wait("gang", lambda s: s.get("iterations") and stage(s, 1, "train").get("restarting"))
+    assert "restarting all pods: a pod failed in attempt 1" in stage(restarting, 1, "train")["message"]
+
+    status = cluster.wait_phase("gang", "Succeeded", "Failed")
+    assert status["phase"] == "Succeeded", status.get("message")
+    train = stage(status, 1, "train")
+    assert train["attempts"] == 2 and "restarting" not in train
+    # Both nodes' ranks trained together in the second attempt, and rank 0 alone published.
+    metrics = train["metrics"]
+    assert metrics["world_size"] == 2 and len(set(metrics["rank_steps"])) == 1 and metrics["steps"] > 0
+    second = cluster.pods(job)
+    assert len(second) == 2 and not {p["metadata"]["uid"] for p in second} & {p["metadata"]["uid"] for p in first}
+    (recreated,) = [j for j in cluster.jobs("gang") if j["metadata"]["name"] == job]
+    assert recreated["metadata"]["annotations"]["idpo.dev/attempt"] == "2"
+    events = cluster.kubectl("get", "events", "--field-selector", "involvedObject.name=gang", "-o", "json")
+    reasons = [e["reason"] for e in json.loads(events.stdout)["items"]]
+    assert {"StageRestarting", "StageRetrying"} <= set(reasons), reasons
+    loads = (
+        "import sys; from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(sys.argv[1])"
+    )
+    loaded, message = cluster.run_job(["-c", loads, on_volume(status)], claim=CLAIM)
+    assert loaded, message
 
 
 def test_the_operator_used_the_grants_only_fault_paths_need(cluster: Cluster) -> None:

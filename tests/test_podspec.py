@@ -68,12 +68,24 @@ def test_identity_takes_the_container_over_the_pod_over_the_image() -> None:
         podspec.identity(POD, {"securityContext": {"runAsUser": 0}}, (1000, 1000))
 
 
-def test_a_pod_with_a_subdomain_answers_to_its_headless_service_names() -> None:
-    pod = {"metadata": {"name": "t-0-abc", "namespace": "ml"}, "spec": {"hostname": "t-0", "subdomain": "t"}}
-    names = podspec.host_names(pod)
-    assert names[0] == "t-0.t.ml.svc.cluster.local" and {"t-0.t", "t-0"} <= set(names)
-    hosts = podspec.hosts_file(names, [*names, "t-1.t"])
-    assert "127.0.0.1\tt-1.t" in hosts and hosts.count("t-0.t.ml.svc.cluster.local") == 1
+def test_a_pod_knows_its_own_names_and_finds_others_only_through_a_headless_service() -> None:
+    def pod(index: int, **labels: str) -> dict:
+        meta = {"name": f"t-{index}-abc", "namespace": "ml", "labels": {"app": "t", **labels}}
+        return {"metadata": meta, "spec": {"hostname": f"t-{index}", "subdomain": "t"}}
+
+    assert podspec.host_names(pod(0)) == ["t-0.t.ml.svc.cluster.local", "t-0"]  # the kubelet's /etc/hosts
+
+    def service(**spec: object) -> dict:
+        return {"metadata": {"name": "t", "namespace": "ml"}, "spec": {"selector": {"app": "t"}, **spec}}
+
+    headless = service(clusterIP="None", publishNotReadyAddresses=True)
+    names = podspec.service_names(headless, [(pod(1), False), (pod(2, app="other"), True)])
+    assert {"t", "t-1.t", "t-1.t.ml", "t-1.t.ml.svc", "t-1.t.ml.svc.cluster.local"} <= set(names)
+    assert "t-1" not in names and not any(n.startswith("t-2") for n in names)  # no bare names; selector
+    assert podspec.service_names(service(clusterIP="None"), [(pod(1), False)]) == []  # not ready
+    assert podspec.service_names(service(clusterIP="10.96.0.7"), [(pod(1), True)]) == []  # never sent to
+    hosts = podspec.hosts_file(podspec.host_names(pod(0)), names)
+    assert "127.0.0.1\tt-1.t\n" in hosts and hosts.count("t-0.t.ml.svc.cluster.local") == 1
 
 
 def test_the_termination_message_falls_back_to_the_log_tail_only_on_error() -> None:

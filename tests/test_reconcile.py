@@ -248,3 +248,87 @@ def test_the_next_stage_is_told_the_digests_its_input_reported() -> None:
     rank = json.loads(d.create[-2]["data"]["config.json"])
     assert rank["stage"] == "rank" and rank["inputDigests"] == ["abc123"]
     assert d.status["iterations"][0]["stages"]["generate"]["digests"] == ["abc123"]
+
+
+GANG = {"training": {"distributed": {"nodes": 2}}, "storage": {"accessModes": ["ReadWriteMany"]}}
+TRAIN1 = StageKey(1, Stage.TRAIN)
+CRASH = ("BackoffLimitExceeded", "Job has reached the specified backoff limit")
+DISRUPTION = (
+    "PodFailurePolicy",
+    "Pod ns/r-i1-train-1-x has condition DisruptionTarget matching FailJob rule at index 0",
+)
+BAD_INPUT = ("PodFailurePolicy", "Container stage for pod ns/r-i1-train-0-x failed with exit code 2 matching FailJob")
+
+
+def gang_job(attempt: int, state: str | None = None, why: tuple[str, str] = CRASH, deleting: bool = False) -> dict:
+    body = job(TRAIN1, state)
+    body["metadata"]["annotations"] = {resources.ANNOTATION_ATTEMPT: str(attempt)}
+    if state:
+        body["status"]["conditions"][0] |= {"reason": why[0], "message": why[1]}
+    if deleting:
+        body["metadata"]["deletionTimestamp"] = NOW
+    return body
+
+
+def before_train() -> list[dict[str, Any]]:
+    return done_through(2, run(**GANG))
+
+
+def train_status(status: dict[str, Any]) -> dict[str, Any]:
+    return status["iterations"][0]["stages"]["train"]
+
+
+def test_a_failed_gang_is_deleted_whole_then_recreated_as_its_next_attempt() -> None:
+    failed = decide(run(**GANG), [*before_train(), gang_job(1, "Failed")], [], now=NOW)
+    name = resources.job_name("r", TRAIN1)
+    assert failed.restart == [name] and failed.create == []
+    train = train_status(failed.status)
+    assert (train["phase"], train["attempts"], train["restarting"]) == ("Running", 1, "PodFailed")
+    assert failed.status["phase"] == "Running" and "restarting all pods" in train["message"]
+    assert [e.reason for e in failed.events if e.key == TRAIN1] == ["StageRestarting"]
+
+    # Its pods are being deleted (Foreground): nothing is asked again, nothing starts.
+    deleting = decide(run(failed.status, **GANG), [*before_train(), gang_job(1, "Failed", deleting=True)], [], now=NOW)
+    assert deleting.restart == [] and deleting.create == [] and train_status(deleting.status)["restarting"]
+
+    gone = decide(run(deleting.status, **GANG), before_train(), [], now=NOW)
+    assert [o["kind"] for o in gone.create] == ["PersistentVolumeClaim", "Service", "ConfigMap", "Job"]
+    assert gone.create[-1]["metadata"]["annotations"][resources.ANNOTATION_ATTEMPT] == "2"
+    train = train_status(gone.status)
+    assert (train["phase"], train["attempts"], "restarting" in train) == ("Running", 2, False)
+    assert [e.reason for e in gone.events] == ["StageRetrying"]
+
+
+def test_a_gang_out_of_retries_fails_the_run() -> None:
+    last = decide(run(**GANG, runtime={"retries": 2}), [*before_train(), gang_job(3, "Failed")], [], now=NOW)
+    assert last.restart == [] and last.status["phase"] == "Failed"
+    assert "after 3 attempt(s)" in last.status["message"]
+
+
+def test_a_disrupted_gang_restarts_without_using_an_attempt() -> None:
+    disrupted = decide(run(**GANG, runtime={"retries": 0}), [*before_train(), gang_job(1, "Failed", DISRUPTION)], [])
+    assert disrupted.restart and train_status(disrupted.status)["restarting"] == "DisruptionTarget"
+    again = decide(run(disrupted.status, **GANG, runtime={"retries": 0}), before_train(), [])
+    assert again.create[-1]["metadata"]["annotations"][resources.ANNOTATION_ATTEMPT] == "1"
+
+
+def test_a_gang_that_failed_on_bad_input_is_not_restarted() -> None:
+    bad = decide(run(**GANG), [*before_train(), gang_job(1, "Failed", BAD_INPUT)], [])
+    assert bad.restart == [] and bad.status["phase"] == "Failed"
+
+
+def test_status_carries_a_memory_plan_and_a_misfit_is_a_warning() -> None:
+    seven_b = {"model": {"name": "mistralai/Mistral-7B-Instruct-v0.2"}}
+    eight_gpus = {**seven_b, "training": {"resources": {"limits": {"nvidia.com/gpu": 8}}}}
+    fits = decide(run(**eight_gpus), [], [])
+    plan_ = fits.status["memoryPlan"]
+    assert plan_["gpuMemoryGB"] == 80 and [s["stage"] for s in plan_["stages"]] == ["generate", "rank", "train"]
+    train = plan_["stages"][2]
+    assert train["variant"].startswith("fsdp, 8 processes") and train["fits"] and train["estimateGB"] < 80
+    assert not any(e.reason == "MemoryPlanDoesNotFit" for e in fits.events)
+
+    one_gpu = decide(run(**seven_b), [], [])
+    (warning,) = [e for e in one_gpu.events if e.reason == "MemoryPlanDoesNotFit"]
+    assert "train (single, 1 process" in warning.message
+    # Said once: the same plan in the previous status posts nothing new.
+    assert not any(e.reason == "MemoryPlanDoesNotFit" for e in decide(run(one_gpu.status, **seven_b), [], []).events)

@@ -165,3 +165,62 @@ def test_names_stay_valid_for_any_run_name_kubernetes_accepts() -> None:
     assert len(resources.child_name(long, "workspace")) <= 253
     folder = resources.workspace(spec(), resources.Owner(long, "ml", "0123456789abcdef")).root.name
     assert len(folder) <= 128 and folder.endswith("-01234567")
+
+
+TRAIN = StageKey(1, Stage.TRAIN)
+TWO_NODES = {
+    "training": {"distributed": {"nodes": 2, "processesPerNode": 4}, "resources": {"limits": {"nvidia.com/gpu": 4}}},
+    "storage": {"accessModes": ["ReadWriteMany"]},
+    "runtime": {"queueName": "gpu", "retries": 3},
+}
+
+
+def test_a_train_stage_on_several_nodes_is_one_indexed_job_that_fails_whole() -> None:
+    s = spec(**TWO_NODES)
+    body = job(s, TRAIN)
+    js, pod = body["spec"], body["spec"]["template"]["spec"]
+    assert (js["completionMode"], js["completions"], js["parallelism"]) == ("Indexed", 2, 2)
+    # The first failed pod fails the Job; the operator, not the Job controller, restarts the gang.
+    assert js["backoffLimit"] == 0 and "backoffLimitPerIndex" not in js
+    rules = js["podFailurePolicy"]["rules"]
+    assert [r["action"] for r in rules] == ["FailJob", "FailJob"]
+    assert rules[0]["onPodConditions"] == [{"type": "DisruptionTarget"}]
+    assert rules[1]["onExitCodes"]["values"] == [2]
+    assert body["metadata"]["annotations"][resources.ANNOTATION_ATTEMPT] == "1"
+    assert body["metadata"]["labels"][resources.LABEL_QUEUE] == "gpu"  # Kueue admits the gang as one
+    assert any(v["name"] == "dshm" and v["emptyDir"] == {"medium": "Memory"} for v in pod["volumes"])
+
+
+def test_the_gang_finds_its_rank_zero_pod_through_a_headless_service() -> None:
+    s = spec(**TWO_NODES)
+    body = job(s, TRAIN)
+    (service,) = [o for o in resources.stage_objects(s, OWNER, TRAIN, _config(s, TRAIN)) if o["kind"] == "Service"]
+    pod = body["spec"]["template"]
+    name = body["metadata"]["name"]
+    assert pod["spec"]["subdomain"] == service["metadata"]["name"] == name
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert service["metadata"]["ownerReferences"][0]["uid"] == OWNER.uid
+    env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+    assert env["PET_MASTER_ADDR"]["value"] == f"{name}-0.{name}"
+    assert (env["PET_NNODES"]["value"], env["PET_NPROC_PER_NODE"]["value"]) == ("2", "4")
+    rank = env["PET_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert rank == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+
+
+def test_one_node_needs_no_service_and_keeps_per_shard_retries() -> None:
+    s = spec()
+    objects = resources.stage_objects(s, OWNER, TRAIN, _config(s, TRAIN))
+    assert [o["kind"] for o in objects] == ["ConfigMap", "Job"]
+    assert objects[1]["spec"]["backoffLimitPerIndex"] == 2
+    assert resources.ANNOTATION_ATTEMPT not in objects[1]["metadata"]["annotations"]
+
+
+def test_a_service_name_starts_with_a_letter_whatever_the_run_name() -> None:
+    name = resources.service_name("7b-run", TRAIN)
+    assert name[0].isalpha() and len(name) <= 63 and name != resources.service_name("8b-run", TRAIN)
+    assert resources.service_name("run", TRAIN) == resources.job_name("run", TRAIN)
+
+
+def _config(s, key):
+    return plan.stage_config(s, OWNER.name, resources.workspace(s, OWNER), key)

@@ -89,3 +89,11 @@ def test_wrong_kind_and_bad_yaml_are_reported(tmp_path: Path) -> None:
         load_manifest(bad)
     with pytest.raises(ManifestError, match="cannot read"):
         load_manifest(tmp_path / "missing.yaml")
+
+
+def test_several_training_nodes_need_a_volume_every_node_can_mount() -> None:
+    two = {"training": {"distributed": {"nodes": 2}}}
+    with pytest.raises(ManifestError, match=r"nodes 2 needs a volume every node can mount.*ReadWriteMany"):
+        parse_manifest(manifest(**two))
+    assert parse_manifest(manifest(**two, storage={"accessModes": ["ReadWriteMany"]})).spec.training.distributed.nodes
+    assert parse_manifest(manifest(**two, storage={"existingClaim": "shared"}))  # its modes are the cluster's

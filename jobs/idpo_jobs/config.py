@@ -209,8 +209,9 @@ class DistributedSpec(Model):
     nodes: int = Field(
         1,
         ge=1,
-        description="Pods that train together (torchrun --nnodes). More than 1 needs ReadWriteMany storage, "
-        "NCCL between the nodes and a headless Service for the rank-0 pod (docs/scaling-training.md).",
+        description="Pods that train together (torchrun --nnodes), as one Indexed Job with a headless Service "
+        "(the operator creates both); a failed pod restarts them all. More than 1 needs ReadWriteMany storage "
+        "and NCCL between the nodes (docs/scaling-training.md).",
     )
     strategy: Literal["ddp", "fsdp"] = Field(
         "fsdp",

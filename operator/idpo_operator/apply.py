@@ -25,7 +25,7 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from idpo_operator import leader, metrics, reconcile, resources
+from idpo_operator import leader, memory, metrics, reconcile, resources
 from idpo_operator.spec import API_VERSION, DEFAULT_STAGE_IMAGE, GROUP, KIND, PLURAL, VERSION
 from idpo_operator.status import Reason, conditions, timestamp
 
@@ -40,6 +40,7 @@ class Settings:
     stage_image: str = DEFAULT_STAGE_IMAGE
     lease_namespace: str | None = None  # None: no leader election (one replica, or local development)
     max_concurrent_stages: int = 0  # across all runs; 0: no cap (Kueue, if any, queues them instead)
+    gpu_memory_gb: float = 80  # what status.memoryPlan is checked against
 
 
 settings = Settings()
@@ -101,6 +102,7 @@ def _create(obj: dict[str, Any]) -> None:
     create = {
         "PersistentVolumeClaim": core.create_namespaced_persistent_volume_claim,
         "ConfigMap": core.create_namespaced_config_map,
+        "Service": core.create_namespaced_service,
         "Job": batch.create_namespaced_job,
     }[kind]
     try:
@@ -110,6 +112,14 @@ def _create(obj: dict[str, Any]) -> None:
         # Already there: ours (a restarted operator, a cache a moment behind), or a Job of another
         # run of this name, which the next reconcile sees in the cache and refuses to use.
         if err.status != 409:
+            raise
+
+
+def _delete_job(batch: client.BatchV1Api, name: str, namespace: str, propagation: str) -> None:
+    try:
+        batch.delete_namespaced_job(name, namespace, propagation_policy=propagation, _request_timeout=TIMEOUT)
+    except ApiException as err:
+        if err.status != 404:  # gone already: what was asked
             raise
 
 
@@ -300,7 +310,12 @@ def _reconcile(namespace: str, name: str, cache: Cache) -> None:
     with _capacity_lock:  # the count and the create, as one step across runs
         capacity = _has_capacity(cache)
         decision = reconcile.decide(
-            view, jobs, cache.one(cache.pods, label), stage_image=settings.stage_image, capacity=capacity
+            view,
+            jobs,
+            cache.one(cache.pods, label),
+            stage_image=settings.stage_image,
+            capacity=capacity,
+            gpu_memory=settings.gpu_memory_gb * memory.GB,
         )
         for obj in decision.create:
             if obj["kind"] == "Job":
@@ -314,11 +329,10 @@ def _reconcile(namespace: str, name: str, cache: Cache) -> None:
         body = {"metadata": {"annotations": {resources.ANNOTATION_FAILURE: why}}, "spec": {"activeDeadlineSeconds": 1}}
         writes.append(lambda j=job, b=body: batch.patch_namespaced_job(j, namespace, b, _request_timeout=TIMEOUT))
     for job in decision.delete:
-        writes.append(
-            lambda j=job: batch.delete_namespaced_job(
-                j, namespace, propagation_policy="Background", _request_timeout=TIMEOUT
-            )
-        )
+        writes.append(lambda j=job: _delete_job(batch, j, namespace, "Background"))
+    for job in decision.restart:
+        # Foreground: the Job goes only after its pods have, so the next attempt never meets one of them.
+        writes.append(lambda j=job: _delete_job(batch, j, namespace, "Foreground"))
     try:
         for write in writes:
             write()

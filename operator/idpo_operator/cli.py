@@ -104,6 +104,7 @@ def _operator(args: argparse.Namespace) -> int:
 
     apply.settings.stage_image = args.stage_image
     apply.settings.max_concurrent_stages = args.max_concurrent_stages
+    apply.settings.gpu_memory_gb = args.gpu_memory
     if args.leader_election:
         from idpo_operator.leader import default_namespace
 
@@ -131,7 +132,7 @@ def _plan(args: argparse.Namespace) -> int:
         return 0
     plan = memory.plan_memory(manifest.spec, gpu_memory=args.gpu_memory * memory.GB)
     print(memory.format_plan(plan))
-    misfits = [s for s in render.chosen_stages(manifest.spec, plan) if s.fits(plan.gpu_memory) is False]
+    misfits = [s for s in plan.chosen() if s.fits(plan.gpu_memory) is False]
     for stage in misfits:
         print(f"warning: {stage.stage} ({stage.variant}) does not fit {args.gpu_memory:g} GB per GPU", file=sys.stderr)
     return 1 if misfits and args.strict else 0
@@ -189,6 +190,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         help="stage Jobs running at once across all runs; more wait as `Pending: waiting for capacity` (0: no cap)",
+    )
+    op.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=80,
+        help="GB per GPU that each run's status.memoryPlan is checked against (default 80)",
     )
     op.add_argument("--liveness", help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     op.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")

@@ -9,7 +9,7 @@ example are in docs/scaling-training.md; they are estimates (about ±20%), not m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from idpo_operator.spec import IterativeDPORunSpec
@@ -100,6 +100,12 @@ class MemoryPlan:
 
     def stage(self, name: str, variant_prefix: str = "") -> StageMemory:
         return next(s for s in self.stages if s.stage == name and s.variant.startswith(variant_prefix))
+
+    def chosen(self) -> list[StageMemory]:
+        """The estimates for what will run: every stage, train under the spec's strategy only (the
+        first train estimate; the other is there for comparison)."""
+        trains = [s for s in self.stages if s.stage == "train"]
+        return [s for s in self.stages if s.stage != "train" or s is trains[0]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,3 +328,16 @@ def format_plan(plan: MemoryPlan) -> str:
         lines.append(f"  {'total: ' + verdict:<{width - 2}} {total:>7}")
         lines += [f"  {note}" for note in stage.notes]
     return "\n".join(lines)
+
+
+def summary(spec: IterativeDPORunSpec, gpu_memory: float = 80 * GB) -> dict[str, Any]:
+    """The plan as the run's status shows it: each stage that will run, its estimate per GPU (absent
+    for a model of unknown shape) and whether that fits `gpu_memory`."""
+    plan = plan_memory(spec, gpu_memory=gpu_memory)
+    stages = []
+    for stage in plan.chosen():
+        entry: dict[str, Any] = {"stage": stage.stage, "variant": stage.variant}
+        if stage.total is not None:
+            entry |= {"estimateGB": round(stage.total / GB, 1), "fits": stage.fits(gpu_memory)}
+        stages.append(entry)
+    return {"gpuMemoryGB": round(gpu_memory / GB, 1), "stages": stages}

@@ -15,7 +15,7 @@ from typing import Any
 from idpo_jobs.config import STAGE_ORDER, Stage
 from pydantic import ValidationError
 
-from idpo_operator import plan, resources
+from idpo_operator import memory, plan, resources
 from idpo_operator.plan import StageKey
 from idpo_operator.spec import DEFAULT_STAGE_IMAGE, IterativeDPORunSpec, format_validation_error
 from idpo_operator.status import (
@@ -64,9 +64,12 @@ class Decision:
     events: list[Event]
     fail: dict[str, str] = field(default_factory=dict)  # Job name -> why: pods that cannot start
     delete: list[str] = field(default_factory=list)  # Job names: out of range after `iterations` went down
+    restart: list[str] = field(default_factory=list)  # gang Job names: delete with their pods, then re-create
 
 
 WAITING_FOR_CAPACITY = "Pending: waiting for capacity"
+# Why a gang restarts (StageRecord.restarting): a pod failed (an attempt), or was disrupted (not one).
+POD_FAILED, DISRUPTED = "PodFailed", "DisruptionTarget"
 # Waiting reasons that no amount of waiting fixes: the stage fails at once, not at its start deadline.
 FATAL_WAITING = {"InvalidImageName", "ErrImageNeverPull"}
 # The spec sections each stage freezes for its iteration when it starts (their `resources` stay
@@ -128,10 +131,27 @@ def waiting(pod: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def gang_failure(job: dict[str, Any]) -> str | None:
+    """Why a failed gang Job may be re-created (POD_FAILED or DISRUPTED); None for any other Job,
+    and for a gang that must not run again: bad input, its deadline, the operator's own verdict."""
+    annotations = job["metadata"].get("annotations", {})
+    if resources.ANNOTATION_ATTEMPT not in annotations or resources.ANNOTATION_FAILURE in annotations:
+        return None
+    done = _true_conditions(job)
+    cond = done.get("Failed") or done.get("FailureTarget") or {}
+    if cond.get("reason") == "BackoffLimitExceeded":
+        return POD_FAILED
+    # The Job controller's message names the rule that matched: "Pod ns/x has condition DisruptionTarget ...".
+    if cond.get("reason") == "PodFailurePolicy" and f"condition {DISRUPTED}" in cond.get("message", ""):
+        return DISRUPTED
+    return None
+
+
 def job_record(job: dict[str, Any], pods: list[dict[str, Any]]) -> StageRecord:
     st = job.get("status", {})
     done = _true_conditions(job)
     failed_pods = st.get("failed", 0)
+    attempt = job["metadata"].get("annotations", {}).get(resources.ANNOTATION_ATTEMPT)
     summaries = [termination(p) for p in pods]
     record = StageRecord(
         job_name=job["metadata"]["name"], start_time=st.get("startTime"), completion_time=st.get("completionTime")
@@ -141,7 +161,7 @@ def job_record(job: dict[str, Any], pods: list[dict[str, Any]]) -> StageRecord:
         cond = done.get("Complete") or done["SuccessCriteriaMet"]
         record.completion_time = record.completion_time or cond.get("lastTransitionTime")
         record.phase = Phase.SUCCEEDED
-        record.attempts = failed_pods + 1
+        record.attempts = int(attempt) if attempt else failed_pods + 1
         stage = key_of(job).stage  # type: ignore[union-attr]
         parts = [s["metrics"] for s in summaries if isinstance(s.get("metrics"), dict)]
         record.metrics = merge_metrics(stage, parts) if parts else {}
@@ -150,7 +170,7 @@ def job_record(job: dict[str, Any], pods: list[dict[str, Any]]) -> StageRecord:
         cond = done.get("Failed") or done["FailureTarget"]
         errors = [s["error"] for s in summaries if s.get("error")]
         record.phase = Phase.FAILED
-        record.attempts = max(failed_pods, 1)
+        record.attempts = int(attempt) if attempt else max(failed_pods, 1)
         stuck = job["metadata"].get("annotations", {}).get(resources.ANNOTATION_FAILURE)
         record.message = stuck or (
             errors[-1] if errors else f"{cond.get('reason', 'Failed')}: {cond.get('message', '')}"
@@ -158,7 +178,7 @@ def job_record(job: dict[str, Any], pods: list[dict[str, Any]]) -> StageRecord:
         record.completion_time = record.completion_time or cond.get("lastTransitionTime")
     else:
         record.phase = Phase.RUNNING
-        record.attempts = failed_pods + 1
+        record.attempts = int(attempt) if attempt else failed_pods + 1
         stuck = [(w, p) for p in pods if (w := waiting(p))]
         if stuck:
             (reason, message), pod = stuck[0]
@@ -169,10 +189,20 @@ def job_record(job: dict[str, Any], pods: list[dict[str, Any]]) -> StageRecord:
 
 
 def previous_records(status: dict[str, Any]) -> dict[StageKey, StageRecord]:
-    """Succeeded stages from the last status: the record survives its Job (TTL, manual delete)."""
+    """Succeeded stages from the last status: the record survives its Job (TTL, manual delete). And
+    restarting gangs: their attempt count outlives the Job deleted to restart them."""
     out = {}
     for it in status.get("iterations", []):
         for name, s in it.get("stages", {}).items():
+            if s.get("restarting"):
+                out[StageKey(it["iteration"], Stage(name))] = StageRecord(
+                    phase=s["phase"],
+                    job_name=s.get("jobName"),
+                    attempts=s.get("attempts", 1),
+                    start_time=s.get("startTime"),
+                    message=s.get("message"),
+                    restarting=s["restarting"],
+                )
             if s.get("phase") == Phase.SUCCEEDED:
                 out[StageKey(it["iteration"], Stage(name))] = StageRecord(
                     phase=Phase.SUCCEEDED,
@@ -194,7 +224,9 @@ def _stage_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
             prev = before.get((it["iteration"], name), {})
             key = StageKey(it["iteration"], Stage(name))
             phase, was = s.get("phase"), prev.get("phase")
-            if phase == Phase.RUNNING and was != Phase.RUNNING:
+            if s.get("restarting") and not prev.get("restarting"):
+                events.append(Event("Warning", "StageRestarting", f"{key}: {s.get('message', '')}", key))
+            elif phase == Phase.RUNNING and was != Phase.RUNNING:
                 events.append(Event("Normal", "StageStarted", f"{key} started (job {s.get('jobName')})", key))
             elif phase == Phase.RUNNING and s.get("attempts", 1) > prev.get("attempts", 1):
                 events.append(Event("Warning", "StageRetrying", f"{key}: attempt {s['attempts']} after a failure", key))
@@ -257,8 +289,10 @@ def decide(
     *,
     stage_image: str = DEFAULT_STAGE_IMAGE,
     capacity: bool = True,
+    gpu_memory: float = 80 * memory.GB,
 ) -> Decision:
-    """`capacity`: whether the operator's cap on concurrent stage Jobs lets this run start one now."""
+    """`capacity`: whether the operator's cap on concurrent stage Jobs lets this run start one now.
+    `gpu_memory`: bytes per GPU that the status's memory plan is checked against."""
     now = now or timestamp()
     try:
         spec = IterativeDPORunSpec.model_validate(run.spec)
@@ -280,6 +314,7 @@ def decide(
     pods = [p for p in pods if p["metadata"].get("labels", {}).get(CONTROLLER_UID) in job_uids]
     jobs_by_key = {k: j for j in jobs if (k := key_of(j)) is not None}
     fail: dict[str, str] = {}
+    restart: list[str] = []
     for key, job in jobs_by_key.items():
         name = job["metadata"]["name"]
         owned_pods = [p for p in pods if key_of(p) == key]
@@ -290,7 +325,16 @@ def decide(
         if previous.phase != Phase.SUCCEEDED or (name == previous.job_name and not behind):
             records[key] = observed
         record = records[key]
-        if record.phase == Phase.RUNNING and record.waiting_reason:
+        why = gang_failure(job) if record.phase == Phase.FAILED and record.job_name == name else None
+        if why == DISRUPTED or (why == POD_FAILED and record.attempts <= spec.runtime.retries):
+            cause = "was disrupted" if why == DISRUPTED else f"failed in attempt {record.attempts}"
+            message = f"restarting all pods: a pod {cause}: {record.message}"[:500]
+            records[key] = StageRecord(
+                Phase.RUNNING, name, record.attempts, record.start_time, message=message, restarting=why
+            )
+            if not job["metadata"].get("deletionTimestamp"):
+                restart.append(name)
+        elif record.phase == Phase.RUNNING and record.waiting_reason:
             late = _age(record.waiting_since, now) > spec.runtime.start_timeout_seconds
             if late or record.waiting_reason in FATAL_WAITING:
                 fail[name] = f"did not start within {spec.runtime.start_timeout_seconds}s: {record.message}"
@@ -310,26 +354,26 @@ def decide(
     key = plan.next_stage(spec, completed)
     if key is not None and not failed and not spec.suspend and key not in jobs_by_key:
         name = resources.job_name(run.name, key)
+        prior = records.get(key, StageRecord())  # a gang whose Job was deleted to restart it
         if name in foreign:
             problem = (Reason.FOREIGN_CHILD, f"Job {name} belongs to another object; waiting for it to be deleted")
         elif not capacity:
-            records[key] = StageRecord(phase=Phase.PENDING, message=WAITING_FOR_CAPACITY)
+            records[key] = StageRecord(
+                Phase.PENDING, message=WAITING_FOR_CAPACITY, attempts=prior.attempts, restarting=prior.restarting
+            )
         else:
-            frozen[key.iteration] = _refreeze(frozen.get(key.iteration, {}), _sections(spec), key.stage)
+            if not prior.restarting or key.iteration not in frozen:  # a restart runs the spec it started with
+                frozen[key.iteration] = _refreeze(frozen.get(key.iteration, {}), _sections(spec), key.stage)
             effective = spec_for(spec, frozen[key.iteration])
             inputs = records.get(plan.input_of(key), StageRecord()).digests if plan.input_of(key) else None
             config = plan.stage_config(effective, run.name, ws, key, input_digests=inputs)
+            attempt = prior.attempts + (prior.restarting == POD_FAILED) if prior.restarting else 1
             pvc = resources.build_pvc(spec, owner)
             create = [
-                o
-                for o in (
-                    pvc,
-                    resources.build_config_map(owner, key, config),
-                    resources.build_job(effective, owner, key, config, stage_image),
-                )
-                if o
+                *([pvc] if pvc else []),
+                *resources.stage_objects(effective, owner, key, config, stage_image, attempt),
             ]
-            records[key] = StageRecord(phase=Phase.RUNNING, job_name=name, attempts=1, start_time=now)
+            records[key] = StageRecord(phase=Phase.RUNNING, job_name=name, attempts=attempt, start_time=now)
 
     at = status_current(spec, records)
     deferred = at is not None and _deferred(frozen.get(at.iteration, {}), _sections(spec), records, at)
@@ -350,4 +394,14 @@ def decide(
     if deferred and not run.status.get("specChangeDeferred"):
         message = f"spec change applies from iteration {at.iteration + 1}: iteration {at.iteration} keeps its spec"
         events.append(Event("Normal", "SpecChangeDeferred", message))
-    return Decision(create, status, events, fail=fail, delete=out_of_range)
+    status["memoryPlan"] = memory.summary(spec, gpu_memory)
+    if misfits(status["memoryPlan"]) and misfits(status["memoryPlan"]) != misfits(run.status.get("memoryPlan")):
+        message = "estimated GPU memory exceeds the GPU: " + "; ".join(misfits(status["memoryPlan"]))
+        events.append(Event("Warning", "MemoryPlanDoesNotFit", f"{message} (idpo plan shows the estimate)"))
+    return Decision(create, status, events, fail=fail, delete=out_of_range, restart=restart)
+
+
+def misfits(plan_status: dict[str, Any] | None) -> list[str]:
+    """The stages of a status memory plan whose estimate does not fit, as `stage (variant): N GB`."""
+    stages = (plan_status or {}).get("stages", [])
+    return [f"{s['stage']} ({s['variant']}): {s['estimateGB']} GB" for s in stages if s.get("fits") is False]

@@ -1,5 +1,5 @@
-"""What `idpo plan` shows without a cluster: the objects the operator would create for iteration 1
-(as `helm template` does, for kubeconform or a policy engine), and which memory estimates apply."""
+"""What `idpo plan -o yaml` shows without a cluster: the objects the operator would create for
+iteration 1, as `helm template` does, for kubeconform or a policy engine."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from typing import Any
 from idpo_jobs.config import STAGE_ORDER
 
 from idpo_operator import plan, resources
-from idpo_operator.memory import MemoryPlan, StageMemory
 from idpo_operator.plan import StageKey
-from idpo_operator.spec import IterativeDPORunSpec, Manifest
+from idpo_operator.spec import Manifest
 
 PLACEHOLDER_UID = "00000000-0000-0000-0000-000000000000"  # the run's uid, unknown before it exists
 
@@ -23,14 +22,5 @@ def iteration_objects(manifest: Manifest, stage_image: str) -> list[dict[str, An
     for stage in STAGE_ORDER:
         key = StageKey(1, stage)
         config = plan.stage_config(spec, owner.name, workspace, key)
-        objects += [
-            resources.build_config_map(owner, key, config),
-            resources.build_job(spec, owner, key, config, stage_image),
-        ]
+        objects += resources.stage_objects(spec, owner, key, config, stage_image)
     return objects
-
-
-def chosen_stages(spec: IterativeDPORunSpec, memory: MemoryPlan) -> list[StageMemory]:
-    """The estimates for what will run: every stage, train under the spec's strategy only."""
-    chosen = spec.training.distributed.strategy
-    return [s for s in memory.stages if s.stage != "train" or s.variant.startswith(chosen)]

@@ -23,6 +23,10 @@ LABEL_STAGE = "idpo.dev/stage"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 ANNOTATION_RUN = "idpo.dev/run-name"  # the run's full name, when its label had to be shortened
 ANNOTATION_FAILURE = "idpo.dev/failure"  # why the operator failed a Job that could not start
+# On gang Jobs only (a train stage on several nodes): which attempt this Job is. A gang is restarted
+# whole, by re-creating its Job, so the count cannot live in the Job's own pod failures.
+ANNOTATION_ATTEMPT = "idpo.dev/attempt"
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"  # the Job controller's pod annotation
 COMMON_LABELS = {"app.kubernetes.io/name": "idpo", "app.kubernetes.io/managed-by": "idpo-operator"}
 VOLUME_MOUNT = "/workspace"
 CONFIG_MOUNT = "/etc/idpo"
@@ -71,6 +75,13 @@ def child_name(run: str, suffix: str, limit: int = MAX_NAME, dots: bool = True) 
 
 def job_name(run: str, key: StageKey) -> str:
     return child_name(run, f"i{key.iteration}-{key.stage.value}", MAX_JOB_NAME, dots=False)
+
+
+def service_name(run: str, key: StageKey) -> str:
+    """The gang's headless Service, which is also its pods' `subdomain`. The Job's name, unless that
+    starts with a digit: a Service name is a DNS-1035 label (a letter first)."""
+    name = job_name(run, key)
+    return name if name[0].isalpha() else f"g{_digest(name)}-{key.stage.value}"
 
 
 def run_label(run: str) -> str:
@@ -197,16 +208,42 @@ def stage_command(stage: Stage) -> list[str]:
     return ["python", "-m", f"idpo_jobs.{stage.value}", "--config", config]
 
 
-def rendezvous_env(spec: IterativeDPORunSpec) -> list[dict[str, str]]:
+def gang(spec: IterativeDPORunSpec, stage: Stage) -> bool:
+    """Whether the stage runs as one torchrun job over several pods, which fail and restart together."""
+    return stage is Stage.TRAIN and spec.training.distributed.nodes > 1
+
+
+def rendezvous_env(spec: IterativeDPORunSpec, owner: Owner, key: StageKey) -> list[dict[str, Any]]:
     """Kubeflow Trainer's torchrun contract (PET_*), so the image runs the same under a TrainJob.
-    One node: the rendezvous is local. Several nodes are not built yet (the spec refuses them)."""
+    Node rank = the pod's completion index; the rendezvous is the index-0 pod, by its stable name."""
     dist = spec.training.distributed
+    master = "127.0.0.1"
+    if gang(spec, key.stage):
+        master = f"{job_name(owner.name, key)}-0.{service_name(owner.name, key)}"
+    index = {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX}']"}}
     return [
         {"name": "PET_NNODES", "value": str(dist.nodes)},
         {"name": "PET_NPROC_PER_NODE", "value": str(dist.processes(spec.training.resources))},
-        {"name": "PET_MASTER_ADDR", "value": "127.0.0.1"},
+        {"name": "PET_NODE_RANK", "valueFrom": index},
+        {"name": "PET_MASTER_ADDR", "value": master},
         {"name": "PET_MASTER_PORT", "value": str(dist.master_port)},
     ]
+
+
+def build_service(spec: IterativeDPORunSpec, owner: Owner, key: StageKey) -> dict[str, Any]:
+    """A gang's headless Service: DNS names `<job>-<index>.<service>` for its pods. Published before
+    they are ready, because torchrun's rendezvous is what makes them so."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(service_name(owner.name, key), owner, key),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": labels(owner, key),
+            "ports": [{"name": "rendezvous", "port": spec.training.distributed.master_port}],
+        },
+    }
 
 
 def _container(spec: IterativeDPORunSpec, owner: Owner, key: StageKey, image: str) -> dict[str, Any]:
@@ -216,7 +253,7 @@ def _container(spec: IterativeDPORunSpec, owner: Owner, key: StageKey, image: st
         {"name": PVC_CLAIM_ENV, "value": pvc_name(spec, owner.name)},
         *({"name": k, "value": v} for k, v in WRITABLE_ENV.items()),
         {"name": "PYTHONUNBUFFERED", "value": "1"},
-        *(rendezvous_env(spec) if key.stage is Stage.TRAIN else []),
+        *(rendezvous_env(spec, owner, key) if key.stage is Stage.TRAIN else []),
         *rt.env,  # last: the user's values win
     ]
     res = stage_resources(spec, key.stage)
@@ -246,13 +283,19 @@ def _container(spec: IterativeDPORunSpec, owner: Owner, key: StageKey, image: st
 
 
 def build_job(
-    spec: IterativeDPORunSpec, owner: Owner, key: StageKey, config: StageConfig, image: str = DEFAULT_STAGE_IMAGE
+    spec: IterativeDPORunSpec,
+    owner: Owner,
+    key: StageKey,
+    config: StageConfig,
+    image: str = DEFAULT_STAGE_IMAGE,
+    attempt: int = 1,
 ) -> dict[str, Any]:
-    """One Job per stage per iteration; an Indexed Job whose index k is shard k of `config.shards`.
-    `image` is the operator's default stage image, for runs that name none."""
+    """One Job per stage per iteration: an Indexed Job whose index k is shard k of `config.shards`,
+    or, for a gang, node k of the torchrun job. `image` is the operator's default stage image, for
+    runs that name none; `attempt` numbers a gang's re-creations."""
     rt = spec.runtime
     meta = _metadata(job_name(owner.name, key), owner, key)
-    if rt.queue_name:
+    if rt.queue_name:  # Kueue admits the Job's pods (all `parallelism` of them) as one workload
         meta["labels"][LABEL_QUEUE] = rt.queue_name
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
@@ -274,6 +317,11 @@ def build_job(
         "imagePullSecrets": [{"name": s} for s in rt.image_pull_secrets],
     }
     pod |= {k: v for k, v in optional.items() if v}
+    # Bad input fails the same way every time: fail the Job without retrying.
+    bad_input = {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_BAD_INPUT]},
+    }
     job_spec: dict[str, Any] = {
         "completionMode": "Indexed",
         "completions": config.shards,
@@ -286,18 +334,44 @@ def build_job(
             "rules": [
                 # Evictions, preemptions and node drains are not the stage's fault: not counted.
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-                # Bad input fails the same way every time: fail the Job without retrying.
-                {
-                    "action": "FailJob",
-                    "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_BAD_INPUT]},
-                },
+                bad_input,
             ]
         },
-        "template": {
-            "metadata": {"labels": labels(owner, key), "annotations": {ANNOTATION_RUN: owner.name}},
-            "spec": pod,
-        },
+    }
+    if gang(spec, key.stage):
+        nodes = spec.training.distributed.nodes
+        meta["annotations"][ANNOTATION_ATTEMPT] = str(attempt)
+        pod["subdomain"] = service_name(owner.name, key)
+        # All or nothing: the first failed pod fails the Job (the Job controller then stops the
+        # others) and the operator re-creates it whole (reconcile.gang_failure): a replacement pod
+        # could not rejoin the running ranks. A disruption fails it too, by a rule of its own, so that
+        # the operator can tell it from a crash and not count it as an attempt.
+        job_spec = {
+            "completionMode": "Indexed",
+            "completions": nodes,
+            "parallelism": nodes,
+            "backoffLimit": 0,
+            "podFailurePolicy": {
+                "rules": [{"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget"}]}, bad_input]
+            },
+        }
+    job_spec["template"] = {
+        "metadata": {"labels": labels(owner, key), "annotations": {ANNOTATION_RUN: owner.name}},
+        "spec": pod,
     }
     if rt.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = rt.active_deadline_seconds
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def stage_objects(
+    spec: IterativeDPORunSpec,
+    owner: Owner,
+    key: StageKey,
+    config: StageConfig,
+    image: str = DEFAULT_STAGE_IMAGE,
+    attempt: int = 1,
+) -> list[dict[str, Any]]:
+    """What starting a stage creates, in order: a gang's Service, the config, the Job."""
+    service = [build_service(spec, owner, key)] if gang(spec, key.stage) else []
+    return [*service, build_config_map(owner, key, config), build_job(spec, owner, key, config, image, attempt)]

@@ -35,7 +35,8 @@ class StorageSpec(Model):
     access_modes: list[Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"]] = Field(
         default_factory=lambda: ["ReadWriteOnce"],
         min_length=1,
-        description="Access modes of the created PVC; ReadWriteMany when shards run on several nodes.",
+        description="Access modes of the created PVC; ReadWriteMany when shards or training.distributed.nodes "
+        "run on several nodes.",
     )
     retain_on_delete: bool = Field(True, description="Keep the created PVC (checkpoints) when the run is deleted.")
     root: str = Field("idpo", description="Directory on the volume under which each run gets `<run>-<uid8>/`.")
@@ -103,10 +104,15 @@ class IterativeDPORunSpec(Model):
 
     @model_validator(mode="after")
     def _runnable(self) -> IterativeDPORunSpec:
-        if self.training.distributed.nodes > 1:
-            # The stage and its launcher support several nodes; the operator does not yet build the
-            # gang (Indexed Job, headless Service, PET_NODE_RANK). Refused rather than run on one.
-            raise ValueError("training.distributed.nodes > 1 is not supported by this operator yet; use 1")
+        nodes, storage = self.training.distributed.nodes, self.storage
+        if nodes > 1 and not storage.existing_claim and "ReadWriteMany" not in storage.access_modes:
+            # Every pod of the gang mounts the volume; a ReadWriteOnce one attaches to one node only, so
+            # the other pods would wait in ContainerCreating until the start deadline. An existingClaim's
+            # modes are the cluster's to know: the start deadline names a Multi-Attach wait there.
+            raise ValueError(
+                f"training.distributed.nodes {nodes} needs a volume every node can mount: set "
+                "storage.accessModes to [ReadWriteMany] (or use an existingClaim that is ReadWriteMany)"
+            )
         problem = self.evaluation.heldout_problem(self.prompts, self.iterations)
         if problem:
             raise ValueError(f"evaluation: {problem}")

@@ -56,6 +56,9 @@ class StageRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
     message: str | None = None
     digests: list[str] | None = None  # per part, as the stage reported them: the next stage checks them
+    # A gang (a train stage on several nodes) being re-created whole after a pod failed: why, as a
+    # pod failure reason (`PodFailed` counts as an attempt, `DisruptionTarget` does not).
+    restarting: str | None = None
     # A running stage whose pod waits to start: since when, and the kubelet's or scheduler's reason.
     waiting_since: str | None = field(default=None, compare=False)
     waiting_reason: str | None = field(default=None, compare=False)
@@ -70,6 +73,7 @@ class StageRecord:
             "metrics": self.metrics or None,
             "message": self.message,
             "digests": self.digests,
+            "restarting": self.restarting,
         }
         return {k: v for k, v in out.items() if v is not None}
 

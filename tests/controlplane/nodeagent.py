@@ -91,6 +91,7 @@ class Agent:
         }
         self.workers: dict[str, PodWorker] = {}
         self.uids: dict[tuple[str, str], str] = {}  # (namespace, pod name) -> uid, for the log endpoint
+        self.services: dict[tuple[str, str], dict[str, Any]] = {}  # (namespace, name): for cluster DNS
         self.log_port = logserver.serve(self.locate_log, args.tls_cert, args.tls_key, args.ca)
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -276,11 +277,25 @@ class Agent:
         with self.lock:
             self.workers.pop(uid, None)
 
+    def on_service(self, kind: str, service: dict[str, Any]) -> None:
+        meta = service["metadata"]
+        key = (meta["namespace"], meta["name"])
+        with self.lock:
+            if kind == "DELETED":
+                self.services.pop(key, None)
+            else:
+                self.services[key] = service
+        self.hosts_changed(meta["namespace"])
+
     def hosts_changed(self, namespace: str) -> None:
-        """Rewrite the hosts files of a namespace's pods: a pod started later is found by name too."""
+        """Rewrite the hosts files of a namespace's pods with what cluster DNS would answer there:
+        called when a Service or a pod's IP comes or goes."""
         with self.lock:
             workers = [w for w in self.workers.values() if w.namespace == namespace]
-        names = [n for w in workers for n in podspec.host_names(w.pod)]
+            services = [s for (ns, _), s in self.services.items() if ns == namespace]
+        # A pod has its IP once Running, and is ready then (the node agent runs no readiness probes).
+        addressed = [(w.pod, True) for w in workers if w.phase == "Running"]
+        names = [n for s in services for n in podspec.service_names(s, addressed)]
         for worker in workers:
             worker.write_hosts(names)
 
@@ -314,6 +329,7 @@ class Agent:
             threading.Thread(target=self.watch, args=("/api/v1/persistentvolumeclaims", self.on_claim), daemon=True),
             threading.Thread(target=self.watch, args=("/api/v1/persistentvolumes", self.on_volume), daemon=True),
             threading.Thread(target=self.watch, args=("/api/v1/pods", self.on_pod), daemon=True),
+            threading.Thread(target=self.watch, args=("/api/v1/services", self.on_service), daemon=True),
         ]
         for thread in threads:
             thread.start()

@@ -51,6 +51,7 @@ class PodWorker(threading.Thread):
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.gpus: list[int] = []
         self.hosts = self.dir / "hosts"
+        self.phase = "Pending"  # as last reported
 
     # -- called from the agent's watch thread ------------------------------------------------------
     def request_stop(self, grace: float) -> None:
@@ -75,6 +76,9 @@ class PodWorker(threading.Thread):
             status["initContainerStatuses"] = init
         status.setdefault("startTime", self.start_time)
         self.agent.rest.patch(self.path + "/status", {"status": status}, STRATEGIC)
+        if phase != self.phase:
+            self.phase = phase
+            self.agent.hosts_changed(self.namespace)  # its IP came or went: headless Services' names too
 
     def _waiting(self, reason: str, message: str) -> None:
         state = {"waiting": {"reason": reason, "message": message}}

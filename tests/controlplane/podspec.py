@@ -142,19 +142,45 @@ def hostname(pod: dict[str, Any]) -> str:
 
 
 def host_names(pod: dict[str, Any]) -> list[str]:
-    """Every name the pod answers to: its hostname and, with a subdomain, the names a headless
-    Service of that name gives it (short forms too: /etc/hosts knows no search domains)."""
+    """The names the kubelet writes into a pod's own /etc/hosts: its hostname, and with a subdomain
+    its fully qualified name. Other names come from cluster DNS (`service_names`)."""
     host, sub = hostname(pod), pod["spec"].get("subdomain")
     if not sub:
         return [host]
-    ns = pod["metadata"]["namespace"]
-    return [
-        f"{host}.{sub}.{ns}.svc.{CLUSTER_DOMAIN}",
-        f"{host}.{sub}.{ns}.svc",
-        f"{host}.{sub}.{ns}",
-        f"{host}.{sub}",
-        host,
+    return [f"{host}.{sub}.{pod['metadata']['namespace']}.svc.{CLUSTER_DOMAIN}", host]
+
+
+def _search_forms(name: str, namespace: str) -> list[str]:
+    """`name` as a pod may write it: its search path (`<ns>.svc.<domain>`, `svc.<domain>`, `<domain>`)
+    completes each form to `<name>.<ns>.svc.<domain>`."""
+    return [name, f"{name}.{namespace}", f"{name}.{namespace}.svc", f"{name}.{namespace}.svc.{CLUSTER_DOMAIN}"]
+
+
+def service_names(service: dict[str, Any], pods: list[tuple[dict[str, Any], bool]]) -> list[str]:
+    """What cluster DNS answers for a headless Service, given the pods that have an IP (and whether
+    each is ready): the Service's name, and `<hostname>.<service>` for each selected pod whose
+    subdomain is the Service; a pod that is not ready only with publishNotReadyAddresses. Nothing
+    for other Services: their names resolve to a ClusterIP, which nothing here may send to.
+
+    The EndpointSlice controller cannot do this here: EndpointSlices refuse loopback addresses,
+    and every pod of this node agent is on 127.0.0.1."""
+    meta, spec = service["metadata"], service.get("spec") or {}
+    selector = spec.get("selector") or {}
+    if spec.get("clusterIP") != "None" or not selector:
+        return []
+    name, namespace = meta["name"], meta["namespace"]
+    members = [
+        pod
+        for pod, ready in pods
+        if pod["metadata"]["namespace"] == namespace
+        and selector.items() <= (pod["metadata"].get("labels") or {}).items()
+        and (ready or spec.get("publishNotReadyAddresses"))
     ]
+    names = _search_forms(name, namespace) if members else []
+    for pod in members:
+        if pod["spec"].get("hostname") and pod["spec"].get("subdomain") == name:
+            names += _search_forms(f"{pod['spec']['hostname']}.{name}", namespace)
+    return names
 
 
 def hosts_file(own: list[str], neighbours: list[str]) -> str:

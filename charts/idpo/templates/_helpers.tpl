@@ -30,7 +30,7 @@ app.kubernetes.io/component: operator
   resources: ["pods"]
   verbs: ["list", "watch"]
 - apiGroups: [""]
-  resources: ["configmaps", "persistentvolumeclaims"]
+  resources: ["configmaps", "persistentvolumeclaims", "services"]
   verbs: ["create"]
 - apiGroups: [""]
   resources: ["events"]
