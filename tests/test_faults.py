@@ -128,16 +128,15 @@ def test_a_two_node_train_runs_as_one_gang_and_a_killed_pod_restarts_it_whole(cl
         time.sleep(0.2)
     index = {p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]: p for p in first}
     assert sorted(index) == ["0", "1"] and index["0"]["spec"]["subdomain"] == job
-    # Node 1 dies mid-run (as a pod on a failed node would): the whole gang is stopped and re-created.
+    # Node 1's pod is deleted mid-run, as an operator error or a crash of its node agent would end it:
+    # the Job fails, and the operator stops and re-creates the whole gang.
     cluster.core.delete_namespaced_pod(index["1"]["metadata"]["name"], cluster.namespace)
-    restarting = cluster.wait("gang", lambda s: s.get("iterations") and stage(s, 1, "train").get("restarting"))
-    assert "restarting all pods: a pod failed in attempt 1" in stage(restarting, 1, "train")["message"]
 
     status = cluster.wait_phase("gang", "Succeeded", "Failed")
     assert status["phase"] == "Succeeded", status.get("message")
     train = stage(status, 1, "train")
     assert train["attempts"] == 2 and "restarting" not in train
-    # Both nodes' ranks trained together in the second attempt, and rank 0 alone published.
+    # Both nodes' ranks trained together in the second attempt: the same number of steps each.
     metrics = train["metrics"]
     assert metrics["world_size"] == 2 and len(set(metrics["rank_steps"])) == 1 and metrics["steps"] > 0
     second = cluster.pods(job)
@@ -145,8 +144,9 @@ def test_a_two_node_train_runs_as_one_gang_and_a_killed_pod_restarts_it_whole(cl
     (recreated,) = [j for j in cluster.jobs("gang") if j["metadata"]["name"] == job]
     assert recreated["metadata"]["annotations"]["idpo.dev/attempt"] == "2"
     events = cluster.kubectl("get", "events", "--field-selector", "involvedObject.name=gang", "-o", "json")
-    reasons = [e["reason"] for e in json.loads(events.stdout)["items"]]
-    assert {"StageRestarting", "StageRetrying"} <= set(reasons), reasons
+    said = {e["reason"]: e["message"] for e in json.loads(events.stdout)["items"]}
+    assert "restarting all pods: a pod failed in attempt 1" in said["StageRestarting"], said
+    assert "attempt 2 after a failure" in said["StageRetrying"], said
     loads = (
         "import sys; from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(sys.argv[1])"
     )

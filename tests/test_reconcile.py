@@ -281,14 +281,19 @@ def train_status(status: dict[str, Any]) -> dict[str, Any]:
 def test_a_failed_gang_is_deleted_whole_then_recreated_as_its_next_attempt() -> None:
     failed = decide(run(**GANG), [*before_train(), gang_job(1, "Failed")], [], now=NOW)
     name = resources.job_name("r", TRAIN1)
-    assert failed.restart == [name] and failed.create == []
     train = train_status(failed.status)
     assert (train["phase"], train["attempts"], train["restarting"]) == ("Running", 1, "PodFailed")
     assert failed.status["phase"] == "Running" and "restarting all pods" in train["message"]
     assert [e.reason for e in failed.events if e.key == TRAIN1] == ["StageRestarting"]
+    # Nothing is deleted before the status says so (the attempt count must outlive the Job); the
+    # operator reconciles again once it is written.
+    assert failed.restart == [] and failed.create == [] and failed.again
+
+    told = decide(run(failed.status, **GANG), [*before_train(), gang_job(1, "Failed")], [], now=NOW)
+    assert told.restart == [name] and not told.again and told.events == []
 
     # Its pods are being deleted (Foreground): nothing is asked again, nothing starts.
-    deleting = decide(run(failed.status, **GANG), [*before_train(), gang_job(1, "Failed", deleting=True)], [], now=NOW)
+    deleting = decide(run(told.status, **GANG), [*before_train(), gang_job(1, "Failed", deleting=True)], [], now=NOW)
     assert deleting.restart == [] and deleting.create == [] and train_status(deleting.status)["restarting"]
 
     gone = decide(run(deleting.status, **GANG), before_train(), [], now=NOW)
@@ -298,6 +303,20 @@ def test_a_failed_gang_is_deleted_whole_then_recreated_as_its_next_attempt() -> 
     assert (train["phase"], train["attempts"], "restarting" in train) == ("Running", 2, False)
     assert [e.reason for e in gone.events] == ["StageRetrying"]
 
+    # The API refused that create: the status written says attempt 2 and no Job exists. The next
+    # reconcile creates attempt 2 again, not attempt 1.
+    again = decide(run(gone.status, **GANG), before_train(), [], now=NOW)
+    assert again.create[-1]["metadata"]["annotations"][resources.ANNOTATION_ATTEMPT] == "2"
+
+
+def test_a_restart_that_waited_for_capacity_is_a_retry_not_a_start() -> None:
+    restarting = decide(run(**GANG), [*before_train(), gang_job(1, "Failed")], [], now=NOW)
+    waited = decide(run(restarting.status, **GANG), before_train(), [], capacity=False)
+    assert train_status(waited.status)["phase"] == "Pending" and train_status(waited.status)["restarting"]
+    started = decide(run(waited.status, **GANG), before_train(), [])
+    assert started.create[-1]["metadata"]["annotations"][resources.ANNOTATION_ATTEMPT] == "2"
+    assert [e.reason for e in started.events] == ["StageRetrying"]
+
 
 def test_a_gang_out_of_retries_fails_the_run() -> None:
     last = decide(run(**GANG, runtime={"retries": 2}), [*before_train(), gang_job(3, "Failed")], [], now=NOW)
@@ -305,11 +324,21 @@ def test_a_gang_out_of_retries_fails_the_run() -> None:
     assert "after 3 attempt(s)" in last.status["message"]
 
 
+def disrupted_pod() -> dict[str, Any]:
+    body = pod(TRAIN1, {})
+    body["status"]["conditions"] = [{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}]
+    return body
+
+
 def test_a_disrupted_gang_restarts_without_using_an_attempt() -> None:
-    disrupted = decide(run(**GANG, runtime={"retries": 0}), [*before_train(), gang_job(1, "Failed", DISRUPTION)], [])
-    assert disrupted.restart and train_status(disrupted.status)["restarting"] == "DisruptionTarget"
-    again = decide(run(disrupted.status, **GANG, runtime={"retries": 0}), before_train(), [])
-    assert again.create[-1]["metadata"]["annotations"][resources.ANNOTATION_ATTEMPT] == "1"
+    by_rule = [*before_train(), gang_job(1, "Failed", DISRUPTION)]
+    # The peers failed first (their failure is the Job's reason); the evicted pod still says why.
+    by_peers = ([*before_train(), gang_job(1, "Failed", CRASH)], [disrupted_pod()])
+    for jobs, pods in ((by_rule, []), by_peers):
+        disrupted = decide(run(**GANG, runtime={"retries": 0}), jobs, pods)
+        assert train_status(disrupted.status)["restarting"] == "DisruptionTarget"
+        again = decide(run(disrupted.status, **GANG, runtime={"retries": 0}), before_train(), [])
+        assert again.create[-1]["metadata"]["annotations"][resources.ANNOTATION_ATTEMPT] == "1"
 
 
 def test_a_gang_that_failed_on_bad_input_is_not_restarted() -> None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from idpo_jobs.config import Stage
+from idpo_jobs.config import Stage, StageConfig
 from idpo_operator import plan, resources
 from idpo_operator.plan import StageKey
-from idpo_operator.spec import parse_manifest
+from idpo_operator.spec import IterativeDPORunSpec, parse_manifest
 
 from tests.conftest import manifest
 
@@ -175,6 +175,10 @@ TWO_NODES = {
 }
 
 
+def _config(s: IterativeDPORunSpec, key: StageKey) -> StageConfig:
+    return plan.stage_config(s, OWNER.name, resources.workspace(s, OWNER), key)
+
+
 def test_a_train_stage_on_several_nodes_is_one_indexed_job_that_fails_whole() -> None:
     s = spec(**TWO_NODES)
     body = job(s, TRAIN)
@@ -206,6 +210,8 @@ def test_the_gang_finds_its_rank_zero_pod_through_a_headless_service() -> None:
     assert (env["PET_NNODES"]["value"], env["PET_NPROC_PER_NODE"]["value"]) == ("2", "4")
     rank = env["PET_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
     assert rank == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    # A node that cannot start is the start deadline's to report (600 s), before torchrun gives up.
+    assert env["PET_RDZV_CONF"]["value"] == "timeout=900"
 
 
 def test_one_node_needs_no_service_and_keeps_per_shard_retries() -> None:
@@ -220,7 +226,3 @@ def test_a_service_name_starts_with_a_letter_whatever_the_run_name() -> None:
     name = resources.service_name("7b-run", TRAIN)
     assert name[0].isalpha() and len(name) <= 63 and name != resources.service_name("8b-run", TRAIN)
     assert resources.service_name("run", TRAIN) == resources.job_name("run", TRAIN)
-
-
-def _config(s, key):
-    return plan.stage_config(s, OWNER.name, resources.workspace(s, OWNER), key)

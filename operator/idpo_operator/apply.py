@@ -273,7 +273,9 @@ def reconcile_run(namespace: str, name: str, cache: Cache) -> None:
                     break
                 slot.dirty = False
             try:
-                _reconcile(namespace, name, cache)
+                if _reconcile(namespace, name, cache):
+                    with _slots_lock:
+                        slot.dirty = True
             except Exception:
                 metrics.ERRORS.inc()
                 raise
@@ -281,19 +283,20 @@ def reconcile_run(namespace: str, name: str, cache: Cache) -> None:
         slot.lock.release()
 
 
-def _reconcile(namespace: str, name: str, cache: Cache) -> None:
+def _reconcile(namespace: str, name: str, cache: Cache) -> bool:
+    """Whether the run needs another reconcile at once (Decision.again)."""
     global reconciles
     found = cache.one(cache.runs, (namespace, name))
     if not found:
         metrics.forget((namespace, name))
-        return
+        return False
     run = found[0]
     meta = run["metadata"]
     if meta.get("deletionTimestamp"):
         metrics.forget((namespace, name))
         _written.pop((namespace, name), None)
         _inflight.pop((namespace, resources.run_label(name)), None)
-        return
+        return False
     status = run.get("status") or {}
     version, written = _written.get((namespace, name), ("", {}))
     if version and _older(meta.get("resourceVersion", ""), version):
@@ -350,3 +353,4 @@ def _reconcile(namespace: str, name: str, cache: Cache) -> None:
             _events.submit(_post_event, run, event)
     metrics.record((namespace, name), decision.status, decision.events)
     reconciles += 1
+    return decision.again

@@ -65,6 +65,7 @@ class Decision:
     fail: dict[str, str] = field(default_factory=dict)  # Job name -> why: pods that cannot start
     delete: list[str] = field(default_factory=list)  # Job names: out of range after `iterations` went down
     restart: list[str] = field(default_factory=list)  # gang Job names: delete with their pods, then re-create
+    again: bool = False  # a step waits for this status to be written: reconcile again once it is
 
 
 WAITING_FOR_CAPACITY = "Pending: waiting for capacity"
@@ -131,18 +132,20 @@ def waiting(pod: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def gang_failure(job: dict[str, Any]) -> str | None:
+def gang_failure(job: dict[str, Any], pods: list[dict[str, Any]]) -> str | None:
     """Why a failed gang Job may be re-created (POD_FAILED or DISRUPTED); None for any other Job,
     and for a gang that must not run again: bad input, its deadline, the operator's own verdict."""
     annotations = job["metadata"].get("annotations", {})
     if resources.ANNOTATION_ATTEMPT not in annotations or resources.ANNOTATION_FAILURE in annotations:
         return None
-    done = _true_conditions(job)
-    cond = done.get("Failed") or done.get("FailureTarget") or {}
+    cond = (lambda done: done.get("Failed") or done.get("FailureTarget") or {})(_true_conditions(job))
+    # A disrupted pod is counted only once it has terminated, and its peers, failing at their next
+    # collective, are often counted first: the pods' conditions tell it, not the Job's reason.
+    disrupted = any(DISRUPTED in _true_conditions(p) for p in pods)
     if cond.get("reason") == "BackoffLimitExceeded":
-        return POD_FAILED
+        return DISRUPTED if disrupted else POD_FAILED
     # The Job controller's message names the rule that matched: "Pod ns/x has condition DisruptionTarget ...".
-    if cond.get("reason") == "PodFailurePolicy" and f"condition {DISRUPTED}" in cond.get("message", ""):
+    if cond.get("reason") == "PodFailurePolicy" and (disrupted or f"condition {DISRUPTED}" in cond.get("message", "")):
         return DISRUPTED
     return None
 
@@ -188,9 +191,17 @@ def job_record(job: dict[str, Any], pods: list[dict[str, Any]]) -> StageRecord:
     return record
 
 
+def stage_status(status: dict[str, Any], key: StageKey) -> dict[str, Any]:
+    """The stage's entry in a status; empty when it has none."""
+    for it in status.get("iterations", []):
+        if it["iteration"] == key.iteration:
+            return it.get("stages", {}).get(key.stage.value, {})
+    return {}
+
+
 def previous_records(status: dict[str, Any]) -> dict[StageKey, StageRecord]:
     """Succeeded stages from the last status: the record survives its Job (TTL, manual delete). And
-    restarting gangs: their attempt count outlives the Job deleted to restart them."""
+    restarting gangs, whose Job is deleted while they restart."""
     out = {}
     for it in status.get("iterations", []):
         for name, s in it.get("stages", {}).items():
@@ -203,7 +214,7 @@ def previous_records(status: dict[str, Any]) -> dict[StageKey, StageRecord]:
                     message=s.get("message"),
                     restarting=s["restarting"],
                 )
-            if s.get("phase") == Phase.SUCCEEDED:
+            elif s.get("phase") == Phase.SUCCEEDED:
                 out[StageKey(it["iteration"], Stage(name))] = StageRecord(
                     phase=Phase.SUCCEEDED,
                     job_name=s.get("jobName"),
@@ -226,10 +237,10 @@ def _stage_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
             phase, was = s.get("phase"), prev.get("phase")
             if s.get("restarting") and not prev.get("restarting"):
                 events.append(Event("Warning", "StageRestarting", f"{key}: {s.get('message', '')}", key))
-            elif phase == Phase.RUNNING and was != Phase.RUNNING:
-                events.append(Event("Normal", "StageStarted", f"{key} started (job {s.get('jobName')})", key))
             elif phase == Phase.RUNNING and s.get("attempts", 1) > prev.get("attempts", 1):
                 events.append(Event("Warning", "StageRetrying", f"{key}: attempt {s['attempts']} after a failure", key))
+            elif phase == Phase.RUNNING and was != Phase.RUNNING:
+                events.append(Event("Normal", "StageStarted", f"{key} started (job {s.get('jobName')})", key))
             elif phase == Phase.SUCCEEDED and was != Phase.SUCCEEDED:
                 message = f"{key} succeeded: {json.dumps(s.get('metrics', {}))}"[:1000]
                 events.append(Event("Normal", "StageSucceeded", message, key))
@@ -315,6 +326,7 @@ def decide(
     jobs_by_key = {k: j for j in jobs if (k := key_of(j)) is not None}
     fail: dict[str, str] = {}
     restart: list[str] = []
+    again = False
     for key, job in jobs_by_key.items():
         name = job["metadata"]["name"]
         owned_pods = [p for p in pods if key_of(p) == key]
@@ -325,14 +337,24 @@ def decide(
         if previous.phase != Phase.SUCCEEDED or (name == previous.job_name and not behind):
             records[key] = observed
         record = records[key]
-        why = gang_failure(job) if record.phase == Phase.FAILED and record.job_name == name else None
+        why = gang_failure(job, owned_pods) if record.phase == Phase.FAILED and record.job_name == name else None
         if why == DISRUPTED or (why == POD_FAILED and record.attempts <= spec.runtime.retries):
+            before = stage_status(run.status, key)
             cause = "was disrupted" if why == DISRUPTED else f"failed in attempt {record.attempts}"
-            message = f"restarting all pods: a pod {cause}: {record.message}"[:500]
+            message = before.get("message") if before.get("restarting") else None
             records[key] = StageRecord(
-                Phase.RUNNING, name, record.attempts, record.start_time, message=message, restarting=why
+                Phase.RUNNING,
+                name,
+                record.attempts,
+                record.start_time,
+                message=message or f"restarting all pods: a pod {cause}: {record.message}"[:500],
+                restarting=why,
             )
-            if not job["metadata"].get("deletionTimestamp"):
+            # The Job goes only once the status says the stage is restarting: the attempt count
+            # must outlive it, even if the operator stops between the two writes.
+            if not before.get("restarting"):
+                again = True
+            elif not job["metadata"].get("deletionTimestamp"):
                 restart.append(name)
         elif record.phase == Phase.RUNNING and record.waiting_reason:
             late = _age(record.waiting_since, now) > spec.runtime.start_timeout_seconds
@@ -354,20 +376,27 @@ def decide(
     key = plan.next_stage(spec, completed)
     if key is not None and not failed and not spec.suspend and key not in jobs_by_key:
         name = resources.job_name(run.name, key)
-        prior = records.get(key, StageRecord())  # a gang whose Job was deleted to restart it
+        # A stage the last status has as started but whose Job is absent: a gang deleted to restart it,
+        # a create the API refused, a Job deleted by hand. Its attempt count carries over.
+        prior = stage_status(run.status, key)
+        started = prior.get("phase") in (Phase.RUNNING, Phase.PENDING)
+        restarting = prior.get("restarting") if started else None
+        attempt = max(prior.get("attempts", 1), 1) if started else 1
+        if restarting == POD_FAILED:
+            attempt += 1
         if name in foreign:
             problem = (Reason.FOREIGN_CHILD, f"Job {name} belongs to another object; waiting for it to be deleted")
         elif not capacity:
             records[key] = StageRecord(
-                Phase.PENDING, message=WAITING_FOR_CAPACITY, attempts=prior.attempts, restarting=prior.restarting
+                Phase.PENDING, message=WAITING_FOR_CAPACITY, attempts=prior.get("attempts", 0), restarting=restarting
             )
         else:
-            if not prior.restarting or key.iteration not in frozen:  # a restart runs the spec it started with
+            # A restart runs the spec its first attempt froze (when the status has one).
+            if not restarting or key.iteration not in frozen:
                 frozen[key.iteration] = _refreeze(frozen.get(key.iteration, {}), _sections(spec), key.stage)
             effective = spec_for(spec, frozen[key.iteration])
             inputs = records.get(plan.input_of(key), StageRecord()).digests if plan.input_of(key) else None
             config = plan.stage_config(effective, run.name, ws, key, input_digests=inputs)
-            attempt = prior.attempts + (prior.restarting == POD_FAILED) if prior.restarting else 1
             pvc = resources.build_pvc(spec, owner)
             create = [
                 *([pvc] if pvc else []),
@@ -395,10 +424,11 @@ def decide(
         message = f"spec change applies from iteration {at.iteration + 1}: iteration {at.iteration} keeps its spec"
         events.append(Event("Normal", "SpecChangeDeferred", message))
     status["memoryPlan"] = memory.summary(spec, gpu_memory)
-    if misfits(status["memoryPlan"]) and misfits(status["memoryPlan"]) != misfits(run.status.get("memoryPlan")):
-        message = "estimated GPU memory exceeds the GPU: " + "; ".join(misfits(status["memoryPlan"]))
+    too_big = misfits(status["memoryPlan"])
+    if too_big and too_big != misfits(run.status.get("memoryPlan")):
+        message = "estimated GPU memory exceeds the GPU: " + "; ".join(too_big)
         events.append(Event("Warning", "MemoryPlanDoesNotFit", f"{message} (idpo plan shows the estimate)"))
-    return Decision(create, status, events, fail=fail, delete=out_of_range, restart=restart)
+    return Decision(create, status, events, fail=fail, delete=out_of_range, restart=restart, again=again)
 
 
 def misfits(plan_status: dict[str, Any] | None) -> list[str]:

@@ -27,6 +27,7 @@ ANNOTATION_FAILURE = "idpo.dev/failure"  # why the operator failed a Job that co
 # whole, by re-creating its Job, so the count cannot live in the Job's own pod failures.
 ANNOTATION_ATTEMPT = "idpo.dev/attempt"
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"  # the Job controller's pod annotation
+RENDEZVOUS_MARGIN = 300  # seconds a gang's rendezvous waits beyond runtime.startTimeoutSeconds
 COMMON_LABELS = {"app.kubernetes.io/name": "idpo", "app.kubernetes.io/managed-by": "idpo-operator"}
 VOLUME_MOUNT = "/workspace"
 CONFIG_MOUNT = "/etc/idpo"
@@ -217,17 +218,21 @@ def rendezvous_env(spec: IterativeDPORunSpec, owner: Owner, key: StageKey) -> li
     """Kubeflow Trainer's torchrun contract (PET_*), so the image runs the same under a TrainJob.
     Node rank = the pod's completion index; the rendezvous is the index-0 pod, by its stable name."""
     dist = spec.training.distributed
-    master = "127.0.0.1"
-    if gang(spec, key.stage):
-        master = f"{job_name(owner.name, key)}-0.{service_name(owner.name, key)}"
     index = {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX}']"}}
-    return [
+    env: list[dict[str, Any]] = [
         {"name": "PET_NNODES", "value": str(dist.nodes)},
         {"name": "PET_NPROC_PER_NODE", "value": str(dist.processes(spec.training.resources))},
         {"name": "PET_NODE_RANK", "valueFrom": index},
-        {"name": "PET_MASTER_ADDR", "value": master},
+        {"name": "PET_MASTER_ADDR", "value": "127.0.0.1"},
         {"name": "PET_MASTER_PORT", "value": str(dist.master_port)},
     ]
+    if gang(spec, key.stage):
+        env[3]["value"] = f"{job_name(owner.name, key)}-0.{service_name(owner.name, key)}"
+        # torchrun waits this long for every node (600 s by default): past the start deadline, so a
+        # pod that cannot start fails the stage with its reason, not the others with a timeout.
+        timeout = spec.runtime.start_timeout_seconds + RENDEZVOUS_MARGIN
+        env.append({"name": "PET_RDZV_CONF", "value": f"timeout={timeout}"})
+    return env
 
 
 def build_service(spec: IterativeDPORunSpec, owner: Owner, key: StageKey) -> dict[str, Any]:

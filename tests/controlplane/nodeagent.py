@@ -94,6 +94,7 @@ class Agent:
         self.services: dict[tuple[str, str], dict[str, Any]] = {}  # (namespace, name): for cluster DNS
         self.log_port = logserver.serve(self.locate_log, args.tls_cert, args.tls_key, args.ca)
         self.lock = threading.Lock()
+        self.hosts_lock = threading.Lock()
         self.stop = threading.Event()
 
     # -- nodes -------------------------------------------------------------------------------------
@@ -290,14 +291,15 @@ class Agent:
     def hosts_changed(self, namespace: str) -> None:
         """Rewrite the hosts files of a namespace's pods with what cluster DNS would answer there:
         called when a Service or a pod's IP comes or goes."""
-        with self.lock:
-            workers = [w for w in self.workers.values() if w.namespace == namespace]
-            services = [s for (ns, _), s in self.services.items() if ns == namespace]
-        # A pod has its IP once Running, and is ready then (the node agent runs no readiness probes).
-        addressed = [(w.pod, True) for w in workers if w.phase == "Running"]
-        names = [n for s in services for n in podspec.service_names(s, addressed)]
-        for worker in workers:
-            worker.write_hosts(names)
+        with self.hosts_lock:  # serialized whole: a write computed earlier must not land last
+            with self.lock:
+                workers = [w for w in self.workers.values() if w.namespace == namespace]
+                services = [s for (ns, _), s in self.services.items() if ns == namespace]
+            # A pod has its IP once Running, and is ready then (the node agent runs no readiness probes).
+            addressed = [(w.pod, True) for w in workers if w.phase == "Running"]
+            names = [n for s in services for n in podspec.service_names(s, addressed)]
+            for worker in workers:
+                worker.write_hosts(names)
 
     # -- watches -----------------------------------------------------------------------------------
     def watch(self, path: str, handle: Callable[[str, dict[str, Any]], None]) -> None:
