@@ -327,22 +327,8 @@ def build_job(
         "action": "FailJob",
         "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_BAD_INPUT]},
     }
-    job_spec: dict[str, Any] = {
-        "completionMode": "Indexed",
-        "completions": config.shards,
-        "parallelism": config.shards,
-        # Retries per shard: one flaky shard cannot use up the others' retries. The first shard
-        # that runs out fails the Job (and the stage) at once.
-        "backoffLimitPerIndex": rt.retries,
-        "maxFailedIndexes": 0,
-        "podFailurePolicy": {
-            "rules": [
-                # Evictions, preemptions and node drains are not the stage's fault: not counted.
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-                bad_input,
-            ]
-        },
-    }
+    disrupted = {"type": "DisruptionTarget"}  # evictions, preemptions, node drains: not the stage's fault
+    job_spec: dict[str, Any] = {"completionMode": "Indexed"}
     if gang(spec, key.stage):
         nodes = spec.training.distributed.nodes
         meta["annotations"][ANNOTATION_ATTEMPT] = str(attempt)
@@ -351,14 +337,21 @@ def build_job(
         # others) and the operator re-creates it whole (reconcile.gang_failure): a replacement pod
         # could not rejoin the running ranks. A disruption fails it too, by a rule of its own, so that
         # the operator can tell it from a crash and not count it as an attempt.
-        job_spec = {
-            "completionMode": "Indexed",
+        job_spec |= {
             "completions": nodes,
             "parallelism": nodes,
             "backoffLimit": 0,
-            "podFailurePolicy": {
-                "rules": [{"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget"}]}, bad_input]
-            },
+            "podFailurePolicy": {"rules": [{"action": "FailJob", "onPodConditions": [disrupted]}, bad_input]},
+        }
+    else:
+        job_spec |= {
+            "completions": config.shards,
+            "parallelism": config.shards,
+            # Retries per shard: one flaky shard cannot use up the others' retries. The first shard
+            # that runs out fails the Job (and the stage) at once.
+            "backoffLimitPerIndex": rt.retries,
+            "maxFailedIndexes": 0,
+            "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [disrupted]}, bad_input]},
         }
     job_spec["template"] = {
         "metadata": {"labels": labels(owner, key), "annotations": {ANNOTATION_RUN: owner.name}},
