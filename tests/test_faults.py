@@ -144,9 +144,17 @@ def test_a_two_node_train_runs_as_one_gang_and_a_killed_pod_restarts_it_whole(cl
     (recreated,) = [j for j in cluster.jobs("gang") if j["metadata"]["name"] == job]
     assert recreated["metadata"]["annotations"]["idpo.dev/attempt"] == "2"
     events = cluster.kubectl("get", "events", "--field-selector", "involvedObject.name=gang", "-o", "json")
-    said = {e["reason"]: e["message"] for e in json.loads(events.stdout)["items"]}
-    assert "restarting all pods: a pod failed in attempt 1" in said["StageRestarting"], said
-    assert "attempt 2 after a failure" in said["StageRetrying"], said
+    said = [(e["reason"], e["message"]) for e in json.loads(events.stdout)["items"]]
+    train = {reason: message for reason, message in said if message.startswith("iteration 1 train")}
+    assert sorted(reason for reason, message in said if message.startswith("iteration 1 train")) == [
+        "StageRestarting",
+        "StageRetrying",
+        "StageStarted",
+        "StageSucceeded",
+    ], said
+    assert "restarting all pods: a pod failed in attempt 1" in train["StageRestarting"], said
+    assert "attempt 2 after a failure" in train["StageRetrying"], said
+    assert "SpecChangeDeferred" not in {reason for reason, _ in said}, said
     loads = (
         "import sys; from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(sys.argv[1])"
     )

@@ -8,7 +8,7 @@ from typing import Any
 from idpo_jobs.config import Stage
 from idpo_operator import plan, resources
 from idpo_operator.plan import StageKey
-from idpo_operator.reconcile import CONTROLLER_UID, RunView, decide
+from idpo_operator.reconcile import CONTROLLER_UID, RunView, decide, frozen_specs
 from idpo_operator.spec import IterativeDPORunSpec
 
 from tests.conftest import manifest
@@ -361,3 +361,23 @@ def test_status_carries_a_memory_plan_and_a_misfit_is_a_warning() -> None:
     assert "train (single, 1 process" in warning.message
     # Said once: the same plan in the previous status posts nothing new.
     assert not any(e.reason == "MemoryPlanDoesNotFit" for e in decide(run(one_gpu.status, **seven_b), [], []).events)
+
+
+def without_nulls(value: Any) -> Any:
+    """What the apiserver stores of a status: null values are dropped."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value
+
+
+def test_a_frozen_spec_reads_back_as_written_though_the_apiserver_dropped_its_nulls() -> None:
+    explicit = {"prompts": {"splitPattern": None, "perIteration": None}}
+    started = decide(run(**explicit), [], [], now=NOW)
+    stored = without_nulls(started.status)
+    assert "splitPattern" not in stored["iterations"][0]["spec"]["prompts"]
+    assert frozen_specs(stored)[1]["prompts"]["splitPattern"] is None  # not its default, train_iteration_{n}
+    running = decide(run(stored, **explicit), [job(StageKey(1, Stage.GENERATE), None)], [], now=NOW)
+    assert "specChangeDeferred" not in running.status
+    assert not any(e.reason == "SpecChangeDeferred" for e in running.events)

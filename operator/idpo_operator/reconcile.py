@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from idpo_jobs.config import STAGE_ORDER, Stage
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from idpo_operator import memory, plan, resources
 from idpo_operator.plan import StageKey
@@ -237,7 +238,7 @@ def _stage_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
             phase, was = s.get("phase"), prev.get("phase")
             if s.get("restarting") and not prev.get("restarting"):
                 events.append(Event("Warning", "StageRestarting", f"{key}: {s.get('message', '')}", key))
-            elif phase == Phase.RUNNING and s.get("attempts", 1) > prev.get("attempts", 1):
+            elif phase == Phase.RUNNING and s.get("attempts", 1) > max(prev.get("attempts", 1), 1):  # 0: Pending
                 events.append(Event("Warning", "StageRetrying", f"{key}: attempt {s['attempts']} after a failure", key))
             elif phase == Phase.RUNNING and was != Phase.RUNNING:
                 events.append(Event("Normal", "StageStarted", f"{key} started (job {s.get('jobName')})", key))
@@ -258,8 +259,33 @@ def _stage_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
     return events
 
 
+def _with_nulls(section: dict[str, Any], model: type[BaseModel]) -> dict[str, Any]:
+    """A frozen section as it was written. The apiserver drops null values from what it stores, and
+    every field was written, so a nullable field that is absent was null: without this, an explicit
+    `splitPattern: null` would come back as its default."""
+    out = dict(section)
+    for name, info in model.model_fields.items():
+        key, kinds = info.alias or name, typing.get_args(info.annotation) or (info.annotation,)
+        nested = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
+        if key not in out:
+            if type(None) in kinds:
+                out[key] = None
+        elif nested is not None and isinstance(out[key], dict):
+            out[key] = _with_nulls(out[key], nested)
+    return out
+
+
 def frozen_specs(status: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    return {it["iteration"]: it["spec"] for it in status.get("iterations", []) if it.get("spec")}
+    fields = IterativeDPORunSpec.model_fields
+    return {
+        it["iteration"]: {
+            name: _with_nulls(section, fields[name].annotation)  # type: ignore[arg-type]
+            for name, section in it["spec"].items()
+            if name in fields
+        }
+        for it in status.get("iterations", [])
+        if it.get("spec")
+    }
 
 
 def _sections(spec: IterativeDPORunSpec) -> dict[str, Any]:
