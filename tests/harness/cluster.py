@@ -168,7 +168,8 @@ class Cluster:
         namespace, account = chart.service_account(chart.render())
         user = f"system:serviceaccount:{namespace}:{account}"
         calls = []
-        for line in self.target.plane.audit_log.read_text().splitlines():
+        # Complete lines only: the apiserver may be half-way through writing the last one.
+        for line in self.target.plane.audit_log.read_text().split("\n")[:-1]:
             event = json.loads(line)
             ref = event.get("objectRef")
             if event["user"]["username"] == user and ref:
