@@ -28,7 +28,7 @@ from tqdm import tqdm
 from idpo_operator import plan
 from idpo_operator.plan import StageKey
 from idpo_operator.spec import IterativeDPORunSpec, Manifest
-from idpo_operator.status import Phase, StageRecord, build_status, record_from_summaries, timestamp
+from idpo_operator.status import Phase, StageRecord, build_status, record_from_summaries, stage_status, timestamp
 
 STATUS_FILE = "status.json"
 
@@ -70,10 +70,7 @@ class LocalRunner:
             return {}
 
     def _previous_attempts(self, key: StageKey) -> int:
-        for it in self.previous.get("iterations", []):
-            if it["iteration"] == key.iteration:
-                return it["stages"].get(key.stage.value, {}).get("attempts", 0)
-        return 0
+        return stage_status(self.previous, key).get("attempts", 0)
 
     def _shards(self, key: StageKey) -> int:
         return plan.stage_config(self.spec, self.name, self.workspace, key).shards

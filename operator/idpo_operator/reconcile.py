@@ -27,6 +27,7 @@ from idpo_operator.status import (
     digests_of,
     invalid_status,
     merge_metrics,
+    stage_status,
     timestamp,
 )
 from idpo_operator.status import current as status_current
@@ -139,7 +140,8 @@ def gang_failure(job: dict[str, Any], pods: list[dict[str, Any]]) -> str | None:
     annotations = job["metadata"].get("annotations", {})
     if resources.ANNOTATION_ATTEMPT not in annotations or resources.ANNOTATION_FAILURE in annotations:
         return None
-    cond = (lambda done: done.get("Failed") or done.get("FailureTarget") or {})(_true_conditions(job))
+    done = _true_conditions(job)
+    cond = done.get("Failed") or done.get("FailureTarget") or {}
     # A disrupted pod is counted only once it has terminated, and its peers, failing at their next
     # collective, are often counted first: the pods' conditions tell it, not the Job's reason.
     disrupted = any(DISRUPTED in _true_conditions(p) for p in pods)
@@ -155,7 +157,6 @@ def job_record(job: dict[str, Any], pods: list[dict[str, Any]]) -> StageRecord:
     st = job.get("status", {})
     done = _true_conditions(job)
     failed_pods = st.get("failed", 0)
-    attempt = job["metadata"].get("annotations", {}).get(resources.ANNOTATION_ATTEMPT)
     summaries = [termination(p) for p in pods]
     record = StageRecord(
         job_name=job["metadata"]["name"], start_time=st.get("startTime"), completion_time=st.get("completionTime")
@@ -165,7 +166,7 @@ def job_record(job: dict[str, Any], pods: list[dict[str, Any]]) -> StageRecord:
         cond = done.get("Complete") or done["SuccessCriteriaMet"]
         record.completion_time = record.completion_time or cond.get("lastTransitionTime")
         record.phase = Phase.SUCCEEDED
-        record.attempts = int(attempt) if attempt else failed_pods + 1
+        record.attempts = failed_pods + 1
         stage = key_of(job).stage  # type: ignore[union-attr]
         parts = [s["metrics"] for s in summaries if isinstance(s.get("metrics"), dict)]
         record.metrics = merge_metrics(stage, parts) if parts else {}
@@ -174,7 +175,7 @@ def job_record(job: dict[str, Any], pods: list[dict[str, Any]]) -> StageRecord:
         cond = done.get("Failed") or done["FailureTarget"]
         errors = [s["error"] for s in summaries if s.get("error")]
         record.phase = Phase.FAILED
-        record.attempts = int(attempt) if attempt else max(failed_pods, 1)
+        record.attempts = max(failed_pods, 1)
         stuck = job["metadata"].get("annotations", {}).get(resources.ANNOTATION_FAILURE)
         record.message = stuck or (
             errors[-1] if errors else f"{cond.get('reason', 'Failed')}: {cond.get('message', '')}"
@@ -182,22 +183,18 @@ def job_record(job: dict[str, Any], pods: list[dict[str, Any]]) -> StageRecord:
         record.completion_time = record.completion_time or cond.get("lastTransitionTime")
     else:
         record.phase = Phase.RUNNING
-        record.attempts = int(attempt) if attempt else failed_pods + 1
+        record.attempts = failed_pods + 1
         stuck = [(w, p) for p in pods if (w := waiting(p))]
         if stuck:
             (reason, message), pod = stuck[0]
             record.message = f"Pending: {reason}: {message}"[:500]
             record.waiting_since = pod["metadata"].get("creationTimestamp")
             record.waiting_reason = reason
+    # A gang's Job fails at its first failed pod and is re-created whole: its attempt is on the Job.
+    attempt = job["metadata"].get("annotations", {}).get(resources.ANNOTATION_ATTEMPT)
+    if attempt:
+        record.attempts = int(attempt)
     return record
-
-
-def stage_status(status: dict[str, Any], key: StageKey) -> dict[str, Any]:
-    """The stage's entry in a status; empty when it has none."""
-    for it in status.get("iterations", []):
-        if it["iteration"] == key.iteration:
-            return it.get("stages", {}).get(key.stage.value, {})
-    return {}
 
 
 def previous_records(status: dict[str, Any]) -> dict[StageKey, StageRecord]:
@@ -206,25 +203,8 @@ def previous_records(status: dict[str, Any]) -> dict[StageKey, StageRecord]:
     out = {}
     for it in status.get("iterations", []):
         for name, s in it.get("stages", {}).items():
-            if s.get("restarting"):
-                out[StageKey(it["iteration"], Stage(name))] = StageRecord(
-                    phase=s["phase"],
-                    job_name=s.get("jobName"),
-                    attempts=s.get("attempts", 1),
-                    start_time=s.get("startTime"),
-                    message=s.get("message"),
-                    restarting=s["restarting"],
-                )
-            elif s.get("phase") == Phase.SUCCEEDED:
-                out[StageKey(it["iteration"], Stage(name))] = StageRecord(
-                    phase=Phase.SUCCEEDED,
-                    job_name=s.get("jobName"),
-                    attempts=s.get("attempts", 1),
-                    start_time=s.get("startTime"),
-                    completion_time=s.get("completionTime"),
-                    metrics=s.get("metrics", {}),
-                    digests=s.get("digests"),
-                )
+            if s.get("restarting") or s.get("phase") == Phase.SUCCEEDED:
+                out[StageKey(it["iteration"], Stage(name))] = StageRecord.from_wire(s)
     return out
 
 

@@ -217,17 +217,17 @@ def gang(spec: IterativeDPORunSpec, stage: Stage) -> bool:
 def rendezvous_env(spec: IterativeDPORunSpec, owner: Owner, key: StageKey) -> list[dict[str, Any]]:
     """Kubeflow Trainer's torchrun contract (PET_*), so the image runs the same under a TrainJob.
     Node rank = the pod's completion index; the rendezvous is the index-0 pod, by its stable name."""
-    dist = spec.training.distributed
+    dist, several = spec.training.distributed, gang(spec, key.stage)
     index = {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX}']"}}
+    master = f"{job_name(owner.name, key)}-0.{service_name(owner.name, key)}" if several else "127.0.0.1"
     env: list[dict[str, Any]] = [
         {"name": "PET_NNODES", "value": str(dist.nodes)},
         {"name": "PET_NPROC_PER_NODE", "value": str(dist.processes(spec.training.resources))},
         {"name": "PET_NODE_RANK", "valueFrom": index},
-        {"name": "PET_MASTER_ADDR", "value": "127.0.0.1"},
+        {"name": "PET_MASTER_ADDR", "value": master},
         {"name": "PET_MASTER_PORT", "value": str(dist.master_port)},
     ]
-    if gang(spec, key.stage):
-        env[3]["value"] = f"{job_name(owner.name, key)}-0.{service_name(owner.name, key)}"
+    if several:
         # torchrun waits this long for every node (600 s by default): past the start deadline, so a
         # pod that cannot start fails the stage with its reason, not the others with a timeout.
         timeout = spec.runtime.start_timeout_seconds + RENDEZVOUS_MARGIN

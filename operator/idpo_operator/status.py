@@ -63,6 +63,20 @@ class StageRecord:
     waiting_since: str | None = field(default=None, compare=False)
     waiting_reason: str | None = field(default=None, compare=False)
 
+    @classmethod
+    def from_wire(cls, s: dict[str, Any]) -> StageRecord:
+        return cls(
+            phase=s.get("phase", Phase.PENDING),
+            job_name=s.get("jobName"),
+            attempts=s.get("attempts", 1),
+            start_time=s.get("startTime"),
+            completion_time=s.get("completionTime"),
+            metrics=s.get("metrics", {}),
+            message=s.get("message"),
+            digests=s.get("digests"),
+            restarting=s.get("restarting"),
+        )
+
     def to_wire(self) -> dict[str, Any]:
         out = {
             "phase": self.phase,
@@ -76,6 +90,14 @@ class StageRecord:
             "restarting": self.restarting,
         }
         return {k: v for k, v in out.items() if v is not None}
+
+
+def stage_status(status: dict[str, Any], key: StageKey) -> dict[str, Any]:
+    """The stage's entry in a status; empty when it has none."""
+    for it in status.get("iterations", []):
+        if it["iteration"] == key.iteration:
+            return it.get("stages", {}).get(key.stage.value, {})
+    return {}
 
 
 def timestamp(seconds: float | None = None) -> str:
