@@ -3,15 +3,21 @@
     python bench/operator_scale.py --runs 100                  # after `python -m tests.controlplane build`
     python bench/operator_scale.py --runs 500 --iterations 1
     python bench/operator_scale.py --runs 100 --operator-src DIR   # another checkout's operator, to compare
+    python bench/operator_scale.py --runs 100 --cluster-wide --churn 2000   # unrelated Jobs churning elsewhere
 
 Pods complete in `--pod-seconds` without running anything (the node agent's fast-pods mode, with a canned
 stage summary), so what is measured is the operator and the control plane. Everything is read from the
 apiserver's audit log (microsecond timestamps), as the API saw it:
-- hand-off latency: a stage's pod reported Succeeded (the node agent's last pod status write) -> the
-  next stage's Job created by the operator, so the Job controller's reaction is included; p50/p90/p99;
+- hand-off latency, two ways: a stage's Job seen Complete by the bench's own Job watch -> the next
+  stage's Job seen created by that watch (the operator's part), and a stage's pod reported Succeeded
+  (the node agent's last pod status write) -> the next Job created (the audit log; the Job
+  controller's reaction included); p50/p90/p99;
 - time to first Job: the run created -> its first Job created;
-- API calls per hand-off, by verb, for the operator's identity only (the chart's ServiceAccount);
+- API writes by the operator's identity only (the chart's ServiceAccount), per stage transition (a
+  stage's start, a hand-off, a run's end) and per run, by verb and resource;
 - CPU seconds and peak RSS of the operator, and CPU seconds of each control-plane process.
+With `--churn N`, N unrelated Jobs (a pod each) are created, completed and deleted in another namespace
+while the runs go, as other teams' work would: an operator that receives them pays for them.
 Results go to bench/results/operator_scale-<runs>x<iterations>-<label>.json.
 """
 
@@ -27,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +49,8 @@ from tests.harness import chart  # noqa: E402
 from tests.harness.cluster import kubectl_binary  # noqa: E402
 
 NAMESPACE = "bench"
+CHURN_NAMESPACE = "churn"
+WRITES = {"create", "update", "patch", "delete", "deletecollection"}
 NODE_AGENT = "idpo-node-agent"  # its client certificate's name (tests/controlplane/pki.py)
 FINALIZERS = {"apiGroups": ["idpo.dev"], "resources": ["iterativedporuns/finalizers"], "verbs": ["update"]}
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -88,6 +97,63 @@ def manifest(name: str, iterations: int, evaluation: bool | None) -> dict[str, A
     return body
 
 
+class JobWatch:
+    """The bench's own watch on the runs' Jobs: when each was first seen, and first seen complete."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        from kubernetes import client, config, watch
+
+        self.api = client.BatchV1Api(config.new_client_from_config(str(kubeconfig)))
+        self.watch = watch.Watch()
+        self.created: dict[str, float] = {}
+        self.completed: dict[str, float] = {}
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:  # a watch ends after the server's timeout: watch again (re-listed Jobs keep their times)
+            for event in self.watch.stream(self.api.list_namespaced_job, NAMESPACE):
+                now, job = time.time(), event["object"]
+                name = job.metadata.name
+                self.created.setdefault(name, now)
+                done = {c.type for c in (job.status.conditions or []) if c.status == "True"}
+                if done & {"Complete", "SuccessCriteriaMet"}:
+                    self.completed.setdefault(name, now)
+
+    def handoffs(self) -> list[float]:
+        out = []
+        by_run = collections.defaultdict(list)
+        for name, when in self.created.items():
+            by_run[name.rsplit("-i", 1)[0]].append((when, name))
+        for jobs in by_run.values():
+            jobs.sort()
+            out += [b[0] - self.completed[a[1]] for a, b in itertools.pairwise(jobs) if a[1] in self.completed]
+        return out
+
+
+def churn(kubectl: Any, count: int, stop: threading.Event) -> int:
+    """Create `count` unrelated Jobs in CHURN_NAMESPACE in batches, delete them, again, until `stop`."""
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"generateName": "other-team-", "labels": {"team": "other"}},
+        "spec": {
+            "ttlSecondsAfterFinished": 5,
+            "template": {
+                "metadata": {"labels": {"team": "other"}},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{"name": "work", "image": "busybox", "command": ["true"]}],
+                },
+            },
+        },
+    }
+    made, batch = 0, 100
+    while not stop.is_set() and made < count:
+        kubectl("create", "-n", CHURN_NAMESPACE, "-f", "-", stdin=yaml.safe_dump_all([job] * batch))
+        made += batch
+    return made
+
+
 def analyse(audit: Path, operator_user: str, runs: int) -> dict[str, Any]:
     created_runs: dict[str, float] = {}
     job_created: dict[str, float] = {}
@@ -100,7 +166,7 @@ def analyse(audit: Path, operator_user: str, runs: int) -> dict[str, Any]:
         when = stamp(event["stageTimestamp"])
         if ref.get("namespace") not in (NAMESPACE, None):
             continue
-        if user == operator_user:
+        if user == operator_user and ref.get("namespace") == NAMESPACE:
             calls[verb] += 1
             resource = ref.get("resource", "") + (f"/{ref['subresource']}" if ref.get("subresource") else "")
             by_resource[f"{verb} {resource}"] += 1
@@ -117,18 +183,31 @@ def analyse(audit: Path, operator_user: str, runs: int) -> dict[str, Any]:
         if jobs:
             first.append(jobs[0][0] - created)
         handoffs += [b[0] - job_done[a[1]] for a, b in itertools.pairwise(jobs) if a[1] in job_done]
+    jobs = len(job_created)
+    transitions = jobs + len(created_runs)  # each stage's start (a hand-off, or the first) and each run's end
+    writes = sum(n for v, n in calls.items() if v in WRITES)
     return {
         "handoffs": len(handoffs),
-        "handoff_seconds": {
-            q: round(percentile(handoffs, v), 3) for q, v in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
-        },
-        "handoff_mean_seconds": round(statistics.fmean(handoffs), 3) if handoffs else None,
+        "pod_to_job_seconds": quantiles(handoffs),
         "first_job_seconds": {q: round(percentile(first, v), 3) for q, v in (("p50", 0.5), ("p99", 0.99))},
         "operator_calls": dict(calls),
-        "operator_calls_per_handoff": {v: round(n / max(len(handoffs), 1), 2) for v, n in calls.items()},
+        "operator_writes_per_transition": round(writes / max(transitions, 1), 2),
+        "operator_writes_per_run": {
+            k.removeprefix("create ").removeprefix("patch "): round(n / max(len(created_runs), 1), 2)
+            for k, n in by_resource.most_common()
+            if k.split()[0] in WRITES
+        },
         "operator_calls_by_resource": dict(by_resource.most_common()),
         "runs_seen": len(created_runs),
     }
+
+
+def quantiles(values: list[float]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {
+        q: round(percentile(values, v), 3) for q, v in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
+    }
+    out["mean"] = round(statistics.fmean(values), 3) if values else None
+    return out
 
 
 def main() -> None:
@@ -140,10 +219,13 @@ def main() -> None:
     parser.add_argument("--label", default="current")
     parser.add_argument("--evaluate", action="store_true", help="evaluate each iteration (5 stages, not 3)")
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--cluster-wide", action="store_true", help="the operator watches every namespace (-A)")
+    parser.add_argument("--churn", type=int, default=0, help="unrelated Jobs to create and delete elsewhere meanwhile")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="idpo-bench-"))
-    with ControlPlane(work / "admin.kubeconfig", fast_pods=args.pod_seconds) as plane:
+    images = ["busybox", "ghcr.io/idpo-dev/idpo-jobs:0.1.0"]  # the churn's image, and the stages'
+    with ControlPlane(work / "admin.kubeconfig", fast_pods=args.pod_seconds, images=images) as plane:
         env = {**os.environ, "KUBECONFIG": str(plane.kubeconfig)}
 
         def kubectl(*a: str, stdin: str | None = None) -> str:
@@ -163,6 +245,7 @@ def main() -> None:
                     raise
                 time.sleep(0.5)
         kubectl("create", "namespace", NAMESPACE)
+        kubectl("create", "namespace", CHURN_NAMESPACE)
         kubectl("create", "namespace", chart.RELEASE_NAMESPACE)
         rendered = helm.Chart.load(source / "charts" / "idpo").render(
             None, name=chart.RELEASE, namespace=chart.RELEASE_NAMESPACE
@@ -183,8 +266,9 @@ def main() -> None:
         operator_env = {**env, "KUBECONFIG": str(operator_config), "POD_NAMESPACE": ns}  # the Lease's namespace
         operator_env["PYTHONPATH"] = os.pathsep.join([str(source / "operator"), str(source / "jobs")])
         log = (work / "operator.log").open("w")
+        scope = ["-A"] if args.cluster_wide else ["-n", NAMESPACE]
         operator = subprocess.Popen(
-            [sys.executable, "-m", "idpo_operator", "operator", "-n", NAMESPACE, "--log-format", "plain"],
+            [sys.executable, "-m", "idpo_operator", "operator", *scope, "--log-format", "plain"],
             env=operator_env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -197,6 +281,11 @@ def main() -> None:
             started = time.monotonic()
             knows_evaluation = "evaluation:" in (source / "crds" / "idpo.dev_iterativedporuns.yaml").read_text()
             evaluation = args.evaluate if knows_evaluation else None
+            watch = JobWatch(plane.kubeconfig)
+            stop_churn = threading.Event()
+            churned: list[int] = []
+            if args.churn:
+                threading.Thread(target=lambda: churned.append(churn(kubectl, args.churn, stop_churn))).start()
             bodies = [manifest(f"run-{i:04d}", args.iterations, evaluation) for i in range(args.runs)]
             kubectl("create", "-f", "-", stdin=yaml.safe_dump_all(bodies))
             while True:
@@ -208,11 +297,14 @@ def main() -> None:
                     raise RuntimeError(f"only {done}/{args.runs} runs finished in {args.timeout:.0f} s")
                 time.sleep(2)
             wall = time.monotonic() - started
+            stop_churn.set()
             result = {
                 "runs": args.runs,
                 "iterations": args.iterations,
                 "pod_seconds": args.pod_seconds,
                 "label": args.label,
+                "cluster_wide": args.cluster_wide,
+                "churn_jobs": churned[0] if churned else 0,
                 "wall_seconds": round(wall, 1),
                 "failed_runs": sum(p == "Failed" for p in phases),
                 "operator_cpu_seconds": round(cpu_seconds(operator.pid) - operator_cpu, 2),
@@ -224,6 +316,7 @@ def main() -> None:
         finally:
             operator.terminate()
             operator.wait(30)
+        result["handoff_seconds"] = quantiles(watch.handoffs())  # Job complete -> next Job created
         result |= analyse(plane.audit_log, f"system:serviceaccount:{ns}:{account}", args.runs)
         result["operator_cpu_ms_per_handoff"] = round(
             1000 * result["operator_cpu_seconds"] / max(result["handoffs"], 1), 2

@@ -33,7 +33,7 @@ def test_the_rendered_train_job_launches_torchrun_with_one_process_per_gpu() -> 
     rendered = idpo("plan", str(RECIPE), "-o", "yaml")
     assert rendered.returncode == 0, rendered.stderr
     docs = list(yaml.safe_load_all(rendered.stdout))
-    assert [d["kind"] for d in docs] == ["PersistentVolumeClaim", *["ConfigMap", "Job"] * 3]
+    assert [d["kind"] for d in docs] == ["PersistentVolumeClaim", "Job", "Job", "Job"]
     (train,) = [d for d in docs if d["kind"] == "Job" and d["metadata"]["name"].endswith("-i1-train")]
     container = train["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
@@ -53,14 +53,8 @@ def test_two_nodes_render_a_gang_with_its_headless_service(tmp_path: Path) -> No
     path = tmp_path / "two-nodes.yaml"
     path.write_text(yaml.safe_dump(recipe))
     docs = list(yaml.safe_load_all(idpo("plan", str(path), "-o", "yaml").stdout))
-    assert [d["kind"] for d in docs] == [
-        "PersistentVolumeClaim",
-        *["ConfigMap", "Job"] * 2,
-        "Service",
-        "ConfigMap",
-        "Job",
-    ]
-    service, train = docs[-3], docs[-1]
+    assert [d["kind"] for d in docs] == ["PersistentVolumeClaim", "Job", "Job", "Service", "Job"]
+    service, train = docs[-2], docs[-1]
     name = train["metadata"]["name"]
     assert train["spec"]["completions"] == train["spec"]["parallelism"] == 2
     assert train["spec"]["template"]["spec"]["subdomain"] == service["metadata"]["name"]

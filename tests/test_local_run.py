@@ -135,3 +135,19 @@ def test_an_evaluated_run_stops_early_on_a_plateau_and_reports_its_best_iteratio
     )
     report = idpo("report", "--workdir", str(tmp_path / "w"))
     assert report.returncode == 0 and "| 2 |" in report.stdout, report.stdout + report.stderr
+
+
+def test_idpo_run_trains_on_two_local_processes_through_the_jobs_torchrun_launcher(tmp_path: Path) -> None:
+    doc = manifest("ddp", iterations=1, training={"distributed": {"processesPerNode": 2}})
+    ran = idpo("run", str(write(tmp_path, doc)), "--workdir", str(tmp_path / "w"))
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    final = status(tmp_path / "w")
+    train = final["iterations"][0]["stages"]["train"]["metrics"]
+    # Two processes under torchrun (gloo on CPU: fsdp needs GPUs, so ddp), stepping together.
+    assert train["world_size"] == 2 and train["strategy"] == "ddp" and len(set(train["rank_steps"])) == 1
+    log = (tmp_path / "w" / "logs" / "iter-1-train-0.log").read_text()
+    assert "idpo-train rank 1/2 step" in log
+
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(final["latestCheckpoint"]).config.model_type == "mistral"

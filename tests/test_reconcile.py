@@ -7,8 +7,10 @@ from typing import Any
 
 from idpo_jobs.config import Stage
 from idpo_operator import plan, resources
+from idpo_operator.frozen import read as frozen_specs
+from idpo_operator.observe import CONTROLLER_UID, JobView, PodView, job_view, pod_view
 from idpo_operator.plan import StageKey
-from idpo_operator.reconcile import CONTROLLER_UID, RunView, decide, frozen_specs
+from idpo_operator.reconcile import RunView, decide
 from idpo_operator.spec import IterativeDPORunSpec
 
 from tests.conftest import manifest
@@ -20,7 +22,16 @@ def run(status: dict | None = None, **spec: Any) -> RunView:
     return RunView("r", "ns", "uid-12345678", 1, manifest(**spec)["spec"], status or {})
 
 
-def job(key: StageKey, state: str | None, failed: int = 0) -> dict[str, Any]:
+def job(key: StageKey, state: str | None, failed: int = 0) -> JobView:
+    return job_view(job_raw(key, state, failed))
+
+
+def config_of(obj: dict[str, Any]) -> dict[str, Any]:
+    """The stage config a Job carries on its pod template (mounted by the downward API)."""
+    return json.loads(obj["spec"]["template"]["metadata"]["annotations"][resources.ANNOTATION_CONFIG])
+
+
+def job_raw(key: StageKey, state: str | None, failed: int = 0) -> dict[str, Any]:
     owner = resources.Owner("r", "ns", "uid-12345678")
     conditions = (
         [
@@ -51,7 +62,11 @@ def job(key: StageKey, state: str | None, failed: int = 0) -> dict[str, Any]:
     }
 
 
-def pod(key: StageKey, message: dict[str, Any]) -> dict[str, Any]:
+def pod(key: StageKey, message: dict[str, Any]) -> PodView:
+    return pod_view(pod_raw(key, message))
+
+
+def pod_raw(key: StageKey, message: dict[str, Any]) -> dict[str, Any]:
     owner = resources.Owner("r", "ns", "uid-12345678")
     labels = {**resources.labels(owner, key), CONTROLLER_UID: f"job-{key.iteration}-{key.stage.value}"}
     return {
@@ -60,7 +75,7 @@ def pod(key: StageKey, message: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def done_through(n: int, spec_run: RunView) -> list[dict[str, Any]]:
+def done_through(n: int, spec_run: RunView) -> list[JobView]:
     from idpo_operator.spec import IterativeDPORunSpec
 
     keys = plan.all_stages(IterativeDPORunSpec.model_validate(spec_run.spec))[:n]
@@ -69,9 +84,9 @@ def done_through(n: int, spec_run: RunView) -> list[dict[str, Any]]:
 
 def test_a_new_run_creates_workspace_config_and_first_job() -> None:
     d = decide(run(), [], [], NOW)
-    assert [o["kind"] for o in d.create] == ["PersistentVolumeClaim", "ConfigMap", "Job"]
-    assert d.create[2]["metadata"]["name"] == "r-i1-generate"
-    config = json.loads(d.create[1]["data"]["config.json"])
+    assert [o["kind"] for o in d.create] == ["PersistentVolumeClaim", "Job"]
+    assert d.create[1]["metadata"]["name"] == "r-i1-generate"
+    config = config_of(d.create[1])
     assert config["workspace"] == "idpo/r-uid-1234" and config["stage"] == "generate"
     assert d.status["phase"] == "Running" and d.status["currentStage"] == "generate"
     assert [e.reason for e in d.events] == ["StageStarted"]
@@ -89,7 +104,7 @@ def test_a_completed_job_hands_off_to_the_next_stage_with_its_metrics() -> None:
 def test_the_second_iteration_trains_from_the_first_checkpoint() -> None:
     r = run()
     d = decide(r, done_through(5, r), [], NOW)
-    config = json.loads(d.create[1]["data"]["config.json"])
+    config = config_of(d.create[-1])
     assert config["stage"] == "train" and config["model"] == "pvc://idpo/r-uid-1234/iter-1/train/model"
     # Status names the claim too (KServe's `pvc://<claim>/<path>`); a stage resolves either form.
     assert d.status["latestCheckpoint"] == "pvc://r-workspace/idpo/r-uid-1234/iter-1/train/model"
@@ -145,23 +160,23 @@ def test_an_invalid_spec_stalls_the_run_with_the_field_named() -> None:
 
 def test_a_job_owned_by_another_uid_is_never_used_and_stalls_the_run_until_it_is_gone() -> None:
     g1 = StageKey(1, Stage.GENERATE)
-    old = job(g1, "Complete")
-    old["metadata"]["ownerReferences"][0]["uid"] = "uid-of-a-deleted-run"
-    d = decide(run(), [old], [], NOW)
+    raw = job_raw(g1, "Complete")
+    raw["metadata"]["ownerReferences"][0]["uid"] = "uid-of-a-deleted-run"
+    d = decide(run(), [job_view(raw)], [], NOW)
     assert d.create == [] and d.status["iterations"][0]["stages"]["generate"]["phase"] == "Pending"
     stalled = {c["type"]: c for c in d.status["conditions"]}["Stalled"]
     assert (stalled["status"], stalled["reason"]) == ("True", "ForeignChild") and "r-i1-generate" in stalled["message"]
     assert [o["kind"] for o in decide(run(), [], [], NOW).create][-1] == "Job"  # once the GC removed it
 
 
-def pending_pod(key: StageKey, created: str, reason: str) -> dict[str, Any]:
-    p = pod(key, {})
+def pending_pod(key: StageKey, created: str, reason: str) -> PodView:
+    p = pod_raw(key, {})
     p["metadata"]["creationTimestamp"] = created
     p["status"] = {
         "phase": "Pending",
         "containerStatuses": [{"state": {"waiting": {"reason": reason, "message": "m"}}}],
     }
-    return p
+    return pod_view(p)
 
 
 def test_a_pod_that_waits_shows_why_and_fails_the_stage_after_the_start_deadline() -> None:
@@ -183,10 +198,10 @@ def test_lowering_iterations_deletes_the_jobs_of_iterations_out_of_range() -> No
 
 def test_a_started_iteration_keeps_its_spec_and_a_change_waits_for_the_next_one() -> None:
     started = decide(run(generation={"shards": 2}), [], [], NOW)
-    assert started.status["iterations"][0]["spec"]["generation"]["shards"] == 2
+    assert frozen_specs(started.status)[1]["generation"]["shards"] == 2
     edited = run(started.status, generation={"shards": 4})
     d = decide(edited, [job(StageKey(1, Stage.GENERATE), "Complete")], [], NOW)
-    rank = json.loads(d.create[1]["data"]["config.json"])
+    rank = config_of(d.create[-1])
     assert rank["inputShards"] == 2  # iteration 1 reads the parts it generated
     assert d.status["specChangeDeferred"] == "applies from iteration 2"
     assert "SpecChangeDeferred" in [e.reason for e in d.events]
@@ -207,13 +222,13 @@ def test_the_base_model_is_evaluated_first_and_every_iteration_after_its_trainin
     spec = {"evaluation": {"enabled": True}}
     first = decide(run(**spec), [], [], NOW)
     assert first.create[-1]["metadata"]["name"] == "r-i0-evaluate"
-    config = json.loads(first.create[-2]["data"]["config.json"])
+    config = config_of(first.create[-1])
     assert (config["stage"], config["iteration"], config["baseIteration"]) == ("evaluate", 0, None)
     r = run(**spec)
     trained = [*[job(StageKey(0, Stage.EVALUATE), "Complete")], *done_through(3, run())]
     d = decide(r, trained, [], NOW)
     assert d.create[-1]["metadata"]["name"] == "r-i1-evaluate"
-    config = json.loads(d.create[-2]["data"]["config.json"])
+    config = config_of(d.create[-1])
     assert (config["baseIteration"], config["previousIteration"]) == (0, 0)
     assert config["model"] == "pvc://idpo/r-uid-1234/iter-1/train/model"
 
@@ -245,7 +260,7 @@ def test_the_next_stage_is_told_the_digests_its_input_reported() -> None:
     g1 = StageKey(1, Stage.GENERATE)
     summary = {"shard": 0, "shards": 1, "digest": "abc123", "metrics": {"prompts": 8}}
     d = decide(run(), [job(g1, "Complete")], [pod(g1, summary)], NOW)
-    rank = json.loads(d.create[-2]["data"]["config.json"])
+    rank = config_of(d.create[-1])
     assert rank["stage"] == "rank" and rank["inputDigests"] == ["abc123"]
     assert d.status["iterations"][0]["stages"]["generate"]["digests"] == ["abc123"]
 
@@ -260,17 +275,18 @@ DISRUPTION = (
 BAD_INPUT = ("PodFailurePolicy", "Container stage for pod ns/r-i1-train-0-x failed with exit code 2 matching FailJob")
 
 
-def gang_job(attempt: int, state: str | None = None, why: tuple[str, str] = CRASH, deleting: bool = False) -> dict:
-    body = job(TRAIN1, state)
+def gang_job(attempt: int, state: str | None = None, why: tuple[str, str] = CRASH, deleting: bool = False) -> JobView:
+    body = job_raw(TRAIN1, state)
     body["metadata"]["annotations"] = {resources.ANNOTATION_ATTEMPT: str(attempt)}
+    body["spec"] = {"completions": 2, "template": {"spec": {"subdomain": resources.service_name("r", TRAIN1)}}}
     if state:
         body["status"]["conditions"][0] |= {"reason": why[0], "message": why[1]}
     if deleting:
         body["metadata"]["deletionTimestamp"] = NOW
-    return body
+    return job_view(body)
 
 
-def before_train() -> list[dict[str, Any]]:
+def before_train() -> list[JobView]:
     return done_through(2, run(**GANG))
 
 
@@ -287,17 +303,17 @@ def test_a_failed_gang_is_deleted_whole_then_recreated_as_its_next_attempt() -> 
     assert [e.reason for e in failed.events if e.key == TRAIN1] == ["StageRestarting"]
     # Nothing is deleted before the status says so (the attempt count must outlive the Job); the
     # operator reconciles again once it is written.
-    assert failed.restart == [] and failed.create == [] and failed.again
+    assert failed.restart == [] and failed.create == [] and failed.requeue_after == 0
 
     told = decide(run(failed.status, **GANG), [*before_train(), gang_job(1, "Failed")], [], now=NOW)
-    assert told.restart == [name] and not told.again and told.events == []
+    assert told.restart == [name] and told.requeue_after is None and told.events == []
 
     # Its pods are being deleted (Foreground): nothing is asked again, nothing starts.
     deleting = decide(run(told.status, **GANG), [*before_train(), gang_job(1, "Failed", deleting=True)], [], now=NOW)
     assert deleting.restart == [] and deleting.create == [] and train_status(deleting.status)["restarting"]
 
     gone = decide(run(deleting.status, **GANG), before_train(), [], now=NOW)
-    assert [o["kind"] for o in gone.create] == ["PersistentVolumeClaim", "Service", "ConfigMap", "Job"]
+    assert [o["kind"] for o in gone.create] == ["Service", "Job"]  # the claim came with the run's first Job
     assert gone.create[-1]["metadata"]["annotations"][resources.ANNOTATION_ATTEMPT] == "2"
     train = train_status(gone.status)
     assert (train["phase"], train["attempts"], "restarting" in train) == ("Running", 2, False)
@@ -324,10 +340,10 @@ def test_a_gang_out_of_retries_fails_the_run() -> None:
     assert "after 3 attempt(s)" in last.status["message"]
 
 
-def disrupted_pod() -> dict[str, Any]:
-    body = pod(TRAIN1, {})
+def disrupted_pod() -> PodView:
+    body = pod_raw(TRAIN1, {})
     body["status"]["conditions"] = [{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}]
-    return body
+    return pod_view(body)
 
 
 def test_a_disrupted_gang_restarts_without_using_an_attempt() -> None:
@@ -376,7 +392,8 @@ def test_a_frozen_spec_reads_back_as_written_though_the_apiserver_dropped_its_nu
     explicit = {"prompts": {"splitPattern": None, "perIteration": None}}
     started = decide(run(**explicit), [], [], now=NOW)
     stored = without_nulls(started.status)
-    assert "splitPattern" not in stored["iterations"][0]["spec"]["prompts"]
+    (frozen,) = stored["frozenSpecs"].values()
+    assert "splitPattern" not in frozen["prompts"]
     assert frozen_specs(stored)[1]["prompts"]["splitPattern"] is None  # not its default, train_iteration_{n}
     running = decide(run(stored, **explicit), [job(StageKey(1, Stage.GENERATE), None)], [], now=NOW)
     assert "specChangeDeferred" not in running.status

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from idpo_jobs.config import Stage, StageConfig
+from idpo_jobs.config import Stage
 from idpo_operator import plan, resources
 from idpo_operator.plan import StageKey
-from idpo_operator.spec import IterativeDPORunSpec, parse_manifest
+from idpo_operator.spec import parse_manifest
 
 from tests.conftest import manifest
 
@@ -18,9 +20,13 @@ def spec(**kw):
     return parse_manifest(manifest(**kw)).spec
 
 
-def job(s=None, key=RANK):
+def launch(s=None, key=RANK, **kw) -> resources.Launch:
     s = s or spec()
-    return resources.build_job(s, OWNER, key, plan.stage_config(s, OWNER.name, resources.workspace(s, OWNER), key))
+    return resources.Launch(s, OWNER, key, plan.stage_config(s, OWNER.name, resources.workspace(s, OWNER), key), **kw)
+
+
+def job(s=None, key=RANK, **kw):
+    return resources.build_job(launch(s, key, **kw))
 
 
 def test_child_names_are_deterministic_and_fit_in_a_label() -> None:
@@ -133,16 +139,21 @@ def test_workspace_is_per_run_uid_and_relative_to_the_volume() -> None:
     assert ws.checkpoint_uri(1) == "pvc://idpo/mistral-01234567/iter-1/train/model"
 
 
-def test_config_maps_are_named_after_their_content() -> None:
-    s = spec()
-    ws = resources.workspace(s, OWNER)
-    config = plan.stage_config(s, OWNER.name, ws, RANK)
-    changed = plan.stage_config(spec(ranking={"batchSize": 99}), OWNER.name, ws, RANK)
-    name = resources.config_map_name(OWNER.name, RANK, config)
-    assert name == resources.config_map_name(OWNER.name, RANK, config) and name.startswith("mistral-i2-rank-")
-    assert resources.config_map_name(OWNER.name, RANK, changed) != name
-    body = resources.build_job(s, OWNER, RANK, config)
-    assert body["spec"]["template"]["spec"]["volumes"][1]["configMap"]["name"] == name
+def test_the_stage_config_travels_in_the_job_and_is_mounted_through_the_downward_api() -> None:
+    body = job(spec(ranking={"batchSize": 99}))
+    template = body["spec"]["template"]
+    config = json.loads(template["metadata"]["annotations"][resources.ANNOTATION_CONFIG])
+    assert config["stage"] == "rank" and config["ranking"]["batchSize"] == 99
+    (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == "config"]
+    field = f"metadata.annotations['{resources.ANNOTATION_CONFIG}']"
+    assert volume["downwardAPI"]["items"] == [{"path": "config.json", "fieldRef": {"fieldPath": field}}]
+    mount = {m["name"]: m for m in template["spec"]["containers"][0]["volumeMounts"]}["config"]
+    assert mount == {"name": "config", "mountPath": "/etc/idpo", "readOnly": True}
+
+
+def test_finished_jobs_expire_when_a_ttl_is_set() -> None:
+    assert job(ttl_seconds=600)["spec"]["ttlSecondsAfterFinished"] == 600
+    assert "ttlSecondsAfterFinished" not in job()["spec"]
 
 
 def test_training_launches_through_torchrun_with_the_kubeflow_trainer_environment() -> None:
@@ -175,10 +186,6 @@ TWO_NODES = {
 }
 
 
-def _config(s: IterativeDPORunSpec, key: StageKey) -> StageConfig:
-    return plan.stage_config(s, OWNER.name, resources.workspace(s, OWNER), key)
-
-
 def test_a_train_stage_on_several_nodes_is_one_indexed_job_that_fails_whole() -> None:
     s = spec(**TWO_NODES)
     body = job(s, TRAIN)
@@ -198,7 +205,7 @@ def test_a_train_stage_on_several_nodes_is_one_indexed_job_that_fails_whole() ->
 def test_the_gang_finds_its_rank_zero_pod_through_a_headless_service() -> None:
     s = spec(**TWO_NODES)
     body = job(s, TRAIN)
-    (service,) = [o for o in resources.stage_objects(s, OWNER, TRAIN, _config(s, TRAIN)) if o["kind"] == "Service"]
+    (service,) = [o for o in resources.stage_objects(launch(s, TRAIN)) if o["kind"] == "Service"]
     pod = body["spec"]["template"]
     name = body["metadata"]["name"]
     assert pod["spec"]["subdomain"] == service["metadata"]["name"] == name
@@ -216,10 +223,10 @@ def test_the_gang_finds_its_rank_zero_pod_through_a_headless_service() -> None:
 
 def test_one_node_needs_no_service_and_keeps_per_shard_retries() -> None:
     s = spec()
-    objects = resources.stage_objects(s, OWNER, TRAIN, _config(s, TRAIN))
-    assert [o["kind"] for o in objects] == ["ConfigMap", "Job"]
-    assert objects[1]["spec"]["backoffLimitPerIndex"] == 2
-    assert resources.ANNOTATION_ATTEMPT not in objects[1]["metadata"]["annotations"]
+    objects = resources.stage_objects(launch(s, TRAIN, attempt=3))
+    assert [o["kind"] for o in objects] == ["Job"]
+    assert objects[0]["spec"]["backoffLimitPerIndex"] == 2
+    assert objects[0]["metadata"]["annotations"][resources.ANNOTATION_ATTEMPT] == "3"  # the attempt it starts at
 
 
 def test_a_service_name_starts_with_a_letter_whatever_the_run_name() -> None:

@@ -6,7 +6,7 @@ from idpo_jobs.config import Stage, Workspace
 from idpo_operator import plan, table
 from idpo_operator.plan import StageKey
 from idpo_operator.spec import parse_manifest
-from idpo_operator.status import Phase, StageRecord, build_status, merge_metrics
+from idpo_operator.status import Phase, StageRecord, build_status, merge_metrics, parse_previous
 
 from tests.conftest import manifest
 
@@ -81,10 +81,12 @@ def test_suspended_run_reports_suspended() -> None:
 def test_condition_transition_times_only_move_when_status_flips() -> None:
     s = spec()
     first = build_status(s, {}, WS, now="2026-01-01T00:00:00Z")
-    second = build_status(s, done(plan.all_stages(s)[0]), WS, previous=first, now="2026-01-01T00:05:00Z")
+    second = build_status(
+        s, done(plan.all_stages(s)[0]), WS, previous=parse_previous(first), now="2026-01-01T00:05:00Z"
+    )
     times = {c["type"]: c["lastTransitionTime"] for c in second["conditions"]}
     assert times["Reconciling"] == "2026-01-01T00:00:00Z"
-    final = build_status(s, done(*plan.all_stages(s)), WS, previous=second, now="2026-01-01T01:00:00Z")
+    final = build_status(s, done(*plan.all_stages(s)), WS, previous=parse_previous(second), now="2026-01-01T01:00:00Z")
     assert {c["type"]: c["lastTransitionTime"] for c in final["conditions"]}["Ready"] == "2026-01-01T01:00:00Z"
 
 

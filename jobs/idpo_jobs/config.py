@@ -4,7 +4,8 @@ The per-stage parameter models (`GenerationSpec`, `RankingSpec`, `TrainingSpec`,
 sections of the `IterativeDPORun` spec, so a field is defined and documented exactly once: here.
 Its description flows into the generated CRD and `kubectl explain`.
 
-This module imports pydantic only: the operator image has no torch.
+This module imports pydantic only, and nothing of this package: it is the bottom layer, shared by the
+operator (no torch) and the stages.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ MISTRAL_CHAT_TEMPLATE = (
     "{% endfor %}"
 )
 PVC_SCHEME = "pvc://"
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")  # a prompt source that is a file, not a dataset id
 TINY_SCHEME = "tiny://"  # the tiny models of idpo_jobs.tiny: the demo and the tests, no download
 TINY_DIR = ".idpo-tiny"  # where a cluster run builds them on its volume
 # Where the run's volume is mounted in a stage pod; the Job builder sets it to its mountPath.
@@ -395,8 +397,6 @@ class EvaluationSpec(Model):
         rows a `perIteration` shuffle has left after `iterations`) is checked by the stage."""
         if not self.enabled or self.prompts is not None or run_prompts.per_iteration is not None:
             return None
-        from idpo_jobs.data import FILE_SUFFIXES  # data imports this module; it has no heavy imports
-
         if run_prompts.source.endswith(FILE_SUFFIXES):
             return (
                 "evaluation.prompts is required: every iteration trains on the whole prompt file, so none of it "
@@ -453,22 +453,6 @@ def volume_root() -> Path:
 def on_volume(path: str | Path) -> Path:
     """A workspace path as this process sees it: relative paths live on the run's volume."""
     return volume_root() / path  # an absolute `path` (local runs) is returned as is
-
-
-def resolve_uri(uri: str) -> str:
-    """`pvc://a/b` -> `<volume>/a/b`; `tiny://x` -> the tiny models on the volume, built there on
-    first use (seconds); anything else (HF id, local path) is returned unchanged."""
-    if uri.startswith(PVC_SCHEME):
-        path = uri[len(PVC_SCHEME) :].lstrip("/")
-        claim = os.environ.get(PVC_CLAIM_ENV)
-        if claim and path.startswith(f"{claim}/"):
-            path = path[len(claim) + 1 :]
-        return str(volume_root() / path)
-    if uri.startswith(TINY_SCHEME):
-        from idpo_jobs.tiny import ensure_tiny
-
-        return str(ensure_tiny(volume_root() / TINY_DIR) / uri[len(TINY_SCHEME) :])
-    return uri
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,11 +13,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from idpo_jobs.config import PromptsSpec, resolve_uri
+from idpo_jobs.config import FILE_SUFFIXES, PromptsSpec
 from idpo_jobs.contract import StageError
+from idpo_jobs.uris import resolve_uri
 
 T = TypeVar("T")
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 def prompt_id(text: str) -> str:

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from idpo_jobs import contract, data, generate, rank, winrate
-from idpo_jobs.config import EvaluateConfig, GenerationSpec, resolve_uri
+from idpo_jobs.config import EvaluateConfig, GenerationSpec
+from idpo_jobs.uris import resolve_uri
 
 RESPONSES = "responses.jsonl"
 ALPACA_EVAL = "alpaca_eval.json"

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from idpo_jobs import contract, data
-from idpo_jobs.config import GenerateConfig, GenerationSpec, resolve_uri
+from idpo_jobs.config import GenerateConfig, GenerationSpec
+from idpo_jobs.uris import resolve_uri
 
 OUTPUT = "generations.jsonl"
 

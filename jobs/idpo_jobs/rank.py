@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from idpo_jobs import contract, data, pairing
-from idpo_jobs.config import RankConfig, RankingSpec, Stage, on_volume, resolve_uri
+from idpo_jobs.config import RankConfig, RankingSpec, Stage, on_volume
 from idpo_jobs.generate import OUTPUT as GENERATIONS
+from idpo_jobs.uris import resolve_uri
 
 OUTPUT = "pairs.jsonl"
 

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from idpo_jobs import contract, data, distributed
-from idpo_jobs.config import MODEL_DIR, Stage, TrainConfig, on_volume, resolve_uri
+from idpo_jobs.config import MODEL_DIR, Stage, TrainConfig, on_volume
 from idpo_jobs.rank import OUTPUT as PAIRS
+from idpo_jobs.uris import resolve_uri
 
 
 def read_pairs(config: TrainConfig) -> list[dict[str, Any]]:

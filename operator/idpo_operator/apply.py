@@ -1,180 +1,97 @@
-"""The only module that writes to the Kubernetes API: observe a run, decide, apply.
+"""The only module that writes to the Kubernetes API: a reconcile's observation, decision and writes.
 
-Reads come from kopf's in-memory indexes (handlers.py), fed by the watch streams: a reconcile
-makes no GET or LIST. Writes go through one shared, pooled API client with timeouts. Children are
-created if absent (ownership is checked by uid in the decision), the status is written once per reconcile
-through the status subresource and only when it changed, and events are posted after the status
-write succeeded. A failed write lands in status (condition `ApplyFailed` with the API's message)
-before the error is raised for kopf to retry.
-
-Reconciles of one run are serialized and coalesced: a request that arrives while one runs marks the
-run dirty, and the running reconcile goes round once more, so a burst of events costs one or two.
+`Controller.reconcile(key)` reads the run, its Jobs and Pods from the caches (kopf indexes fed by the
+watches: no GET or LIST per reconcile), asks `reconcile.decide`, and applies the decision through one
+pooled API client with timeouts: children created if absent (a name another object holds is never
+used: ownership is checked by uid), Jobs failed, deleted or restarted, the status patched once and only
+when it changed, then events posted off the reconcile's path. A write the API refuses lands in status
+(condition `ApplyFailed` with the API's message, over the last status: the decision's progress is not
+claimed) and the key is retried after a backoff. The work queue (workqueue.py) serializes and
+coalesces reconciles per run; the expectations (expectations.py) bridge the caches' lag behind our writes.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import threading
-import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from idpo_operator import leader, memory, metrics, reconcile, resources
+from idpo_operator import leader, memory, metrics, observe, reconcile, resources, workqueue
+from idpo_operator.expectations import Expectations
+from idpo_operator.reconcile import RunView
 from idpo_operator.spec import API_VERSION, DEFAULT_STAGE_IMAGE, GROUP, KIND, PLURAL, VERSION
 from idpo_operator.status import Reason, conditions, timestamp
 
 log = logging.getLogger("idpo.operator")
-POOL = 32  # = kopf's handler threads (handlers.py)
+WORKERS = 16  # reconciles at once; they mostly wait on API writes
 TIMEOUT = (5, 30)  # seconds: connect, read. A hung apiserver must not hang a reconcile forever.
-reconciles = 0  # reported by the liveness probe
+SAFETY_NET_SECONDS = 120.0  # an active run is looked at this often even without events (a missed one)
+LEGACY_FINALIZER = "kopf.zalando.org/KopfFinalizerMarker"  # set by operators before 0.2 (their kopf timer)
+RunKey = tuple[str, str]  # (namespace, name)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
     stage_image: str = DEFAULT_STAGE_IMAGE
     lease_namespace: str | None = None  # None: no leader election (one replica, or local development)
     max_concurrent_stages: int = 0  # across all runs; 0: no cap (Kueue, if any, queues them instead)
     gpu_memory_gb: float = 80  # what status.memoryPlan is checked against
+    job_ttl_seconds: int | None = 3600  # finished stage Jobs expire this long after (None: never)
+
+    def decide(self) -> reconcile.Settings:
+        return reconcile.Settings(self.stage_image, self.gpu_memory_gb * memory.GB, self.job_ttl_seconds)
 
 
-settings = Settings()
-_api: client.ApiClient | None = None
+class ApplyError(workqueue.Retry):
+    """A write the API refused; the run's status already says so, and the key is retried."""
 
 
-def connect() -> None:
-    global _api
+class Cache:
+    """What the watches have seen: kopf indexes of RunViews, JobViews and PodViews."""
+
+    def __init__(self, runs: Mapping[Any, Any], jobs: Mapping[Any, Any], pods: Mapping[Any, Any]) -> None:
+        self._runs, self._jobs, self._pods = runs, jobs, pods
+
+    def run(self, key: RunKey) -> RunView | None:
+        return next(iter(self._runs.get(key, ())), None)
+
+    def run_keys(self) -> list[RunKey]:
+        return list(self._runs.keys())
+
+    def jobs(self, label: tuple[str, str]) -> list[observe.JobView]:
+        return list(self._jobs.get(label, ()))
+
+    def pods(self, label: tuple[str, str]) -> list[observe.PodView]:
+        return list(self._pods.get(label, ()))
+
+    def job_names(self) -> set[str]:
+        return {j.name for store in self._jobs.values() for j in store}
+
+    def running_jobs(self) -> int:
+        return sum(not j.done for store in self._jobs.values() for j in store)
+
+
+def connect() -> client.ApiClient:
     configuration = client.Configuration()
     try:
         config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
         config.load_kube_config(client_configuration=configuration)
     # One pooled client for every write (kopf has its own for watches), with as many kept-alive
-    # connections as handler threads: a connection dropped from a full pool is a TLS handshake later.
-    configuration.connection_pool_maxsize = POOL
-    _api = client.ApiClient(configuration)
+    # connections as workers: a connection dropped from a full pool is a TLS handshake later.
+    configuration.connection_pool_maxsize = WORKERS
+    return client.ApiClient(configuration)
 
 
-def api() -> client.ApiClient:
-    if _api is None:
-        connect()
-    return _api  # type: ignore[return-value]
-
-
-@dataclass
-class Cache:
-    """What the watches have seen, as kopf indexes keyed by (namespace, run name or label)."""
-
-    runs: Mapping[Any, Any]
-    jobs: Mapping[Any, Any]
-    pods: Mapping[Any, Any]
-
-    def one(self, index: Mapping[Any, Any], key: tuple[str, str]) -> list[dict[str, Any]]:
-        return [dict(o) for o in index.get(key, [])]
-
-
-@dataclass
-class _Slot:
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    dirty: bool = False
-
-
-_slots: dict[tuple[str, str], _Slot] = {}
-_slots_lock = threading.Lock()
-# The status we last wrote per run, with the resourceVersion the write made: until the cache shows
-# that version of the run, our own write is the truth (else a reconcile would redo a transition
-# from a stale status, posting its events twice).
-_written: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
-
-
-class ApplyError(Exception):
-    """A write the API refused; the run's status already says so, and kopf retries."""
-
-
-def _create(obj: dict[str, Any]) -> None:
-    ns, kind, name = obj["metadata"]["namespace"], obj["kind"], obj["metadata"]["name"]
-    core, batch = client.CoreV1Api(api()), client.BatchV1Api(api())
-    create = {
-        "PersistentVolumeClaim": core.create_namespaced_persistent_volume_claim,
-        "ConfigMap": core.create_namespaced_config_map,
-        "Service": core.create_namespaced_service,
-        "Job": batch.create_namespaced_job,
-    }[kind]
-    try:
-        create(ns, obj, _preload_content=False, _request_timeout=TIMEOUT)
-        log.info("created %s %s/%s", kind, ns, name)
-    except ApiException as err:
-        # Already there: ours (a restarted operator, a cache a moment behind), or a Job of another
-        # run of this name, which the next reconcile sees in the cache and refuses to use.
-        if err.status != 409:
-            raise
-
-
-def _delete_job(batch: client.BatchV1Api, name: str, namespace: str, propagation: str) -> None:
-    try:
-        batch.delete_namespaced_job(name, namespace, propagation_policy=propagation, _request_timeout=TIMEOUT)
-    except ApiException as err:
-        if err.status != 404:  # gone already: what was asked
-            raise
-
-
-def _post_event(run: dict[str, Any], event: reconcile.Event) -> None:
-    meta = run["metadata"]
-    now = timestamp()
-    body = {
-        "metadata": {"generateName": f"{meta['name'][:200]}.", "namespace": meta["namespace"]},
-        "involvedObject": {
-            "apiVersion": API_VERSION,
-            "kind": KIND,
-            "name": meta["name"],
-            "namespace": meta["namespace"],
-            "uid": meta["uid"],
-        },
-        "type": event.type,
-        "reason": event.reason,
-        "message": event.message[:1024],
-        "firstTimestamp": now,
-        "lastTimestamp": now,
-        "count": 1,
-        "source": {"component": "idpo-operator"},
-        "reportingComponent": "idpo-operator",
-    }
-    try:
-        client.CoreV1Api(api()).create_namespaced_event(
-            meta["namespace"], body, _preload_content=False, _request_timeout=TIMEOUT
-        )
-    except ApiException as err:  # events are best effort; status already holds the record
-        log.warning("could not post event %s: %s", event.reason, err.reason)
-
-
-def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """A merge patch that also removes keys the new status no longer has."""
-    return {"status": {**{k: None for k in old if k not in new}, **new}}
-
-
-def _patch_status(namespace: str, name: str, old: dict[str, Any], new: dict[str, Any]) -> str:
-    """Patch the status; the run's resourceVersion after the write."""
-    patched = client.CustomObjectsApi(api()).patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace, PLURAL, name, status_patch(old, new), _request_timeout=TIMEOUT
-    )
-    return patched["metadata"]["resourceVersion"]
-
-
-def _older(cached: str, written: str) -> bool:
-    """Whether the cached run predates our write. resourceVersions are etcd revisions, integers that
-    only grow; were they ever not, only the version our write replaced counts as older."""
-    try:
-        return int(cached) < int(written)
-    except ValueError:
-        return False
-
-
-def _api_message(err: Exception) -> str:
+def api_message(err: Exception) -> str:
     if isinstance(err, ApiException):
         try:
             return json.loads(err.body)["message"]
@@ -183,174 +100,226 @@ def _api_message(err: Exception) -> str:
     return str(err)
 
 
-def failed_write_status(status: dict[str, Any], message: str, generation: int) -> dict[str, Any]:
-    """The decided status, but Stalled with the API's refusal; observedGeneration still advances."""
-    now = timestamp()
-    text = f"API write failed: {message}"[:1000]
+class ForeignChild(Exception):
+    """A child's name is held by an object that is not this run's."""
+
+
+def failed_write_status(
+    previous: Mapping[str, Any], reason: str, message: str, generation: int, now: str | None = None
+) -> dict[str, Any]:
+    """The last status, Stalled with why a write failed; observedGeneration still advances (GitOps
+    must not show Progressing forever). The decision's progress is not claimed: it did not happen."""
+    now = now or timestamp()
+    text = f"API write failed: {message}"[:1000] if reason == Reason.APPLY_FAILED else message[:1000]
+    phase = previous.get("phase", "Pending")
     return {
-        **status,
+        **previous,
+        "phase": phase,
         "message": text,
         "observedGeneration": generation,
-        "conditions": conditions(
-            status.get("phase", "Pending"), Reason.APPLY_FAILED, text, now, generation, status.get("conditions"), True
-        ),
+        "conditions": conditions(phase, reason, text, now, generation, list(previous.get("conditions") or []), True),
     }
 
 
-_elector: leader.Elector | None = None
-_latest: Cache | None = None  # what a new leader resyncs from
+def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """A merge patch that also removes keys the new status no longer has."""
+    return {"status": {**{k: None for k in old if k not in new}, **new}}
 
 
-def elect(namespace: str, lease: str = "idpo-operator") -> None:
-    """Act only while holding the Lease; on becoming the leader, reconcile every cached run."""
-    global _elector
-    _elector = leader.Elector(api(), namespace, lease, on_elected=_resync)
-    _elector.start()
+class Writer:
+    """The API calls of a reconcile, through one pooled client."""
 
+    def __init__(self, api: client.ApiClient) -> None:
+        self.core, self.batch = client.CoreV1Api(api), client.BatchV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
 
-def step_down() -> None:
-    if _elector is not None:
-        _elector.release()
-
-
-def _resync() -> None:
-    cache = _latest
-    for namespace, name in list(cache.runs.keys()) if cache is not None else []:
+    def create(self, obj: dict[str, Any], owner_uid: str) -> None:
+        ns, kind, name = obj["metadata"]["namespace"], obj["kind"], obj["metadata"]["name"]
+        create, read = {
+            "PersistentVolumeClaim": (
+                self.core.create_namespaced_persistent_volume_claim,
+                self.core.read_namespaced_persistent_volume_claim,
+            ),
+            "Service": (self.core.create_namespaced_service, self.core.read_namespaced_service),
+            "Job": (self.batch.create_namespaced_job, None),
+        }[kind]
         try:
-            reconcile_run(namespace, name, cache)
-        except Exception as err:  # the handlers and the safety net retry it
-            log.warning("resync of %s/%s: %s", namespace, name, err)
-
-
-_inflight: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}  # (namespace, run label) -> created Jobs
-_events = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="events")
-_capacity_lock = threading.Lock()
-_started: dict[str, float] = {}  # Jobs this process created, until the cache shows them
-_queued: dict[tuple[str, str], None] = {}  # runs waiting for capacity, in arrival order
-
-
-def _active(job: dict[str, Any]) -> bool:
-    done = {c["type"] for c in job.get("status", {}).get("conditions", []) if c.get("status") == "True"}
-    return not done & {"Complete", "Failed", "SuccessCriteriaMet", "FailureTarget"}
-
-
-def _has_capacity(cache: Cache) -> bool:
-    if not settings.max_concurrent_stages:
-        return True
-    seen = {j["metadata"]["name"]: j for jobs in cache.jobs.values() for j in jobs}
-    for name, when in list(_started.items()):
-        if name in seen or time.monotonic() - when > 60:
-            _started.pop(name)
-    running = sum(_active(j) for j in seen.values()) + len(_started)
-    return running < settings.max_concurrent_stages
-
-
-def release_queued(cache: Cache) -> None:
-    """A stage Job ended: let the runs waiting for capacity try again, oldest first."""
-    for key in list(_queued):
-        if not _has_capacity(cache):
-            break
-        reconcile_run(*key, cache)
-
-
-def reconcile_run(namespace: str, name: str, cache: Cache) -> None:
-    """Reconcile one run now, or leave it to the reconcile of it already running (coalescing)."""
-    global _latest
-    _latest = cache
-    if _elector is not None and not _elector.leader.is_set():
-        return  # a follower watches and caches, and writes nothing
-    key = (namespace, name)
-    _queued.pop(key, None)
-    with _slots_lock:
-        slot = _slots.setdefault(key, _Slot())
-        slot.dirty = True
-    if not slot.lock.acquire(blocking=False):
-        return  # the holder sees `dirty` and goes round again
-    try:
-        while True:
-            with _slots_lock:
-                if not slot.dirty:
-                    break
-                slot.dirty = False
-            try:
-                if _reconcile(namespace, name, cache):
-                    with _slots_lock:
-                        slot.dirty = True
-            except Exception:
-                metrics.ERRORS.inc()
+            create(ns, obj, _preload_content=False, _request_timeout=TIMEOUT)
+            log.info("created %s %s/%s", kind, ns, name)
+        except ApiException as err:
+            if err.status != 409:
                 raise
-    finally:
-        slot.lock.release()
+            # Already there: ours (a restarted operator, a cache a moment behind), or someone else's. A
+            # Job's owner is checked in the decision (from the cache); other kinds are read here, once.
+            if read is not None:
+                found = json.loads(read(name, ns, _preload_content=False, _request_timeout=TIMEOUT).data)
+                if not resources.owned_by({**found, "kind": kind}, owner_uid):
+                    raise ForeignChild(f"{kind} {name} belongs to another object; not using it") from None
 
-
-def _reconcile(namespace: str, name: str, cache: Cache) -> bool:
-    """Whether the run needs another reconcile at once (Decision.again)."""
-    global reconciles
-    found = cache.one(cache.runs, (namespace, name))
-    if not found:
-        metrics.forget((namespace, name))
-        return False
-    run = found[0]
-    meta = run["metadata"]
-    if meta.get("deletionTimestamp"):
-        metrics.forget((namespace, name))
-        _written.pop((namespace, name), None)
-        _inflight.pop((namespace, resources.run_label(name)), None)
-        return False
-    status = run.get("status") or {}
-    version, written = _written.get((namespace, name), ("", {}))
-    if version and _older(meta.get("resourceVersion", ""), version):
-        status = written
-    view = reconcile.RunView(name, namespace, meta["uid"], meta.get("generation", 1), run.get("spec") or {}, status)
-    label = (namespace, resources.run_label(name))
-    jobs = cache.one(cache.jobs, label)
-    # Jobs this process created that the cache does not show yet: present, not to be created again.
-    seen = {j["metadata"]["name"] for j in jobs}
-    inflight = _inflight.setdefault(label, {})
-    for job_name in [n for n in inflight if n in seen]:
-        del inflight[job_name]
-    jobs += list(inflight.values())
-    with _capacity_lock:  # the count and the create, as one step across runs
-        capacity = _has_capacity(cache)
-        decision = reconcile.decide(
-            view,
-            jobs,
-            cache.one(cache.pods, label),
-            stage_image=settings.stage_image,
-            capacity=capacity,
-            gpu_memory=settings.gpu_memory_gb * memory.GB,
-        )
-        for obj in decision.create:
-            if obj["kind"] == "Job":
-                _started[obj["metadata"]["name"]] = time.monotonic()
-    if not capacity:
-        _queued.setdefault((namespace, name), None)
-    batch = client.BatchV1Api(api())
-    writes: list[Callable[[], None]] = [lambda o=o: _create(o) for o in decision.create]
-    for job, why in decision.fail.items():
+    def fail_job(self, namespace: str, name: str, why: str) -> None:
         # The Job controller fails a Job past its deadline and removes its pods: the GPUs go back.
         body = {"metadata": {"annotations": {resources.ANNOTATION_FAILURE: why}}, "spec": {"activeDeadlineSeconds": 1}}
-        writes.append(lambda j=job, b=body: batch.patch_namespaced_job(j, namespace, b, _request_timeout=TIMEOUT))
-    for job in decision.delete:
-        writes.append(lambda j=job: _delete_job(batch, j, namespace, "Background"))
-    for job in decision.restart:
+        self.batch.patch_namespaced_job(name, namespace, body, _request_timeout=TIMEOUT)
+
+    def delete_job(self, namespace: str, name: str, propagation: str) -> None:
+        try:
+            self.batch.delete_namespaced_job(name, namespace, propagation_policy=propagation, _request_timeout=TIMEOUT)
+        except ApiException as err:
+            if err.status != 404:  # gone already: what was asked
+                raise
+
+    def patch_status(self, namespace: str, name: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+        """Patch the status; the run's resourceVersion after the write."""
+        patched = self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, status_patch(old, new), _request_timeout=TIMEOUT
+        )
+        return patched["metadata"]["resourceVersion"]
+
+    def remove_finalizer(self, run: RunView, finalizer: str) -> None:
+        index = run.finalizers.index(finalizer)
+        body = [
+            {"op": "test", "path": f"/metadata/finalizers/{index}", "value": finalizer},
+            {"op": "remove", "path": f"/metadata/finalizers/{index}"},
+        ]
+        self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, run.namespace, PLURAL, run.name, body, _request_timeout=TIMEOUT
+        )
+
+    def post_event(self, run: RunView, event: reconcile.Event) -> None:
+        now = timestamp()
+        body = {
+            "metadata": {"generateName": f"{run.name[:200]}.", "namespace": run.namespace},
+            "involvedObject": {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": run.name,
+                "namespace": run.namespace,
+                "uid": run.uid,
+            },
+            "type": event.type,
+            "reason": event.reason,
+            "message": event.message[:1024],
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+            "source": {"component": "idpo-operator"},
+            "reportingComponent": "idpo-operator",
+        }
+        try:
+            self.core.create_namespaced_event(run.namespace, body, _preload_content=False, _request_timeout=TIMEOUT)
+        except ApiException as err:  # events are best effort; status already holds the record
+            log.warning("could not post event %s: %s", event.reason, err.reason)
+
+
+class Controller:
+    """The reconciler: one per operator process, its state in the object (kopf's memo holds it)."""
+
+    def __init__(self, settings: Settings, cache: Cache, writer: Writer, *, workers: int = WORKERS) -> None:
+        self.settings, self.cache, self.writer = settings, cache, writer
+        self.expectations = Expectations()
+        self.elector: leader.Elector | None = None
+        self.queue = workqueue.WorkQueue(self.reconcile, workers=workers, active=self.is_leader)
+        self._capacity = threading.Lock()  # the count and the create, as one step across runs
+        self._events = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="events")
+        self._stop = threading.Event()
+        self.reconciles = 0  # reported by the liveness probe
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self, api: client.ApiClient | None = None) -> None:
+        self.queue.start()
+        if self.settings.lease_namespace and api is not None:
+            self.elector = leader.Elector(api, self.settings.lease_namespace, "idpo-operator", self.resync)
+            self.elector.start()
+        threading.Thread(target=self._safety_net, name="safety-net", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.elector is not None:
+            self.elector.release()  # a rollout's next replica takes over at once, not after the lease expires
+        self.queue.stop()
+
+    def is_leader(self) -> bool:
+        return self.elector is None or self.elector.leading()
+
+    def resync(self) -> None:
+        self.queue.resync(self.cache.run_keys())
+
+    def _safety_net(self) -> None:
+        """Active runs are looked at now and then even without events: a watch event can be missed."""
+        while not self._stop.wait(SAFETY_NET_SECONDS):
+            for key in self.cache.run_keys():
+                run = self.cache.run(key)
+                if run is not None and run.status.get("phase") not in ("Succeeded", "Failed"):
+                    self.queue.add(key)
+
+    # -- triggers (from the kopf handlers) -----------------------------------------------------------
+    def changed(self, key: RunKey) -> None:
+        self.queue.add(key)
+
+    def job_finished(self) -> None:
+        """A stage Job ended: runs waiting for capacity may start theirs, oldest first."""
+        cap = self.settings.max_concurrent_stages
+        if cap and self.queue.parked():
+            self.queue.release(max(cap - self._running(), 0))
+
+    def _running(self) -> int:
+        return self.cache.running_jobs() + self.expectations.in_flight(self.cache.job_names())
+
+    # -- one reconcile -----------------------------------------------------------------------------
+    def reconcile(self, key: Hashable) -> workqueue.Result:
+        namespace, name = key  # type: ignore[misc]
+        cached = self.cache.run((namespace, name))
+        if cached is None or cached.deleting:
+            self.forget((namespace, name))
+            return workqueue.Result()
+        status = self.expectations.status(key, cached.resource_version, cached.status)
+        run = dataclasses.replace(cached, status=status)
+        label = (namespace, resources.run_label(name))
+        jobs = self.expectations.jobs(key, self.cache.jobs(label))
+        cap = self.settings.max_concurrent_stages
+        with self._capacity:
+            capacity = not cap or self._running() < cap
+            decision = reconcile.decide(
+                run, jobs, self.cache.pods(label), settings=self.settings.decide(), capacity=capacity
+            )
+            created = [observe.job_view(o) for o in decision.create if o["kind"] == "Job"]
+            for job in created:
+                self.expectations.created(key, job)
+        try:
+            self._write(run, decision)
+        except (ApiException, ValueError, ForeignChild) as err:
+            self.expectations.cancel(key, [j.name for j in created])
+            reason = Reason.FOREIGN_CHILD if isinstance(err, ForeignChild) else Reason.APPLY_FAILED
+            failed = failed_write_status(run.status, reason, api_message(err), run.generation)
+            if failed != run.status:
+                self._patch_status(key, run, failed)
+            raise ApplyError(api_message(err)) from err
+        if decision.status != run.status:
+            self._patch_status(key, run, decision.status)
+            for event in decision.events:  # off the reconcile's path: the next stage need not wait for them
+                self._events.submit(self.writer.post_event, run, event)
+        if LEGACY_FINALIZER in run.finalizers:
+            self.writer.remove_finalizer(run, LEGACY_FINALIZER)
+        metrics.record(key, decision.status, decision.events)  # type: ignore[arg-type]
+        self.reconciles += 1
+        return workqueue.Result(requeue_after=decision.requeue_after, parked=decision.wants_capacity)
+
+    def _write(self, run: RunView, decision: reconcile.Decision) -> None:
+        ns = run.namespace
+        writes: list[Callable[[], None]] = [lambda o=o: self.writer.create(o, run.uid) for o in decision.create]
+        writes += [lambda j=j, w=w: self.writer.fail_job(ns, j, w) for j, w in decision.fail.items()]
+        writes += [lambda j=j: self.writer.delete_job(ns, j, "Background") for j in decision.delete]
         # Foreground: the Job goes only after its pods have, so the next attempt never meets one of them.
-        writes.append(lambda j=job: _delete_job(batch, j, namespace, "Foreground"))
-    try:
+        writes += [lambda j=j: self.writer.delete_job(ns, j, "Foreground") for j in decision.restart]
         for write in writes:
             write()
-        for obj in decision.create:  # reconciles of one run are serialized: registered before the next
-            if obj["kind"] == "Job":
-                inflight[obj["metadata"]["name"]] = {"metadata": obj["metadata"], "status": {}}
-    except (ApiException, ValueError) as err:
-        status = failed_write_status(decision.status, _api_message(err), view.generation)
-        if status != view.status:
-            _patch_status(namespace, name, view.status, status)
-        raise ApplyError(_api_message(err)) from err
-    if decision.status != view.status:
-        _written[(namespace, name)] = (_patch_status(namespace, name, view.status, decision.status), decision.status)
-        for event in decision.events:  # off the reconcile's path: the next stage need not wait for them
-            _events.submit(_post_event, run, event)
-    metrics.record((namespace, name), decision.status, decision.events)
-    reconciles += 1
-    return decision.again
+
+    def _patch_status(self, key: Hashable, run: RunView, status: dict[str, Any]) -> None:
+        version = self.writer.patch_status(run.namespace, run.name, run.status, status)
+        self.expectations.wrote(key, version, status)
+
+    def forget(self, key: RunKey) -> None:
+        """A deleted run leaves nothing behind in memory."""
+        self.expectations.forget(key)
+        self.queue.forget(key)
+        metrics.forget(key)

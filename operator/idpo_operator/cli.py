@@ -99,16 +99,17 @@ def _crd(args: argparse.Namespace) -> int:
 def _operator(args: argparse.Namespace) -> int:
     import kopf
 
-    import idpo_operator.handlers  # noqa: F401  (registers the handlers)
-    from idpo_operator import apply
+    from idpo_operator import apply, handlers  # importing handlers registers them with kopf
+    from idpo_operator.leader import default_namespace
 
-    apply.settings.stage_image = args.stage_image
-    apply.settings.max_concurrent_stages = args.max_concurrent_stages
-    apply.settings.gpu_memory_gb = args.gpu_memory
-    if args.leader_election:
-        from idpo_operator.leader import default_namespace
-
-        apply.settings.lease_namespace = args.leader_election_namespace or default_namespace()
+    lease = (args.leader_election_namespace or default_namespace()) if args.leader_election else None
+    handlers.options = apply.Settings(
+        stage_image=args.stage_image,
+        lease_namespace=lease,
+        max_concurrent_stages=args.max_concurrent_stages,
+        gpu_memory_gb=args.gpu_memory,
+        job_ttl_seconds=args.finished_job_ttl or None,
+    )
 
     if args.metrics_port:
         from idpo_operator import metrics
@@ -196,6 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=80,
         help="GB per GPU that each run's status.memoryPlan is checked against (default 80)",
+    )
+    op.add_argument(
+        "--finished-job-ttl",
+        type=int,
+        default=3600,
+        help="seconds a finished stage Job (and its pods) stays before Kubernetes deletes it; its record stays "
+        "in the run's status (0: keep them; default 3600)",
     )
     op.add_argument("--liveness", help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     op.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")

@@ -1,108 +1,116 @@
 """kopf handlers: indexes that cache what the watches see, and handlers that only name the run to
-reconcile; `apply.reconcile_run` does the rest from the caches.
+reconcile. `apply.Controller` (in kopf's memo) does the rest from the caches, in its own workers.
 
-kopf run --standalone -m idpo_operator.handlers --namespace ml      # or: idpo operator
+    kopf run --standalone -m idpo_operator.handlers --namespace ml      # or: idpo operator
+
+What kopf itself writes to a run is nothing at all: the handlers are event handlers and indexes only,
+which keep no progress or diff-base annotations and need no finalizer, and kopf posts no events. So a
+follower replica writes nothing, and a run's cost is our own four writes per stage hand-off. Jobs and
+Pods are watched with the run label as a server-side selector: the operator never receives the
+cluster's other Jobs and Pods. Handlers are coroutines: an event costs no thread hop.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 from typing import Any
 
 import kopf
 
-from idpo_operator import apply
+from idpo_operator import apply, observe
+from idpo_operator.reconcile import RETRY_ANNOTATION, RunView
 from idpo_operator.resources import ANNOTATION_RUN, LABEL_RUN
 from idpo_operator.spec import GROUP, PLURAL, VERSION
 
 RUNS = (GROUP, VERSION, PLURAL)
+JOBS = ("batch", "v1", "jobs")
+PODS = ("", "v1", "pods")
 OURS = {LABEL_RUN: kopf.PRESENT}
-SAFETY_NET_SECONDS = 30.0
-FINISHED = ("Succeeded", "Failed")
+# kopf removes its finalizer from any object no handler needs it for: in every replica, followers too.
+# Pointed at a name nobody sets, it never touches finalizers; the leader removes the one that operators
+# before 0.2 set (apply.LEGACY_FINALIZER).
+UNUSED_FINALIZER = "idpo.dev/kopf-unused"
 
-
-def plain(value: Any) -> Any:
-    """A deep copy as plain dicts and lists: index entries must not change under a reader.
-    managedFields are dropped: large, and nothing here reads them."""
-    if isinstance(value, dict) or hasattr(value, "items"):
-        return {k: plain(v) for k, v in value.items() if k != "managedFields"}
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
-    return value
+options = apply.Settings()  # the CLI sets it from its flags before kopf starts
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    # kopf's bookkeeping goes to annotations, so `status` stays ours alone.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="idpo.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="idpo.dev")
-    settings.posting.level = logging.WARNING  # our own events tell the run's story
+async def configure(
+    settings: kopf.OperatorSettings,
+    memo: kopf.Memo,
+    runs: kopf.Index[Any, Any],
+    jobs: kopf.Index[Any, Any],
+    pods: kopf.Index[Any, Any],
+    **_: Any,
+) -> None:
+    settings.persistence.finalizer = UNUSED_FINALIZER
+    settings.posting.enabled = False  # our own events tell the run's story
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
-    # Handlers mostly wait on API writes: more threads than cores keep hand-offs from queueing.
-    settings.execution.max_workers = apply.POOL
-    apply.connect()
-    if apply.settings.lease_namespace:
-        apply.elect(apply.settings.lease_namespace)
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # a line per event is much of kopf's cost
+    for resource in (JOBS, PODS):
+        settings.watching.label_selectors[resource] = LABEL_RUN  # the label exists: ours only
+    api = apply.connect()
+    memo.controller = apply.Controller(options, apply.Cache(runs, jobs, pods), apply.Writer(api))
+    memo.controller.start(api)
 
 
 @kopf.on.cleanup()
-def hand_over(**_: Any) -> None:
-    apply.step_down()  # a rollout's next replica takes over at once, not after the lease expires
+async def hand_over(memo: kopf.Memo, **_: Any) -> None:
+    memo.controller.stop()
 
 
 # -- the caches: reconciles read these, never the API ------------------------------------------------
 @kopf.index(*RUNS)
-def runs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    return {(namespace, name): plain(body)}
+async def runs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    meta = body["metadata"]
+    view = RunView(
+        name=name,
+        namespace=namespace,
+        uid=meta["uid"],
+        generation=meta.get("generation", 1),
+        spec=body.get("spec") or {},
+        status=body.get("status") or {},
+        resource_version=meta.get("resourceVersion", ""),
+        deleting=bool(meta.get("deletionTimestamp")),
+        retry=(meta.get("annotations") or {}).get(RETRY_ANNOTATION),
+        finalizers=tuple(meta.get("finalizers") or ()),
+    )
+    return {(namespace, name): view}
 
 
-@kopf.index("batch", "v1", "jobs", labels=OURS)
-def jobs(namespace: str, labels: dict[str, str], body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    return {(namespace, labels[LABEL_RUN]): {k: plain(body.get(k, {})) for k in ("metadata", "status")}}
+@kopf.index(*JOBS, labels=OURS)
+async def jobs(namespace: str, labels: dict[str, str], body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {(namespace, labels[LABEL_RUN]): observe.job_view(body)}
 
 
-@kopf.index("", "v1", "pods", labels=OURS)
-def pods(namespace: str, labels: dict[str, str], body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    return {(namespace, labels[LABEL_RUN]): {k: plain(body.get(k, {})) for k in ("metadata", "status")}}
-
-
-def _reconcile(namespace: str, name: str, kwargs: dict[str, Any]) -> None:
-    apply.reconcile_run(namespace, name, apply.Cache(kwargs["runs"], kwargs["jobs"], kwargs["pods"]))
+@kopf.index(*PODS, labels=OURS)
+async def pods(namespace: str, labels: dict[str, str], body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {(namespace, labels[LABEL_RUN]): observe.pod_view(body)}
 
 
 # -- triggers ----------------------------------------------------------------------------------------
-@kopf.on.resume(*RUNS)
-@kopf.on.create(*RUNS)
-@kopf.on.update(*RUNS)
-def run_changed(name: str, namespace: str, **kwargs: Any) -> None:
-    _reconcile(namespace, name, kwargs)
+@kopf.on.event(*RUNS)
+async def run_changed(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    memo.controller.changed((namespace, name))
 
 
 def _waiting(status: dict[str, Any], **_: Any) -> bool:
     return status.get("phase") == "Pending"
 
 
-@kopf.on.event("batch", "v1", "jobs", labels=OURS)
-@kopf.on.event("", "v1", "pods", labels=OURS, when=_waiting)  # why a pod waits; its Job tells the rest
-def child_changed(annotations: dict[str, str], labels: dict[str, str], namespace: str, **kwargs: Any) -> None:
+@kopf.on.event(*JOBS, labels=OURS)
+@kopf.on.event(*PODS, labels=OURS, when=_waiting)  # why a pod waits; its Job tells the rest
+async def child_changed(
+    annotations: dict[str, str], labels: dict[str, str], namespace: str, body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> None:
     # The annotation holds the full name; the label is shortened for names over 63 characters.
-    _reconcile(namespace, annotations.get(ANNOTATION_RUN) or labels[LABEL_RUN], kwargs)
-    apply.release_queued(apply.Cache(kwargs["runs"], kwargs["jobs"], kwargs["pods"]))
-
-
-@kopf.timer(
-    *RUNS,
-    interval=SAFETY_NET_SECONDS,
-    initial_delay=lambda **_: random.uniform(SAFETY_NET_SECONDS / 2, SAFETY_NET_SECONDS),  # spread, not in step
-    when=lambda status, **_: status.get("phase") not in FINISHED,
-)
-def safety_net(name: str, namespace: str, **kwargs: Any) -> None:
-    """For active runs only: catches a missed watch event and a pod's start deadline passing."""
-    _reconcile(namespace, name, kwargs)
+    controller: apply.Controller = memo.controller
+    controller.changed((namespace, annotations.get(ANNOTATION_RUN) or labels[LABEL_RUN]))
+    if controller.settings.max_concurrent_stages and body.get("kind") == "Job" and observe.job_view(body).done:
+        controller.job_finished()
 
 
 @kopf.on.probe(id="reconciles")
-def reconciles(**_: Any) -> int:
-    return apply.reconciles
+async def reconciles(memo: kopf.Memo, **_: Any) -> int:
+    return memo.controller.reconciles

@@ -1,9 +1,12 @@
 """The embedded default: `idpo run MANIFEST` executes the plan on this machine.
 
-Each stage runs as subprocesses of the same CLIs the Jobs run (one per shard, with
-`JOB_COMPLETION_INDEX`), the workspace is a local directory, and `status.json` has the shape of
-the custom resource's status. Completion is read from the workspace (`_SUCCESS.json`), so a rerun
-resumes where the last one stopped. A failed stage is not retried locally: fix and rerun.
+Each stage runs as subprocesses of the same command a Job runs (`resources.stage_command`; one per
+shard, with `JOB_COMPLETION_INDEX`; train through the torchrun launcher with the same `PET_*`
+variables, so `training.distributed.processesPerNode: 2` trains on two local processes), the
+workspace is a local directory, and `status.json` has the shape of the custom resource's status. What
+runs next is `rules.next_step`'s answer, as for the operator. Completion is read from the workspace
+(`_SUCCESS.json`), so a rerun resumes where the last one stopped. A failed stage is not retried
+within a run: fix and rerun.
 
 `tiny://` URIs (`tiny://policy`, `tiny://pairrm`, `tiny://prompts.jsonl`) name the tiny models,
 built into `<workdir>/tiny` on first use, so the demo needs no download.
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -25,10 +29,10 @@ from idpo_jobs.config import TINY_SCHEME, Stage, Workspace
 from idpo_jobs.tiny import ensure_tiny
 from tqdm import tqdm
 
-from idpo_operator import plan
+from idpo_operator import plan, resources, rules
 from idpo_operator.plan import StageKey
 from idpo_operator.spec import IterativeDPORunSpec, Manifest
-from idpo_operator.status import Phase, StageRecord, build_status, record_from_summaries, stage_status, timestamp
+from idpo_operator.status import Phase, StageRecord, build_status, parse_previous, record_from_summaries, timestamp
 
 STATUS_FILE = "status.json"
 
@@ -70,14 +74,15 @@ class LocalRunner:
             return {}
 
     def _previous_attempts(self, key: StageKey) -> int:
-        return stage_status(self.previous, key).get("attempts", 0)
+        return parse_previous(self.previous).records.get(key, StageRecord(attempts=0)).attempts
 
     def _shards(self, key: StageKey) -> int:
         return plan.stage_config(self.spec, self.name, self.workspace, key).shards
 
-    def observe(self) -> list[StageKey]:
-        """Completed stages, from the workspace; fills their records."""
-        done = []
+    def observe(self) -> dict[StageKey, StageRecord]:
+        """The records of the completed stages (from the workspace) and of a stage that failed."""
+        failed = {k: r for k, r in self.records.items() if r.phase == Phase.FAILED}
+        self.records = {}
         for key in plan.all_stages(self.spec):
             summaries = contract.completed_parts(
                 self.workspace.stage_dir(key.iteration, key.stage), self._shards(key), key.stage
@@ -88,17 +93,13 @@ class LocalRunner:
                 parts = contract.stage_parts(stage_dir, self._shards(key), key.stage)
                 record.digests = [contract.part_digest(d) for d in parts]
                 self.records[key] = record
-                done.append(key)
-        return done
-
-    def early_stop(self) -> tuple[int, str] | None:
-        evaluations = {k.iteration: r.metrics for k, r in self.records.items() if k.stage is Stage.EVALUATE}
-        return plan.early_stop(self.spec, evaluations)
+        self.records |= failed
+        return self.records
 
     def write_status(self) -> dict[str, Any]:
-        stop = self.early_stop()
-        spec = plan.truncated(self.spec, stop)
-        status = build_status(spec, self.records, self.workspace, previous=self.previous, early_stop=stop)
+        step = rules.next_step(self.spec, self.records)
+        previous = parse_previous(self.previous)
+        status = build_status(step.spec, self.records, self.workspace, previous=previous, early_stop=step.early_stop)
         self.workdir.mkdir(parents=True, exist_ok=True)
         tmp = self.workdir / f".{STATUS_FILE}.tmp"
         tmp.write_text(json.dumps(status, indent=2))
@@ -109,22 +110,20 @@ class LocalRunner:
     # -- execution -------------------------------------------------------------------------
     def run(self) -> int:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        while (key := plan.next_stage(self.spec, self.observe())) is not None:
-            if (stop := self.early_stop()) is not None and key.iteration > stop[0]:
-                break  # evaluation.stopWhen: no further iteration
-            if self.spec.suspend:
-                self.write_status()
-                print("run is suspended (spec.suspend: true); no stage started", file=self.out)
-                return 0
-            if not self.run_stage(key):
-                status = self.write_status()
-                print(f"\nrun failed: {status['message']}", file=self.out)
-                return 1
+        while (step := rules.next_step(self.spec, self.observe())).start is not None:
+            self.run_stage(step.start)
         status = self.write_status()
-        print(f"run {self.name} succeeded; final checkpoint: {status.get('latestCheckpoint')}", file=self.out)
+        if step.stop is rules.Stop.SUSPENDED:
+            print("run is suspended (spec.suspend: true); no stage started", file=self.out)
+        elif step.stop is rules.Stop.FAILED:
+            print(f"\nrun failed: {status['message']}", file=self.out)
+            return 1
+        else:
+            print(f"run {self.name} succeeded; final checkpoint: {status.get('latestCheckpoint')}", file=self.out)
         return 0
 
-    def run_stage(self, key: StageKey) -> bool:
+    def run_stage(self, key: StageKey) -> None:
+        """Run one stage to its end; a failure is recorded for `rules.next_step` to stop on."""
         source = plan.input_of(key)
         digests = self.records[source].digests if source in self.records else None
         config = plan.stage_config(self.spec, self.name, self.workspace, key, input_digests=digests)
@@ -135,7 +134,12 @@ class LocalRunner:
         record = StageRecord(phase=Phase.RUNNING, attempts=self._previous_attempts(key) + 1, start_time=timestamp())
         self.records[key] = record
         self.write_status()
+        failure = self.execute(key, config_path, config.shards)
+        if failure is not None:
+            record.phase, record.completion_time, record.message = Phase.FAILED, timestamp(), failure
 
+    def execute(self, key: StageKey, config_path: Path, shards: int) -> str | None:
+        """Run the stage's processes, one per shard, with the command its Job runs; why it failed, or None."""
         logs = self.workdir / "logs"
         logs.mkdir(exist_ok=True)
         bar = tqdm(
@@ -146,17 +150,20 @@ class LocalRunner:
             bar_format="{desc} {percentage:3.0f}%|{bar}| {n}/{total} [{elapsed}]",
         )
         progress: dict[int, tuple[int, int]] = {}
-        shards = [_Shard(key, k, config_path, logs, bar, progress) for k in range(config.shards)]
-        codes = [s.wait() for s in shards]
+        command = resources.stage_command(key.stage, str(config_path), sys.executable)
+        env = self._torchrun_env() if key.stage is Stage.TRAIN else {}
+        processes = [_Shard(key, k, command, env, logs, bar, progress) for k in range(shards)]
+        codes = [p.wait() for p in processes]
         bar.close()
+        failed = [p for p, code in zip(processes, codes, strict=True) if code != 0]
+        return failed[0].failure() if failed else None
 
-        failed = [s for s, code in zip(shards, codes, strict=True) if code != 0]
-        if failed:
-            record.phase = Phase.FAILED
-            record.completion_time = timestamp()
-            record.message = failed[0].failure()
-            return False
-        return True
+    def _torchrun_env(self) -> dict[str, str]:
+        """A Job's PET_* variables for this machine: one node, the rendezvous on loopback at a free port."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        return {**resources.torchrun_env(self.spec, "127.0.0.1", port), "PET_NNODES": "1", "PET_NODE_RANK": "0"}
 
 
 class _Shard:
@@ -166,7 +173,8 @@ class _Shard:
         self,
         key: StageKey,
         shard: int,
-        config_path: Path,
+        command: list[str],
+        extra_env: dict[str, str],
         logs: Path,
         bar: tqdm,
         progress: dict[int, tuple[int, int]],
@@ -181,11 +189,12 @@ class _Shard:
             "IDPO_TERMINATION_LOG": str(self.termination),
             "PYTHONUNBUFFERED": "1",
             "TOKENIZERS_PARALLELISM": "false",
+            **extra_env,
         }
         self.tail: deque[str] = deque(maxlen=15)
         self.shard, self.bar, self.progress = shard, bar, progress
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", f"idpo_jobs.{key.stage.value}", "--config", str(config_path)],
+            command,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

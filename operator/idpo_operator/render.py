@@ -22,5 +22,5 @@ def iteration_objects(manifest: Manifest, stage_image: str) -> list[dict[str, An
     for stage in STAGE_ORDER:
         key = StageKey(1, stage)
         config = plan.stage_config(spec, owner.name, workspace, key)
-        objects += resources.stage_objects(spec, owner, key, config, stage_image)
+        objects += resources.stage_objects(resources.Launch(spec, owner, key, config, stage_image))
     return objects

@@ -1,4 +1,4 @@
-"""The child objects of a run, as plain dicts: names, labels, PVC, ConfigMap, Job.
+"""The child objects of a run, as plain dicts: names, labels, the PVC, a stage's Job (and a gang's Service).
 
 Pure builders: the owner is passed in, nothing is looked up. Child names are derived here and
 only here, deterministically, so a restarted operator finds its Jobs instead of duplicating them.
@@ -22,18 +22,24 @@ LABEL_ITERATION = "idpo.dev/iteration"
 LABEL_STAGE = "idpo.dev/stage"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 ANNOTATION_RUN = "idpo.dev/run-name"  # the run's full name, when its label had to be shortened
+ANNOTATION_RUN_UID = "idpo.dev/run-uid"  # on a retained claim (no ownerReference): whose it is
 ANNOTATION_FAILURE = "idpo.dev/failure"  # why the operator failed a Job that could not start
-# On gang Jobs only (a train stage on several nodes): which attempt this Job is. A gang is restarted
-# whole, by re-creating its Job, so the count cannot live in the Job's own pod failures.
+# Which attempt of its stage a Job starts at. A gang (a train stage on several nodes) is restarted whole,
+# by re-creating its Job, and a failed stage started again after a fix is a new Job too: the count cannot
+# live in one Job's own pod failures.
 ANNOTATION_ATTEMPT = "idpo.dev/attempt"
+# The stage's typed config, on the pod template: mounted as a file through the downward API, so a stage
+# needs no ConfigMap (no second object to write per stage, none that someone else could plant).
+ANNOTATION_CONFIG = "idpo.dev/stage-config"
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"  # the Job controller's pod annotation
 RENDEZVOUS_MARGIN = 300  # seconds a gang's rendezvous waits beyond runtime.startTimeoutSeconds
 COMMON_LABELS = {"app.kubernetes.io/name": "idpo", "app.kubernetes.io/managed-by": "idpo-operator"}
 VOLUME_MOUNT = "/workspace"
 CONFIG_MOUNT = "/etc/idpo"
 CONFIG_KEY = "config.json"
+CONFIG_PATH = f"{CONFIG_MOUNT}/{CONFIG_KEY}"
 CONTAINER = "stage"
-MAX_NAME = 253  # a DNS-1123 subdomain: ConfigMaps, claims
+MAX_NAME = 253  # a DNS-1123 subdomain: claims
 MAX_LABEL = 63
 # An Indexed Job's pods are named and host-named `<job>-<index>`: a DNS label (no dots, <= 63),
 # with room for a 3-digit index and for what Kueue derives from it (its 63-char Workload names).
@@ -93,12 +99,6 @@ def run_label(run: str) -> str:
     return f"{run[: MAX_LABEL - 9].rstrip('-.')}-{_digest(run)}"
 
 
-def config_map_name(run: str, key: StageKey, config: StageConfig) -> str:
-    """Named after its content: a stage re-run after a spec fix gets its new config, not a stale one."""
-    digest = hashlib.sha256(config.model_dump_json(by_alias=True).encode()).hexdigest()[:8]
-    return child_name(run, f"i{key.iteration}-{key.stage.value}-{digest}")
-
-
 def pvc_name(spec: IterativeDPORunSpec, run: str) -> str:
     return spec.storage.existing_claim or child_name(run, "workspace")
 
@@ -120,8 +120,12 @@ def labels(owner: Owner, key: StageKey | None = None) -> dict[str, str]:
 
 
 def owned_by(obj: dict[str, Any], uid: str) -> bool:
-    """Whether `obj` is controlled by the object with `uid`: ownership is by uid, never by name."""
-    return any(r.get("uid") == uid and r.get("controller") for r in obj.get("metadata", {}).get("ownerReferences", []))
+    """Whether `obj` belongs to the run with `uid`: ownership is by uid, never by name. A retained claim
+    has no ownerReference (deleting the run must not delete it) and says whose it is in an annotation."""
+    meta = obj.get("metadata") or {}
+    if any(r.get("uid") == uid and r.get("controller") for r in meta.get("ownerReferences") or []):
+        return True
+    return obj.get("kind") == "PersistentVolumeClaim" and (meta.get("annotations") or {}).get(ANNOTATION_RUN_UID) == uid
 
 
 def _metadata(name: str, owner: Owner, key: StageKey | None = None, owned: bool = True) -> dict[str, Any]:
@@ -148,18 +152,29 @@ def build_pvc(spec: IterativeDPORunSpec, owner: Owner) -> dict[str, Any] | None:
         "metadata": _metadata(pvc_name(spec, owner.name), owner, owned=not s.retain_on_delete),
         "spec": {"accessModes": list(s.access_modes), "resources": {"requests": {"storage": s.size}}},
     }
+    body["metadata"]["annotations"][ANNOTATION_RUN_UID] = owner.uid
     if s.storage_class_name:
         body["spec"]["storageClassName"] = s.storage_class_name
     return body
 
 
-def build_config_map(owner: Owner, key: StageKey, config: StageConfig) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _metadata(config_map_name(owner.name, key, config), owner, key),
-        "data": {CONFIG_KEY: config.model_dump_json(by_alias=True, indent=2)},
-    }
+@dataclass(frozen=True)
+class Launch:
+    """What one stage's Job (and a gang's Service) is built from. `image`: the operator's default stage
+    image, for runs that name none; `attempt`: the attempt the Job starts at; `ttl_seconds`: how long
+    the finished Job stays (its record in status outlives it)."""
+
+    spec: IterativeDPORunSpec
+    owner: Owner
+    key: StageKey
+    config: StageConfig
+    image: str = DEFAULT_STAGE_IMAGE
+    attempt: int = 1
+    ttl_seconds: int | None = None
+
+    @property
+    def gang(self) -> bool:
+        return gang(self.spec, self.key.stage)
 
 
 def stage_resources(spec: IterativeDPORunSpec, stage: Stage) -> Resources:
@@ -201,12 +216,12 @@ def pod_security(spec: IterativeDPORunSpec) -> dict[str, Any]:
     return {k: v for k, v in merged.items() if v is not None}
 
 
-def stage_command(stage: Stage) -> list[str]:
-    """Train goes through the torchrun launcher (a world of one runs in-process); the rest run as is."""
-    config = f"{CONFIG_MOUNT}/{CONFIG_KEY}"
+def stage_command(stage: Stage, config: str = CONFIG_PATH, python: str = "python") -> list[str]:
+    """The command a stage runs, in a Job and under `idpo run` alike. Train goes through the torchrun
+    launcher (a world of one runs in-process); the rest run as is."""
     if stage is Stage.TRAIN:
-        return ["python", "-m", "idpo_jobs.distributed", "train", "--config", config]
-    return ["python", "-m", f"idpo_jobs.{stage.value}", "--config", config]
+        return [python, "-m", "idpo_jobs.distributed", "train", "--config", config]
+    return [python, "-m", f"idpo_jobs.{stage.value}", "--config", config]
 
 
 def gang(spec: IterativeDPORunSpec, stage: Stage) -> bool:
@@ -214,30 +229,36 @@ def gang(spec: IterativeDPORunSpec, stage: Stage) -> bool:
     return stage is Stage.TRAIN and spec.training.distributed.nodes > 1
 
 
-def rendezvous_env(spec: IterativeDPORunSpec, owner: Owner, key: StageKey) -> list[dict[str, Any]]:
-    """Kubeflow Trainer's torchrun contract (PET_*), so the image runs the same under a TrainJob.
-    Node rank = the pod's completion index; the rendezvous is the index-0 pod, by its stable name."""
-    dist, several = spec.training.distributed, gang(spec, key.stage)
-    index = {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX}']"}}
-    master = f"{job_name(owner.name, key)}-0.{service_name(owner.name, key)}" if several else "127.0.0.1"
-    env: list[dict[str, Any]] = [
-        {"name": "PET_NNODES", "value": str(dist.nodes)},
-        {"name": "PET_NPROC_PER_NODE", "value": str(dist.processes(spec.training.resources))},
-        {"name": "PET_NODE_RANK", "valueFrom": index},
-        {"name": "PET_MASTER_ADDR", "value": master},
-        {"name": "PET_MASTER_PORT", "value": str(dist.master_port)},
-    ]
-    if several:
+def torchrun_env(spec: IterativeDPORunSpec, master: str, port: int) -> dict[str, str]:
+    """Kubeflow Trainer's torchrun contract (PET_*), which the stage's launcher hands to torchrun."""
+    dist = spec.training.distributed
+    env = {
+        "PET_NNODES": str(dist.nodes),
+        "PET_NPROC_PER_NODE": str(dist.processes(spec.training.resources)),
+        "PET_MASTER_ADDR": master,
+        "PET_MASTER_PORT": str(port),
+    }
+    if dist.nodes > 1:
         # torchrun waits this long for every node (600 s by default): past the start deadline, so a
         # pod that cannot start fails the stage with its reason, not the others with a timeout.
-        timeout = spec.runtime.start_timeout_seconds + RENDEZVOUS_MARGIN
-        env.append({"name": "PET_RDZV_CONF", "value": f"timeout={timeout}"})
+        env["PET_RDZV_CONF"] = f"timeout={spec.runtime.start_timeout_seconds + RENDEZVOUS_MARGIN}"
     return env
 
 
-def build_service(spec: IterativeDPORunSpec, owner: Owner, key: StageKey) -> dict[str, Any]:
+def rendezvous_env(spec: IterativeDPORunSpec, owner: Owner, key: StageKey) -> list[dict[str, Any]]:
+    """The PET_* environment of a train pod, so the image runs the same under a TrainJob. Node rank =
+    the pod's completion index; the rendezvous is the index-0 pod, by its stable name."""
+    several = gang(spec, key.stage)
+    master = f"{job_name(owner.name, key)}-0.{service_name(owner.name, key)}" if several else "127.0.0.1"
+    env = torchrun_env(spec, master, spec.training.distributed.master_port)
+    index = {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX}']"}}
+    return [*({"name": k, "value": v} for k, v in env.items()), {"name": "PET_NODE_RANK", "valueFrom": index}]
+
+
+def build_service(launch: Launch) -> dict[str, Any]:
     """A gang's headless Service: DNS names `<job>-<index>.<service>` for its pods. Published before
     they are ready, because torchrun's rendezvous is what makes them so."""
+    owner, key = launch.owner, launch.key
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -246,7 +267,7 @@ def build_service(spec: IterativeDPORunSpec, owner: Owner, key: StageKey) -> dic
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
             "selector": labels(owner, key),
-            "ports": [{"name": "rendezvous", "port": spec.training.distributed.master_port}],
+            "ports": [{"name": "rendezvous", "port": launch.spec.training.distributed.master_port}],
         },
     }
 
@@ -287,21 +308,16 @@ def _container(spec: IterativeDPORunSpec, owner: Owner, key: StageKey, image: st
     return container
 
 
-def build_job(
-    spec: IterativeDPORunSpec,
-    owner: Owner,
-    key: StageKey,
-    config: StageConfig,
-    image: str = DEFAULT_STAGE_IMAGE,
-    attempt: int = 1,
-) -> dict[str, Any]:
+def build_job(launch: Launch) -> dict[str, Any]:
     """One Job per stage per iteration: an Indexed Job whose index k is shard k of `config.shards`,
-    or, for a gang, node k of the torchrun job. `image` is the operator's default stage image, for
-    runs that name none; `attempt` numbers a gang's re-creations."""
+    or, for a gang, node k of the torchrun job."""
+    spec, owner, key, config, image = launch.spec, launch.owner, launch.key, launch.config, launch.image
     rt = spec.runtime
     meta = _metadata(job_name(owner.name, key), owner, key)
+    meta["annotations"][ANNOTATION_ATTEMPT] = str(launch.attempt)
     if rt.queue_name:  # Kueue admits the Job's pods (all `parallelism` of them) as one workload
         meta["labels"][LABEL_QUEUE] = rt.queue_name
+    config_field = {"fieldPath": f"metadata.annotations['{ANNOTATION_CONFIG}']"}
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
@@ -309,7 +325,7 @@ def build_job(
         "containers": [_container(spec, owner, key, image)],
         "volumes": [
             {"name": "workspace", "persistentVolumeClaim": {"claimName": pvc_name(spec, owner.name)}},
-            {"name": "config", "configMap": {"name": config_map_name(owner.name, key, config)}},
+            {"name": "config", "downwardAPI": {"items": [{"path": CONFIG_KEY, "fieldRef": config_field}]}},
             {"name": "tmp", "emptyDir": {}},
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},
         ],
@@ -329,9 +345,8 @@ def build_job(
     }
     disrupted = {"type": "DisruptionTarget"}  # evictions, preemptions, node drains: not the stage's fault
     job_spec: dict[str, Any] = {"completionMode": "Indexed"}
-    if gang(spec, key.stage):
+    if launch.gang:
         nodes = spec.training.distributed.nodes
-        meta["annotations"][ANNOTATION_ATTEMPT] = str(attempt)
         pod["subdomain"] = service_name(owner.name, key)
         # All or nothing: the first failed pod fails the Job (the Job controller then stops the
         # others) and the operator re-creates it whole (reconcile.gang_failure): a replacement pod
@@ -353,23 +368,18 @@ def build_job(
             "maxFailedIndexes": 0,
             "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [disrupted]}, bad_input]},
         }
+    template_annotations = {ANNOTATION_RUN: owner.name, ANNOTATION_CONFIG: config.model_dump_json(by_alias=True)}
     job_spec["template"] = {
-        "metadata": {"labels": labels(owner, key), "annotations": {ANNOTATION_RUN: owner.name}},
+        "metadata": {"labels": labels(owner, key), "annotations": template_annotations},
         "spec": pod,
     }
     if rt.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = rt.active_deadline_seconds
+    if launch.ttl_seconds is not None:
+        job_spec["ttlSecondsAfterFinished"] = launch.ttl_seconds
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
 
 
-def stage_objects(
-    spec: IterativeDPORunSpec,
-    owner: Owner,
-    key: StageKey,
-    config: StageConfig,
-    image: str = DEFAULT_STAGE_IMAGE,
-    attempt: int = 1,
-) -> list[dict[str, Any]]:
-    """What starting a stage creates, in order: a gang's Service, the config, the Job."""
-    service = [build_service(spec, owner, key)] if gang(spec, key.stage) else []
-    return [*service, build_config_map(owner, key, config), build_job(spec, owner, key, config, image, attempt)]
+def stage_objects(launch: Launch) -> list[dict[str, Any]]:
+    """What starting a stage creates, in order: a gang's Service, then the Job (its config inside)."""
+    return [*([build_service(launch)] if launch.gang else []), build_job(launch)]

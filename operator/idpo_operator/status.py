@@ -14,12 +14,15 @@ Phases: Pending, Running, Succeeded, Failed, Suspended. Conditions (kstatus-comp
 from __future__ import annotations
 
 import datetime as dt
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from idpo_jobs import winrate
 from idpo_jobs.config import Stage, Workspace
 
+from idpo_operator import frozen as frozen_specs
 from idpo_operator.plan import StageKey, all_stages, iteration_stages
 from idpo_operator.spec import IterativeDPORunSpec
 
@@ -30,6 +33,10 @@ class Phase:
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     SUSPENDED = "Suspended"
+
+
+STAGE_NAMES = frozenset(s.value for s in Stage)
+PHASES = (Phase.PENDING, Phase.RUNNING, Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED)
 
 
 class Reason:
@@ -64,17 +71,26 @@ class StageRecord:
     waiting_reason: str | None = field(default=None, compare=False)
 
     @classmethod
-    def from_wire(cls, s: dict[str, Any]) -> StageRecord:
+    def from_wire(cls, s: Mapping[str, Any]) -> StageRecord:
+        """A record as status holds it; fields of the wrong type read as absent (status is ours, but a
+        person with access to the status subresource can write anything there)."""
+
+        def get(name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+            value = s.get(name)
+            return value if isinstance(value, kind) and not isinstance(value, bool) else default
+
+        phase = s.get("phase")
+        digests = get("digests", list)
         return cls(
-            phase=s.get("phase", Phase.PENDING),
-            job_name=s.get("jobName"),
-            attempts=s.get("attempts", 1),
-            start_time=s.get("startTime"),
-            completion_time=s.get("completionTime"),
-            metrics=s.get("metrics", {}),
-            message=s.get("message"),
-            digests=s.get("digests"),
-            restarting=s.get("restarting"),
+            phase=phase if phase in PHASES else Phase.PENDING,
+            job_name=get("jobName", str),
+            attempts=get("attempts", int, 1),
+            start_time=get("startTime", str),
+            completion_time=get("completionTime", str),
+            metrics=dict(get("metrics", dict, {})),
+            message=get("message", str),
+            digests=[str(d) for d in digests] if digests is not None else None,
+            restarting=get("restarting", str),
         )
 
     def to_wire(self) -> dict[str, Any]:
@@ -92,12 +108,57 @@ class StageRecord:
         return {k: v for k, v in out.items() if v is not None}
 
 
-def stage_status(status: dict[str, Any], key: StageKey) -> dict[str, Any]:
-    """The stage's entry in a status; empty when it has none."""
-    for it in status.get("iterations", []):
-        if it["iteration"] == key.iteration:
-            return it.get("stages", {}).get(key.stage.value, {})
-    return {}
+@dataclass(frozen=True)
+class Previous:
+    """The last status, parsed once: what a decision reads of it, and nothing else."""
+
+    records: dict[StageKey, StageRecord] = field(default_factory=dict)
+    frozen: dict[int, dict[str, Any]] = field(default_factory=dict)
+    phase: str | None = None
+    message: str | None = None
+    observed_generation: int = 0
+    start_time: str | None = None
+    completion_time: str | None = None
+    conditions: tuple[dict[str, Any], ...] = ()
+    spec_change_deferred: bool = False
+    memory_plan: dict[str, Any] | None = None
+
+    def record(self, key: StageKey) -> StageRecord:
+        """The stage's record; a Pending one (no attempts) when the status has none."""
+        return self.records.get(key) or StageRecord()
+
+
+def parse_previous(status: Mapping[str, Any] | None) -> Previous:
+    """Never raises: an entry that does not parse reads as absent."""
+    status = status if isinstance(status, Mapping) else {}
+    records = {}
+    for it in status.get("iterations") or []:
+        stages = it.get("stages") if isinstance(it, Mapping) else None
+        if not isinstance(stages, Mapping) or not isinstance(it.get("iteration"), int):
+            continue
+        for name, entry in stages.items():
+            if name in STAGE_NAMES and isinstance(entry, Mapping):
+                records[StageKey(it["iteration"], Stage(name))] = StageRecord.from_wire(entry)
+
+    def text(name: str) -> str | None:
+        value = status.get(name)
+        return value if isinstance(value, str) else None
+
+    generation = status.get("observedGeneration")
+    conditions = [c for c in status.get("conditions") or [] if isinstance(c, Mapping) and "type" in c]
+    plan = status.get("memoryPlan")
+    return Previous(
+        records=records,
+        frozen=frozen_specs.read(status),
+        phase=text("phase"),
+        message=text("message"),
+        observed_generation=generation if isinstance(generation, int) else 0,
+        start_time=text("startTime"),
+        completion_time=text("completionTime"),
+        conditions=tuple(dict(c) for c in conditions),
+        spec_change_deferred=bool(status.get("specChangeDeferred")),
+        memory_plan=dict(plan) if isinstance(plan, Mapping) else None,
+    )
 
 
 def timestamp(seconds: float | None = None) -> str:
@@ -109,20 +170,25 @@ def timestamp(seconds: float | None = None) -> str:
 _WEIGHTS = {Stage.GENERATE: "responses", Stage.RANK: "pairs", Stage.TRAIN: "pairs", Stage.EVALUATE: "prompts"}
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def merge_metrics(stage: Stage, parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """One stage's metrics from its shards: counts add up, `mean_*` are weighted by the stage's count."""
+    """One stage's metrics from its shards: counts add up, `mean_*` are weighted by the stage's count.
+    A value that is not a number in some shard (a null, a string) is taken from the first shard."""
     if len(parts) == 1:
         return dict(parts[0])
     weight = _WEIGHTS[stage]
     merged: dict[str, Any] = {}
     for key in dict.fromkeys(k for p in parts for k in p):
         values = [p[key] for p in parts if key in p]
-        if key.startswith("mean_"):
-            weights = [p.get(weight, 0) for p in parts if key in p]
+        if not all(_number(v) for v in values):
+            merged[key] = values[0]
+        elif key.startswith("mean_"):
+            weights = [p.get(weight, 0) if _number(p.get(weight, 0)) else 0 for p in parts if key in p]
             total = sum(weights)
             merged[key] = round(sum(v * w for v, w in zip(values, weights, strict=True)) / total, 4) if total else 0.0
-        elif all(isinstance(v, bool) or not isinstance(v, int | float) for v in values):
-            merged[key] = values[0]
         else:
             merged[key] = round(sum(values), 4)
     return merged
@@ -217,7 +283,7 @@ def build_status(
     workspace: Workspace,
     *,
     generation: int = 1,
-    previous: dict[str, Any] | None = None,
+    previous: Previous | None = None,
     now: str | None = None,
     claim: str | None = None,
     frozen: dict[int, dict[str, Any]] | None = None,
@@ -230,8 +296,9 @@ def build_status(
     that blocks progress without failing the run. `deferred`: the spec changed after the current
     iteration started; the change applies from the next one."""
     now = now or timestamp()
-    previous = previous or {}
+    previous = previous or Previous()
     frozen = frozen or {}
+    spec_digests, stored_specs = frozen_specs.write(frozen)
     phase = _phase(spec, records)
 
     def checkpoint(i: int) -> str:
@@ -274,8 +341,8 @@ def build_status(
         }
         if i >= 1 and stages[Stage.TRAIN.value].phase == Phase.SUCCEEDED:
             entry["checkpoint"] = checkpoint(i)
-        if i in frozen:
-            entry["spec"] = frozen[i]
+        if i in spec_digests:
+            entry["specDigest"] = spec_digests[i]
         iterations.append(entry)
 
     done_iterations = [e for e in iterations if "checkpoint" in e]
@@ -293,13 +360,14 @@ def build_status(
         "iterationsTotal": spec.iterations,
         "progress": f"{at.iteration if at else spec.iterations}/{spec.iterations}",  # printer column
         "currentStage": at.stage.value if at else None,
-        "startTime": previous.get("startTime") or (min(started) if started else None),
+        "startTime": previous.start_time or (min(started) if started else None),
         "completionTime": now if phase in (Phase.SUCCEEDED, Phase.FAILED) else None,
         "latestCheckpoint": done_iterations[-1]["checkpoint"] if done_iterations else None,
         "conditions": conditions(
-            phase, reason, message, now, generation, previous.get("conditions"), stalled=problem is not None
+            phase, reason, message, now, generation, list(previous.conditions), stalled=problem is not None
         ),
         "iterations": iterations,
+        "frozenSpecs": stored_specs or None,
         "specChangeDeferred": f"applies from iteration {at.iteration + 1}" if deferred and at else None,
         # latestCheckpoint is the last trained iteration's; bestCheckpoint is the one to ship.
         "bestIteration": evaluated[best]["iteration"] if best is not None else None,
@@ -307,22 +375,26 @@ def build_status(
         "latestWinRate": round(latest, 3) if latest is not None else None,  # printer column: LC vs base
         "earlyStop": {"iteration": early_stop[0], "reason": early_stop[1]} if early_stop else None,
     }
-    if previous.get("completionTime") and status["completionTime"]:
-        status["completionTime"] = previous["completionTime"]
+    if previous.completion_time and status["completionTime"]:
+        status["completionTime"] = previous.completion_time
     return {k: v for k, v in status.items() if v is not None}
 
 
 def invalid_status(
-    message: str, *, generation: int, previous: dict[str, Any] | None = None, now: str | None = None
+    message: str, *, generation: int, previous: Mapping[str, Any] | None = None, now: str | None = None
 ) -> dict[str, Any]:
-    """A spec the operator cannot run (it got past the CRD schema): Failed and Stalled, field named."""
+    """A spec the operator cannot run (it got past the CRD schema): Failed and Stalled, field named.
+    What the last status recorded of finished work is kept as it was."""
     now = now or timestamp()
     previous = previous or {}
     text = f"invalid spec: {message}"
+    kept = ("iterations", "frozenSpecs", "startTime", "latestCheckpoint")
     return {
-        **{k: v for k, v in previous.items() if k in ("iterations", "startTime", "latestCheckpoint")},
+        **{k: v for k, v in previous.items() if k in kept},
         "phase": Phase.FAILED,
         "message": text,
         "observedGeneration": generation,
-        "conditions": conditions(Phase.FAILED, Reason.INVALID_SPEC, text, now, generation, previous.get("conditions")),
+        "conditions": conditions(
+            Phase.FAILED, Reason.INVALID_SPEC, text, now, generation, list(parse_previous(previous).conditions)
+        ),
     }

@@ -13,6 +13,7 @@ app.kubernetes.io/component: operator
 {{- end -}}
 {{/* The API calls the operator makes, and only those (tests/test_chart.py checks both ways). */}}
 {{- define "idpo.rules" -}}
+{{/* patch: only to remove the finalizer that operators before 0.2 set (docs/upgrade.md). */}}
 - apiGroups: ["idpo.dev"]
   resources: ["iterativedporuns"]
   verbs: ["list", "watch", "patch"]
@@ -29,9 +30,10 @@ app.kubernetes.io/component: operator
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
+{{/* get: only when a create meets an object of the name, to check whose it is. */}}
 - apiGroups: [""]
-  resources: ["configmaps", "persistentvolumeclaims", "services"]
-  verbs: ["create"]
+  resources: ["persistentvolumeclaims", "services"]
+  verbs: ["create", "get"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]

@@ -1,0 +1,290 @@
+"""What the operator sees of a run's children, parsed once, as each watch event arrives.
+
+The kopf indexes (handlers.py) hold `JobView`s and `PodView`s, not raw objects: a pod's termination
+message is parsed when its event arrives rather than on every reconcile, and the caches keep only what
+decisions read. `job_record` turns one Job and its pods into its stage's `StageRecord`.
+
+A stage's summary (its termination message) is untrusted input: whatever a stage process writes there
+ends up here. It is parsed defensively and bounded; anything malformed fails the stage with a message
+that says what was wrong, and NaN or infinite metrics become null with a warning (the apiserver refuses
+NaN in JSON, so one diverged loss would otherwise make the run's status unwritable).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from idpo_jobs.config import Stage
+
+from idpo_operator import resources
+from idpo_operator.plan import StageKey
+from idpo_operator.status import Phase, StageRecord, digests_of, merge_metrics
+
+CONTROLLER_UID = "batch.kubernetes.io/controller-uid"  # the Job controller's label on its pods
+MAX_METRICS = 64  # keys of one summary's metrics
+MAX_TEXT = 500  # characters of a string metric, or of a stage's error in status
+MAX_LIST = 64  # items of a list metric (e.g. rank_steps: one per process)
+# Waiting reasons that no amount of waiting fixes: the stage fails at once, not at its start deadline.
+FATAL_WAITING = frozenset({"InvalidImageName", "ErrImageNeverPull"})
+# Why a gang restarts (StageRecord.restarting): a pod failed (an attempt), or was disrupted (not one).
+POD_FAILED, DISRUPTED = "PodFailed", "DisruptionTarget"
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A stage process's report of one part (a shard, or the whole stage), as far as it was sound."""
+
+    shard: int = 0
+    shards: int = 1
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    digest: str | None = None
+    error: str | None = None
+    warnings: tuple[str, ...] = ()
+    log_tail: bool = False  # not JSON: the log's tail (`FallbackToLogsOnError`), the stage died first
+
+
+@dataclass(frozen=True)
+class PodView:
+    name: str
+    job_uid: str | None
+    key: StageKey | None
+    phase: str | None
+    created: str | None = None
+    waiting: tuple[str, str] | None = None  # (reason, message) of a pod that has not started
+    summary: Summary | None = None
+    malformed: str | None = None  # why its termination message could not be used
+    disrupted: bool = False  # evicted, preempted, drained: the pod's DisruptionTarget condition
+
+
+@dataclass(frozen=True)
+class Condition:
+    reason: str = ""
+    message: str = ""
+    since: str | None = None
+
+
+@dataclass(frozen=True)
+class JobView:
+    name: str
+    uid: str | None
+    key: StageKey | None
+    controller: str | None = None  # the uid of its controlling owner
+    attempt: int = 1  # ANNOTATION_ATTEMPT: the stage's attempt this Job started at
+    gang: bool = False  # a train stage on several nodes: its pods fail and restart together
+    failure: str | None = None  # ANNOTATION_FAILURE: the operator's verdict on a Job that cannot start
+    conditions: Mapping[str, Condition] = field(default_factory=dict)  # those with status True
+    failed: int = 0
+    completions: int = 1
+    start_time: str | None = None
+    completion_time: str | None = None
+    deleting: bool = False
+
+    @property
+    def done(self) -> bool:
+        return bool({"Complete", "Failed", "SuccessCriteriaMet", "FailureTarget"} & set(self.conditions))
+
+
+def key_of(labels: Mapping[str, str]) -> StageKey | None:
+    try:
+        return StageKey(int(labels[resources.LABEL_ITERATION]), Stage(labels[resources.LABEL_STAGE]))
+    except (KeyError, ValueError):
+        return None
+
+
+def _true_conditions(status: Mapping[str, Any]) -> dict[str, Condition]:
+    out = {}
+    for c in status.get("conditions") or []:
+        if isinstance(c, Mapping) and c.get("status") == "True" and isinstance(c.get("type"), str):
+            out[c["type"]] = Condition(str(c.get("reason", "")), str(c.get("message", "")), c.get("lastTransitionTime"))
+    return out
+
+
+def job_view(job: Mapping[str, Any]) -> JobView:
+    meta, spec, status = job.get("metadata") or {}, job.get("spec") or {}, job.get("status") or {}
+    annotations = meta.get("annotations") or {}
+    controller = next((r.get("uid") for r in meta.get("ownerReferences") or [] if r.get("controller")), None)
+    attempt = annotations.get(resources.ANNOTATION_ATTEMPT)
+    return JobView(
+        name=meta["name"],
+        uid=meta.get("uid"),
+        key=key_of(meta.get("labels") or {}),
+        controller=controller,
+        attempt=int(attempt) if attempt and attempt.isdigit() else 1,
+        gang=bool(((spec.get("template") or {}).get("spec") or {}).get("subdomain")),
+        failure=annotations.get(resources.ANNOTATION_FAILURE),
+        conditions=_true_conditions(status),
+        failed=int(status.get("failed") or 0),
+        completions=int(spec.get("completions") or 1),
+        start_time=status.get("startTime"),
+        completion_time=status.get("completionTime"),
+        deleting=bool(meta.get("deletionTimestamp")),
+    )
+
+
+def waiting(status: Mapping[str, Any]) -> tuple[str, str] | None:
+    """Why a pod has not started: (reason, message), from its containers or the scheduler."""
+    if status.get("phase") not in (None, "Pending"):
+        return None
+    for cs in status.get("containerStatuses") or []:
+        wait = (cs.get("state") or {}).get("waiting")
+        if wait and wait.get("reason") not in (None, "ContainerCreating", "PodInitializing"):
+            return str(wait["reason"]), str(wait.get("message", ""))
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            return str(cond.get("reason", "Unschedulable")), str(cond.get("message", ""))
+    return None
+
+
+def _metric(name: str, value: Any, warnings: list[str]) -> Any:
+    """A metric value as status may hold it; raises ValueError for what no metric can be."""
+    if isinstance(value, float) and not math.isfinite(value):
+        warnings.append(f"metric {name} was {value}; recorded as null")
+        return None
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        return value[:MAX_TEXT]
+    if isinstance(value, list) and len(value) <= MAX_LIST:
+        return [_metric(name, v, warnings) for v in value if not isinstance(v, list | dict)]
+    raise ValueError(f"metric {name!r} is a {type(value).__name__}, not a number, string or list")
+
+
+def parse_summary(text: str) -> Summary:
+    """A termination message as a Summary; ValueError says what is wrong with it.
+
+    Not JSON at all is the log tail (`FallbackToLogsOnError`: the stage died before writing one), and
+    stands as the error; JSON of the wrong shape is a broken stage and is reported as malformed.
+    """
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        return Summary(error=text.strip()[-MAX_TEXT:], log_tail=True)
+    if not isinstance(doc, dict):
+        raise ValueError(f"expected a JSON object, got {type(doc).__name__} {text[:60]!r}")
+    warnings: list[str] = []
+    shard, shards = doc.get("shard", 0), doc.get("shards", 1)
+    if isinstance(shard, bool) or not isinstance(shard, int) or isinstance(shards, bool) or not isinstance(shards, int):
+        raise ValueError(f"shard {shard!r} of {shards!r} is not a pair of integers")
+    metrics = doc.get("metrics", {})
+    if metrics is None:
+        metrics = {}
+    if not isinstance(metrics, dict):
+        raise ValueError(f"metrics is a {type(metrics).__name__}, not an object")
+    if len(metrics) > MAX_METRICS:
+        raise ValueError(f"{len(metrics)} metrics, more than {MAX_METRICS}")
+    clean = {str(k)[:100]: _metric(str(k), v, warnings) for k, v in metrics.items()}
+    digest, error = doc.get("digest"), doc.get("error")
+    if digest is not None and (not isinstance(digest, str) or not digest.isalnum() or len(digest) > 64):
+        raise ValueError(f"digest {str(digest)[:70]!r} is not a short hex string")
+    return Summary(
+        shard=shard,
+        shards=shards,
+        metrics=clean,
+        digest=digest,
+        error=str(error)[-MAX_TEXT:] if error else None,
+        warnings=tuple(warnings),
+    )
+
+
+def pod_view(pod: Mapping[str, Any]) -> PodView:
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    labels = meta.get("labels") or {}
+    summary, malformed = None, None
+    for cs in status.get("containerStatuses") or []:
+        message = ((cs.get("state") or {}).get("terminated") or {}).get("message")
+        if message:
+            try:
+                summary = parse_summary(message)
+            except ValueError as err:
+                malformed = f"malformed stage summary: {err}"
+    return PodView(
+        name=meta.get("name", ""),
+        job_uid=labels.get(CONTROLLER_UID),
+        key=key_of(labels),
+        phase=status.get("phase"),
+        created=meta.get("creationTimestamp"),
+        waiting=waiting(status),
+        summary=summary,
+        malformed=malformed,
+        disrupted=any(c.get("type") == DISRUPTED and c.get("status") == "True" for c in status.get("conditions") or []),
+    )
+
+
+def gang_failure(job: JobView, pods: list[PodView]) -> str | None:
+    """Why a failed gang Job may be re-created (POD_FAILED or DISRUPTED); None for any other Job,
+    and for a gang that must not run again: bad input, its deadline, the operator's own verdict."""
+    if not job.gang or job.failure is not None:
+        return None
+    cond = job.conditions.get("Failed") or job.conditions.get("FailureTarget") or Condition()
+    # A disrupted pod is counted only once it has terminated, and its peers, failing at their next
+    # collective, are often counted first: the pods' conditions tell it, not the Job's reason.
+    disrupted = any(p.disrupted for p in pods)
+    if cond.reason == "BackoffLimitExceeded":
+        return DISRUPTED if disrupted else POD_FAILED
+    # The Job controller's message names the rule that matched: "Pod ns/x has condition DisruptionTarget ...".
+    if cond.reason == "PodFailurePolicy" and (disrupted or f"condition {DISRUPTED}" in cond.message):
+        return DISRUPTED
+    return None
+
+
+def _succeeded(job: JobView, pods: list[PodView], record: StageRecord) -> StageRecord:
+    """A complete Job's record, or a failed one when its pods' summaries cannot be trusted."""
+    stage = job.key.stage if job.key else Stage.GENERATE
+    problems = [p.malformed for p in pods if p.malformed]
+    problems += [
+        f"malformed stage summary: not JSON: {p.summary.error}" for p in pods if p.summary and p.summary.log_tail
+    ]
+    summaries = [p.summary for p in pods if p.summary is not None and not p.summary.log_tail]
+    shards = job.completions if stage in (Stage.GENERATE, Stage.RANK) else 1
+    for s in summaries:
+        if not 0 <= s.shard < shards or s.shards != shards:
+            problems.append(f"malformed stage summary: shard {s.shard} of {s.shards}, but the Job has {shards}")
+    if problems:
+        record.phase, record.message = Phase.FAILED, problems[0][:MAX_TEXT]
+        return record
+    try:
+        record.metrics = merge_metrics(stage, [dict(s.metrics) for s in summaries]) if summaries else {}
+    except (TypeError, ValueError) as err:
+        record.phase, record.message = Phase.FAILED, f"malformed stage summary: {err}"[:MAX_TEXT]
+        return record
+    record.phase = Phase.SUCCEEDED
+    record.digests = digests_of([{"shard": s.shard, "shards": s.shards, "digest": s.digest} for s in summaries])
+    warnings = [w for s in summaries for w in s.warnings]
+    if warnings:
+        record.message = "; ".join(dict.fromkeys(warnings))[:MAX_TEXT]
+    return record
+
+
+def job_record(job: JobView, pods: list[PodView]) -> StageRecord:
+    """The stage's record as its Job (and the Job's pods) show it now."""
+    record = StageRecord(job_name=job.name, start_time=job.start_time, completion_time=job.completion_time)
+    done = job.conditions
+    if "Complete" in done or "SuccessCriteriaMet" in done:
+        # SuccessCriteriaMet comes first, and completionTime only with Complete (after the pods end).
+        cond = done.get("Complete") or done["SuccessCriteriaMet"]
+        record.completion_time = record.completion_time or cond.since
+        record = _succeeded(job, pods, record)
+    elif "Failed" in done or "FailureTarget" in done:
+        cond = done.get("Failed") or done["FailureTarget"]
+        errors = [p.summary.error for p in pods if p.summary is not None and p.summary.error]
+        errors += [p.malformed for p in pods if p.malformed]
+        record.phase = Phase.FAILED
+        record.message = job.failure or (errors[-1] if errors else f"{cond.reason or 'Failed'}: {cond.message}")
+        record.completion_time = record.completion_time or cond.since
+    else:
+        record.phase = Phase.RUNNING
+        stuck = [p for p in pods if p.waiting]
+        if stuck:
+            reason, message = stuck[0].waiting  # type: ignore[misc]
+            record.message = f"Pending: {reason}: {message}"[:MAX_TEXT]
+            record.waiting_since = stuck[0].created
+            record.waiting_reason = reason
+    # A gang's Job fails at its first failed pod and is re-created whole: its attempt is the Job's. Any
+    # other Job retries its shards itself; each failed pod was an attempt (a failed Job: its last one).
+    failed = "Failed" in done or "FailureTarget" in done
+    record.attempts = job.attempt if job.gang else job.attempt - 1 + max(job.failed + (0 if failed else 1), 1)
+    return record
