@@ -26,7 +26,8 @@ from idpo_jobs.config import SUCCESS_FILE, TrainConfig, TrainingSpec
 from idpo_jobs.tiny import WORDS, build_tiny_policy, tiny_prompts
 
 
-def write_pairs(stage: Path, count: int, seed: int = 0) -> None:
+def write_pairs(stage: Path, count: int, seed: int = 0, words: tuple[int, int] = (20, 60)) -> None:
+    """`count` pairs as a complete rank stage in `stage`; each response has `words` (low, high) random words."""
     rng = random.Random(seed)
     part = stage / "part-00000"
     part.mkdir(parents=True)
@@ -35,7 +36,7 @@ def write_pairs(stage: Path, count: int, seed: int = 0) -> None:
             prompt = [{"role": "user", "content": rng.choice(tiny_prompts())}]
 
             def answer() -> list[dict[str, str]]:
-                return [{"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(20, 60)))}]
+                return [{"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(*words)))}]
 
             out.write(json.dumps({"prompt_id": f"p{n}", "chosen": prompt + answer(), "rejected": prompt + answer()}))
             out.write("\n")
@@ -46,6 +47,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launch(
+    config: TrainConfig, processes: int, env: dict[str, str] | None = None, timeout: float | None = None
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    """The train stage of `config` as its Job runs it (the launcher; torchrun beyond one process), and its
+    wall time. The config file goes into the workspace; `env` adds to this process's environment."""
+    path = Path(config.workspace) / "train.json"
+    config.dump(path)
+    pet = {"PET_NNODES": "1", "PET_NPROC_PER_NODE": str(processes), "PET_MASTER_ADDR": "127.0.0.1"}
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "idpo_jobs.distributed", "train", "--config", str(path)],
+        env={**os.environ, **pet, "PET_MASTER_PORT": str(free_port()), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return proc, time.perf_counter() - started
 
 
 def run(model: str, rank_dir: Path, processes: int, args: argparse.Namespace) -> dict[str, float]:
@@ -61,16 +81,7 @@ def run(model: str, rank_dir: Path, processes: int, args: argparse.Namespace) ->
         run="bench", iteration=1, workspace=str(ws), model=model, reference_model=model,
         input_dir=str(rank_dir), input_shards=1, training=training,
     )  # fmt: skip
-    config.dump(ws / "train.json")
-    pet = {"PET_NNODES": "1", "PET_NPROC_PER_NODE": str(processes), "PET_MASTER_ADDR": "127.0.0.1"}
-    started = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "idpo_jobs.distributed", "train", "--config", str(ws / "train.json")],
-        env={**os.environ, **pet, "PET_MASTER_PORT": str(free_port())},
-        capture_output=True,
-        text=True,
-    )
-    wall = time.perf_counter() - started
+    proc, wall = launch(config, processes)
     if proc.returncode:
         raise SystemExit(f"{processes} processes failed:\n{proc.stderr[-3000:]}")
     summary = json.loads((ws / "iter-1" / "train" / SUCCESS_FILE).read_text())

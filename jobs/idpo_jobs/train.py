@@ -11,10 +11,13 @@ FSDP2 full shard: `training.distributed`) and rank 0 alone writes and publishes 
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,9 @@ from idpo_jobs import contract, data, distributed
 from idpo_jobs.config import MODEL_DIR, Stage, TrainConfig, on_volume
 from idpo_jobs.rank import OUTPUT as PAIRS
 from idpo_jobs.uris import resolve_uri
+
+# A file to write step timestamps and the CUDA allocator's peak to (bench/gpu_check.py sets it); unset: off.
+PROFILE_ENV = "IDPO_TRAIN_PROFILE"
 
 
 def read_pairs(config: TrainConfig) -> list[dict[str, Any]]:
@@ -83,6 +89,44 @@ def progress_callback(world: distributed.World) -> Any:
                 contract.report_progress(state.global_step, state.max_steps)
 
     return Progress()
+
+
+def profile_callbacks(world: distributed.World) -> list[Any]:
+    """With IDPO_TRAIN_PROFILE=FILE, rank 0 writes FILE as training ends: the time of each optimizer step's
+    end (after a CUDA sync, so the step's kernels are inside it), and the allocator's peak since start-up,
+    which counts the loaded models as well as the step. Model loading and saving fall outside the steps."""
+    path = os.environ.get(PROFILE_ENV)
+    if not path or not world.main:
+        return []
+    import torch
+    from transformers import TrainerCallback
+
+    cuda = torch.cuda.is_available()
+
+    def now() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    class Profile(TrainerCallback):
+        def __init__(self) -> None:
+            self.record: dict[str, Any] = {"cuda": cuda, "step_end_times": []}
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            self.record["train_begin_time"] = now()
+            if cuda:
+                self.record["allocated_at_train_begin"] = torch.cuda.memory_allocated()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            self.record["step_end_times"].append(now())
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            if cuda:
+                self.record["max_memory_allocated"] = torch.cuda.max_memory_allocated()
+                self.record["max_memory_reserved"] = torch.cuda.max_memory_reserved()
+            Path(path).write_text(json.dumps(self.record))
+
+    return [Profile()]
 
 
 def dtypes(config: TrainConfig, cuda: bool, fsdp: bool) -> tuple[str, str]:
@@ -186,7 +230,7 @@ def compute(config: TrainConfig, out: Path, shard: int) -> dict[str, Any]:
             train_dataset=training_dataset(pairs, out, ranks, shared=world.size > 1 and t.precompute_ref_log_probs),
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=[progress_callback(world)],
+            callbacks=[progress_callback(world), *profile_callbacks(world)],
         )
         result = trainer.train()
         save(trainer, out / MODEL_DIR, world.main, peft_config is not None, torch.bfloat16 if cuda else torch.float32)
