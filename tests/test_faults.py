@@ -6,9 +6,11 @@ outputs are intact."""
 
 from __future__ import annotations
 
+import collections
 import json
 import re
 import time
+import urllib.parse
 
 import pytest
 
@@ -197,7 +199,7 @@ def test_a_second_operator_stays_passive_until_the_leader_hands_over(cluster: Cl
     assert first is not None and first.returncode is not None
 
 
-def test_reconciles_read_from_the_watch_caches_not_from_list_calls(cluster: Cluster) -> None:
+def test_a_run_costs_its_own_writes_only_and_reads_nothing_but_its_watches(cluster: Cluster) -> None:
     if cluster.target.plane is None:
         pytest.skip("reads the apiserver's audit log, which only the local control plane shares")
 
@@ -209,9 +211,32 @@ def test_reconciles_read_from_the_watch_caches_not_from_list_calls(cluster: Clus
     before = reads()
     assert cluster.apply(run_manifest("cached", iterations=1)).returncode == 0
     assert cluster.wait_phase("cached", "Succeeded", "Failed")["phase"] == "Succeeded"
+    time.sleep(1)  # events are posted just after the last status write
     # Three stages, dozens of Job and Pod events and reconciles, and no read of their own: what reads
     # there are, are kopf's re-lists when a watch ends (every 5 minutes), at most one per kind.
     assert reads() - before <= len(reconciled)
+    mine = [
+        e
+        for e in cluster.operator_audit()
+        if e["verb"] not in ("get", "list", "watch") and e["objectRef"].get("name", "").startswith("cached")
+    ]
+    writes = collections.Counter(
+        (e["verb"], e["objectRef"]["resource"], e["objectRef"].get("subresource")) for e in mine
+    )
+    # A status patch per transition (three stage starts, two of them hand-offs, and the end) and a Job per
+    # stage, its config inside: nothing of kopf's own (no annotations, no finalizer) and no ConfigMaps.
+    assert writes == {("patch", "iterativedporuns", "status"): 4, ("create", "jobs", None): 3}, writes
+    # An event per stage start and end, and one for the run's end: a hand-off is 4 writes in all.
+    listed = cluster.kubectl("get", "events", "--field-selector", "involvedObject.name=cached", "-o", "json")
+    reasons = sorted(e["reason"] for e in json.loads(listed.stdout)["items"])
+    assert reasons == ["RunSucceeded", *["StageStarted"] * 3, *["StageSucceeded"] * 3], reasons
+    # Jobs and Pods come only from watches with the run label as a server-side selector.
+    queries = [
+        urllib.parse.parse_qs(urllib.parse.urlsplit(e["requestURI"]).query)
+        for e in cluster.operator_audit()
+        if e["objectRef"]["resource"] in ("jobs", "pods") and e["verb"] in ("list", "watch")
+    ]
+    assert queries and all(q.get("labelSelector") == ["idpo.dev/run"] for q in queries), queries
 
 
 def test_an_operator_killed_at_every_stage_boundary_finishes_the_run_without_duplicates(cluster: Cluster) -> None:
@@ -236,3 +261,16 @@ def test_an_operator_killed_at_every_stage_boundary_finishes_the_run_without_dup
         "boundaries-i1-train",
     ]
     no_stage_ran_twice(cluster, "boundaries")
+
+
+def test_an_older_operators_finalizer_is_removed_so_that_the_run_can_be_deleted(cluster: Cluster) -> None:
+    # Operators before 0.2 ran a kopf timer per run, and kopf guards a timer with a finalizer.
+    manifest = run_manifest("upgraded", iterations=1, suspend=True)
+    manifest["metadata"]["finalizers"] = ["kopf.zalando.org/KopfFinalizerMarker"]
+    assert cluster.apply(manifest).returncode == 0
+    cluster.wait("upgraded", lambda s: s.get("phase") == "Suspended", timeout=60)
+    deadline = time.monotonic() + 30 * cluster.patience
+    while cluster.run("upgraded")["metadata"].get("finalizers"):
+        assert time.monotonic() < deadline, cluster.run("upgraded")["metadata"]
+        time.sleep(0.2)
+    assert cluster.kubectl("delete", "idpo", "upgraded", "--timeout=30s").returncode == 0

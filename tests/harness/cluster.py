@@ -163,18 +163,21 @@ class Cluster:
         assert token.returncode == 0, token.stderr
         return self.target.plane.token_kubeconfig(self.root / "operator.kubeconfig", token.stdout.strip())
 
-    def operator_requests(self) -> list[tuple[str, str, str]]:
-        """(verb, group, resource) of each request the operator's identity made, from the audit log."""
+    def operator_audit(self) -> list[dict[str, Any]]:
+        """The apiserver's audit events of the requests the operator's identity made."""
         namespace, account = chart.service_account(chart.render())
         user = f"system:serviceaccount:{namespace}:{account}"
-        calls = []
         # Complete lines only: the apiserver may be half-way through writing the last one.
-        for line in self.target.plane.audit_log.read_text().split("\n")[:-1]:
-            event = json.loads(line)
-            ref = event.get("objectRef")
-            if event["user"]["username"] == user and ref:
-                resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
-                calls.append((event["verb"], ref.get("apiGroup", ""), resource))
+        events = [json.loads(line) for line in self.target.plane.audit_log.read_text().split("\n")[:-1]]
+        return [e for e in events if e["user"]["username"] == user and e.get("objectRef")]
+
+    def operator_requests(self) -> list[tuple[str, str, str]]:
+        """(verb, group, resource) of each request the operator's identity made, from the audit log."""
+        calls = []
+        for event in self.operator_audit():
+            ref = event["objectRef"]
+            resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+            calls.append((event["verb"], ref.get("apiGroup", ""), resource))
         return calls
 
     def operator_calls(self) -> set[tuple[str, str, str]]:
