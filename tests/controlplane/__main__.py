@@ -14,7 +14,7 @@ from tests.controlplane.plane import ControlPlane
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.controlplane", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("build", help="build (or reuse) the binaries and print their folder")
+    commands.add_parser("build", help="build (or reuse) the binaries and Kueue; print the binaries' folder")
     up = commands.add_parser("up", help="start a control plane and a node agent; stop on Ctrl-C")
     up.add_argument("--kubeconfig", required=True, type=Path, help="admin kubeconfig, written once a node is Ready")
     up.add_argument("--nodes", type=int, default=1)
@@ -23,7 +23,9 @@ def main() -> None:
     up.add_argument("--image", action="append", help="an image the nodes have (default: the spec's stage image)")
     args = parser.parse_args()
     if args.command == "build":
-        print(binaries.build())
+        kube = binaries.build()
+        binaries.build_kueue()
+        print(kube)
         return
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
