@@ -134,17 +134,20 @@ class ControlPlane:
         raise StartError(f"{name} was not ready after {timeout:.0f} s:\n{self._tail(name)}")
 
     def stop(self) -> None:
-        for name in reversed(list(self.processes)):
-            proc = self.processes[name]
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)  # its own group: started with start_new_session
-        for name in reversed(list(self.processes)):
-            proc = self.processes[name]
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        # etcd last: an apiserver serving CRDs (Kueue's) waits on etcd as it shuts down.
+        names = list(reversed(self.processes))
+        for wave in ([n for n in names if n != "etcd"], [n for n in names if n == "etcd"]):
+            for name in wave:
+                proc = self.processes[name]
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGTERM)  # its own group: started with start_new_session
+            for name in wave:
+                proc = self.processes[name]
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
         self.processes.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
 
