@@ -85,6 +85,26 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
 
 
 @pytest.fixture(scope="session")
+def kueue(kube: Target) -> Target:
+    """`kube`, with real Kueue answering: on the local control plane its manager is started once, on
+    first use (`ControlPlane.start_kueue`); an `IDPO_E2E_KUBECONFIG` cluster is assumed to have Kueue
+    installed, and the test skips if its CRDs are absent."""
+    if kube.plane is not None:
+        kube.plane.start_kueue()
+        return kube
+    from kubernetes import client, config
+
+    api = client.ApiextensionsV1Api(config.new_client_from_config(str(kube.kubeconfig)))
+    try:
+        api.read_custom_resource_definition("workloads.kueue.x-k8s.io", _preload_content=False)
+    except client.ApiException as err:
+        if err.status != 404:
+            raise
+        pytest.skip(f"Kueue is not installed on {kube.kubeconfig}: no workloads.kueue.x-k8s.io CRD")
+    return kube
+
+
+@pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from idpo_jobs.tiny import build_tiny
 

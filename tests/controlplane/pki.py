@@ -1,8 +1,10 @@
 """Certificates and keys for one control plane, made fresh at each start (ECDSA: milliseconds).
 
 One CA signs the apiserver's serving certificate (for 127.0.0.1 and the in-cluster names) and a
-client certificate per component; the RBAC bootstrap policy knows the components by these names.
-A separate key pair signs service-account tokens.
+client certificate per component; the RBAC bootstrap policy knows the components by these names
+(Kueue's by the ClusterRoleBinding the harness makes for it). `issue_serving()` signs more serving
+certificates later, for 127.0.0.1 (Kueue's webhook server). A separate key pair signs
+service-account tokens.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ CLIENTS = {
     "scheduler": ("system:kube-scheduler", None),
     "node-agent": ("idpo-node-agent", "system:masters"),  # manages several Nodes and the PVs
     "kubelet-client": ("kube-apiserver-kubelet-client", None),  # the apiserver, calling the node agent
+    "kueue": ("kueue-controller-manager", None),  # bound to Kueue's own ClusterRoles (kueuesetup.py)
 }
 SERVING_NAMES = ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"]
 CA_USAGE = x509.KeyUsage(
@@ -93,6 +96,10 @@ class PKI:
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             )
         )
+
+    def issue_serving(self, stem: str, common_name: str) -> Pair:
+        """A serving certificate for 127.0.0.1 (and localhost), signed by the plane's CA."""
+        return self._issue(stem, _name(common_name), server=True)
 
     def _builder(self, subject: x509.Name, public_key: Any) -> x509.CertificateBuilder:
         return (

@@ -3,13 +3,16 @@ kube-scheduler and our node agent, all on 127.0.0.1, started and stopped as one.
 
     with ControlPlane(Path("kubeconfig"), nodes=1, gpus=0) as plane:
         ...  # the admin kubeconfig exists once a node is Ready
+        plane.start_kueue()  # Kueue's manager too, now or at start with `kueue=True`
 
-Everything is Kubernetes' own code except the node agent (nodeagent.py), which runs pods as local
-processes. Each process is ours by its own pid: stop() ends exactly those and removes the temp dir.
+Everything is Kubernetes' own code (and Kueue's) except the node agent (nodeagent.py), which runs
+pods as local processes. Each process is ours by its own pid: stop() ends exactly those and removes
+the temp dir.
 """
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import json
 import os
@@ -28,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from tests.controlplane import binaries
+from tests.controlplane import binaries, kueuesetup
 from tests.controlplane.pki import PKI, write_kubeconfig
 
 REPO = Path(__file__).parents[2]
@@ -40,6 +43,17 @@ AUDIT_POLICY = {
     "kind": "Policy",
     "omitStages": ["RequestReceived"],
     "rules": [{"level": "Metadata"}],
+}
+# The API paths of the kinds the harness installs (Kueue's manifests): kind -> (group/version, plural).
+PATHS = {
+    "Namespace": ("v1", "namespaces"),
+    "CustomResourceDefinition": ("apiextensions.k8s.io/v1", "customresourcedefinitions"),
+    "ClusterRole": ("rbac.authorization.k8s.io/v1", "clusterroles"),
+    "ClusterRoleBinding": ("rbac.authorization.k8s.io/v1", "clusterrolebindings"),
+    "Role": ("rbac.authorization.k8s.io/v1", "roles"),
+    "RoleBinding": ("rbac.authorization.k8s.io/v1", "rolebindings"),
+    "MutatingWebhookConfiguration": ("admissionregistration.k8s.io/v1", "mutatingwebhookconfigurations"),
+    "ValidatingWebhookConfiguration": ("admissionregistration.k8s.io/v1", "validatingwebhookconfigurations"),
 }
 
 
@@ -67,10 +81,11 @@ class ControlPlane:
         gpus: int = 0,
         fast_pods: float | None = None,
         images: list[str] | None = None,
+        kueue: bool = False,
         log: Any = print,
     ) -> None:
         self.kubeconfig, self.nodes, self.gpus, self.fast_pods = kubeconfig, nodes, gpus, fast_pods
-        self.images = images
+        self.images, self.kueue = images, kueue
         self.log = log
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.dir = Path(tempfile.mkdtemp(prefix="idpo-controlplane-"))
@@ -119,32 +134,62 @@ class ControlPlane:
         raise StartError(f"{name} was not ready after {timeout:.0f} s:\n{self._tail(name)}")
 
     def stop(self) -> None:
-        for name in reversed(list(self.processes)):
-            proc = self.processes[name]
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)  # its own group: started with start_new_session
-        for name in reversed(list(self.processes)):
-            proc = self.processes[name]
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        # etcd last: an apiserver serving CRDs (Kueue's) waits on etcd as it shuts down.
+        names = list(reversed(self.processes))
+        for wave in ([n for n in names if n != "etcd"], [n for n in names if n == "etcd"]):
+            for name in wave:
+                proc = self.processes[name]
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGTERM)  # its own group: started with start_new_session
+            for name in wave:
+                proc = self.processes[name]
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
         self.processes.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    # -- the API, for readiness checks -------------------------------------------------------------
+    # -- the API, for readiness checks and what the harness installs --------------------------------
     def _get(self, path: str) -> tuple[int, bytes]:
+        return self._request("GET", path)
+
+    def _request(
+        self, method: str, path: str, body: Any = None, content_type: str = "application/json"
+    ) -> tuple[int, bytes]:
         context = ssl.create_default_context(cafile=str(self.pki.ca))
         admin = self.pki.clients["admin"]
         context.load_cert_chain(str(admin.cert), str(admin.key))
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.server + path, data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", content_type)
         try:
-            with urllib.request.urlopen(self.server + path, context=context, timeout=5) as response:
+            with urllib.request.urlopen(request, context=context, timeout=30) as response:
                 return response.status, response.read()
         except urllib.error.HTTPError as err:
             return err.code, err.read()
         except (urllib.error.URLError, OSError):
             return 0, b""
+
+    def _object_path(self, doc: dict[str, Any]) -> str:
+        version, plural = PATHS[doc["kind"]]
+        namespace = doc["metadata"].get("namespace")
+        prefix = "/api/v1" if version == "v1" else f"/apis/{version}"
+        return f"{prefix}{f'/namespaces/{namespace}' if namespace else ''}/{plural}/{doc['metadata']['name']}"
+
+    def apply(self, doc: dict[str, Any]) -> None:
+        """Server-side apply as the harness (create or update, idempotent) of a kind in PATHS."""
+        query = "?fieldManager=idpo-harness&force=true"
+        code, body = self._request("PATCH", self._object_path(doc) + query, doc, "application/apply-patch+yaml")
+        if code != 200 and code != 201:
+            raise StartError(f"applying {doc['kind']} {doc['metadata']['name']}: {code} {body[:2000]!r}")
+
+    def _established(self, doc: dict[str, Any]) -> bool:
+        code, body = self._get(self._object_path(doc))
+        conditions = json.loads(body).get("status", {}).get("conditions", []) if code == 200 else []
+        return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
     def _ready_node(self) -> bool:
         code, body = self._get("/api/v1/nodes")
@@ -272,10 +317,69 @@ class ControlPlane:
             lambda: self._get("/api/v1/namespaces/default/serviceaccounts/default")[0] == 200,
             timeout=60,
         )
+        if self.kueue:  # before the kubeconfig: whoever waits for that file finds Kueue answering
+            self.start_kueue()
         write_kubeconfig(self.kubeconfig, pki.kubeconfig(self.server, "admin"))
         self.log(
             f"control plane up in {time.monotonic() - started:.1f} s at {self.server}; kubeconfig {self.kubeconfig}"
         )
+
+    # -- Kueue -------------------------------------------------------------------------------------
+    def start_kueue(self) -> None:
+        """Start Kueue's manager on this (running) plane, once: its CRDs Established, its RBAC, the
+        manager on 127.0.0.1 as its own user, then its webhooks registered by loopback URL. Returns
+        when the apiserver gets answers from both webhooks (a queued Job is suspended, a bad queue
+        name refused). Idempotent: a second call while it runs does nothing."""
+        running = self.processes.get("kueue")
+        if running is not None and running.poll() is None:
+            return
+        self.processes.pop("kueue", None)  # one that died: start it afresh
+        started = time.monotonic()
+        folder = binaries.build_kueue()
+        home = self.dir / "kueue"
+        certs = home / "certs"
+        certs.mkdir(parents=True, exist_ok=True)
+        serving = self.pki.issue_serving("kueue-webhook", "kueue-webhook-service")
+        shutil.copyfile(serving.cert, certs / "tls.crt")  # the names controller-runtime's server reads
+        shutil.copyfile(serving.key, certs / "tls.key")
+        webhook_port, health_port = free_port(), free_port()
+        ca_bundle = base64.b64encode(self.pki.ca.read_bytes()).decode()
+        objects = kueuesetup.objects(folder / "config", f"https://127.0.0.1:{webhook_port}", ca_bundle)
+        for doc in objects["before"]:
+            self.apply(doc)
+        crds = [doc for doc in objects["before"] if doc["kind"] == "CustomResourceDefinition"]
+        self._wait("kueue CRDs", lambda: all(self._established(doc) for doc in crds), timeout=60)
+
+        config = home / "config.yaml"
+        config.write_text(
+            yaml.safe_dump(kueuesetup.configuration(webhook_port=webhook_port, health_port=health_port, cert_dir=certs))
+        )
+        kubeconfig = write_kubeconfig(home / "kubeconfig", self.pki.kubeconfig(self.server, "kueue"))
+        self._spawn(
+            "kueue",
+            [
+                *(sys.executable, "-m", "tests.controlplane.secretmount", "--scratch", str(home / "mounts")),
+                f"{certs}:{kueuesetup.METRICS_CERTS}",
+                "--",
+                *(str(folder / "kueue"), f"--config={config}"),
+            ],
+            cwd=REPO,
+            env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+        )
+        self._wait("kueue", lambda: _http_ok(f"http://127.0.0.1:{health_port}/readyz"), timeout=60)
+        for doc in objects["after"]:
+            self.apply(doc)
+        self._wait("kueue", self._kueue_answers, timeout=30)
+        self.log(f"Kueue {binaries.kueue_version()} up in {time.monotonic() - started:.1f} s (:{webhook_port})")
+
+    def _kueue_answers(self) -> bool:
+        """Both webhooks are called: a Job naming a queue comes back suspended (mutating), one naming
+        a queue that is no DNS name is refused (validating). Dry runs: nothing is stored."""
+        code, body = self._request("POST", "/apis/batch/v1/namespaces/default/jobs?dryRun=All", _probe_job("probe"))
+        if code != 201 or json.loads(body)["spec"].get("suspend") is not True:
+            return False
+        code, body = self._request("POST", "/apis/batch/v1/namespaces/default/jobs?dryRun=All", _probe_job("no_dns"))
+        return code == 403 and 'webhook "vjob.kb.io" denied' in json.loads(body).get("message", "")
 
     def token_kubeconfig(self, path: Path, token: str) -> Path:
         """A kubeconfig that authenticates with `token` (e.g. a ServiceAccount's, from TokenRequest)."""
@@ -283,6 +387,16 @@ class ControlPlane:
 
     def pids(self) -> dict[str, int]:
         return {name: proc.pid for name, proc in self.processes.items()}
+
+
+def _probe_job(queue: str) -> dict[str, Any]:
+    container = {"name": "probe", "image": "probe", "command": ["true"]}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"generateName": "kueue-probe-", "labels": {"kueue.x-k8s.io/queue-name": queue}},
+        "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [container]}}},
+    }
 
 
 def _http_ok(url: str) -> bool:

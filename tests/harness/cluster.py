@@ -45,6 +45,7 @@ TESTS = Path(__file__).parents[1]
 FUNCTIONS_DIR = f"{VOLUME_MOUNT}/fns"  # where `seed` puts tests/rewards.py; stages get it on PYTHONPATH
 SEED_MOUNT = "/etc/idpo-e2e"
 JOB_NAME = "batch.kubernetes.io/job-name"
+LOCAL_GPUS = 8  # nvidia.com/gpu on the local plane's node: what Kueue's quota tests count against
 RESTRICTED = {
     "pod-security.kubernetes.io/enforce": "restricted",
     "pod-security.kubernetes.io/enforce-version": "latest",
@@ -92,7 +93,7 @@ def local_target(root: Path) -> Target:
     from tests.controlplane.plane import ControlPlane
 
     image = DEFAULT_STAGE_IMAGE  # what the node agent "has" (this checkout's code) and the operator's default
-    plane = ControlPlane(root / "admin.kubeconfig", images=[image], log=lambda *_: None).__enter__()
+    plane = ControlPlane(root / "admin.kubeconfig", images=[image], gpus=LOCAL_GPUS, log=lambda *_: None).__enter__()
     return Target(plane.kubeconfig, image, patience=1.0, plane=plane)
 
 
