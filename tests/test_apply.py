@@ -25,3 +25,12 @@ def test_a_refused_write_stalls_the_run_with_the_apis_message_and_still_observes
 def test_resource_versions_order_the_cache_against_our_own_writes() -> None:
     assert older("41", "42") and not older("42", "42") and not older("43", "42")
     assert not older("opaque", "42")  # not integers: never assumed older
+
+
+def test_a_status_patch_sends_what_changed_and_removes_what_is_gone_at_any_depth() -> None:
+    old = {"phase": "Running", "frozenSpecs": {"a1": {"x": 1}, "b2": {"x": 2}}, "message": "m", "iterations": [1]}
+    new = {"phase": "Running", "frozenSpecs": {"b2": {"x": 2}}, "iterations": [1, 2]}
+    assert apply.status_patch(old, new) == {
+        "status": {"frozenSpecs": {"a1": None}, "message": None, "iterations": [1, 2]}
+    }
+    assert apply.merge_patch(new, new) == {}

@@ -164,8 +164,14 @@ def test_a_failed_attempt_is_retried_and_counted(cluster: Cluster) -> None:
     assert cluster.apply(run_manifest("retry", iterations=1, ranking=flaky, runtime={"env": env})).returncode == 0
     status = cluster.wait_phase("retry", "Succeeded", "Failed")
     assert status["phase"] == "Succeeded", status.get("message")
-    assert stage(status, 1, "rank")["attempts"] == 2
     (job,) = [j for j in cluster.jobs("retry") if j["metadata"]["name"] == "retry-i1-rank"]
+    print(
+        "DEBUG",
+        json.dumps(stage(status, 1, "rank")),
+        json.dumps(job["status"]),
+        json.dumps(job["metadata"].get("annotations")),
+    )
+    assert stage(status, 1, "rank")["attempts"] == 2
     assert (job["status"]["failed"], job["status"]["succeeded"]) == (1, 1)
 
 

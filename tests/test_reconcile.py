@@ -398,3 +398,21 @@ def test_a_frozen_spec_reads_back_as_written_though_the_apiserver_dropped_its_nu
     running = decide(run(stored, **explicit), [job(StageKey(1, Stage.GENERATE), None)], [], now=NOW)
     assert "specChangeDeferred" not in running.status
     assert not any(e.reason == "SpecChangeDeferred" for e in running.events)
+
+
+def as_stored(status: dict[str, Any]) -> dict[str, Any]:
+    """What the apiserver keeps of a status written by merge patch: no null fields, whole floats as ints."""
+    from idpo_operator.frozen import stored
+
+    return stored(status)
+
+
+def test_a_status_read_back_as_the_apiserver_stored_it_is_not_written_again() -> None:
+    explicit = {"prompts": {"splitPattern": None}, "generation": {"temperature": 1.0}}
+    g1 = StageKey(1, Stage.GENERATE)
+    nan = pod(g1, {"metrics": {"prompts": 8, "loss": float("nan")}})  # a summary's NaN becomes null
+    for jobs, pods in (([], []), ([job(g1, None)], []), ([job(g1, "Complete")], [nan])):
+        first = decide(run(**explicit), jobs, pods, NOW)
+        created = [job_view(o) for o in first.create if o["kind"] == "Job"]  # as the cache shows them next
+        again = decide(run(as_stored(first.status), **explicit), jobs + created, pods, NOW)
+        assert again.status == as_stored(first.status) and again.create == [] and again.events == []

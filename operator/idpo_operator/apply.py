@@ -121,9 +121,22 @@ def failed_write_status(
     }
 
 
+def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that turns `old` into `new`: changed keys only, a null for each key
+    `new` no longer has (at any depth: a merge patch keeps what it does not mention), lists whole."""
+    patch: dict[str, Any] = {k: None for k in old if k not in new}
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            if nested := merge_patch(before, value):
+                patch[key] = nested
+        elif value != before or key not in old:
+            patch[key] = value
+    return patch
+
+
 def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    """A merge patch that also removes keys the new status no longer has."""
-    return {"status": {**{k: None for k in old if k not in new}, **new}}
+    return {"status": merge_patch(old, new)}
 
 
 class Writer:
@@ -182,7 +195,14 @@ class Writer:
             {"op": "remove", "path": f"/metadata/finalizers/{index}"},
         ]
         self.custom.patch_namespaced_custom_object(
-            GROUP, VERSION, run.namespace, PLURAL, run.name, body, _request_timeout=TIMEOUT
+            GROUP,
+            VERSION,
+            run.namespace,
+            PLURAL,
+            run.name,
+            body,
+            _content_type="application/json-patch+json",  # the test op: only while it is still there
+            _request_timeout=TIMEOUT,
         )
 
     def post_event(self, run: RunView, event: reconcile.Event) -> None:

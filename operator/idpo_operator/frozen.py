@@ -77,14 +77,27 @@ def read(status: Mapping[str, Any]) -> dict[int, Sections]:
     return out
 
 
+def stored(value: Any) -> Any:
+    """Sections as the apiserver returns them: no null fields (status is written by merge patch), and
+    whole floats as integers (it decodes JSON numbers and encodes 1.0 as 1)."""
+    if isinstance(value, Mapping):
+        return {k: stored(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [stored(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def digest(sections: Sections) -> str:
-    return hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()[:12]
+    """The same digest for sections as written and as read back."""
+    return hashlib.sha256(json.dumps(stored(sections), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def write(frozen: Mapping[int, Sections]) -> tuple[dict[int, str], dict[str, Sections]]:
     """(iteration -> digest, digest -> sections): what status stores, each distinct spec once."""
     digests = {i: digest(s) for i, s in frozen.items()}
-    return digests, {digests[i]: dict(s) for i, s in frozen.items()}
+    return digests, {digests[i]: stored(s) for i, s in frozen.items()}
 
 
 def live_sections(spec: IterativeDPORunSpec) -> Sections:

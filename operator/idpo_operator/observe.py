@@ -263,10 +263,10 @@ def job_record(job: JobView, pods: list[PodView]) -> StageRecord:
     """The stage's record as its Job (and the Job's pods) show it now."""
     record = StageRecord(job_name=job.name, start_time=job.start_time, completion_time=job.completion_time)
     done = job.conditions
-    if "Complete" in done or "SuccessCriteriaMet" in done:
-        # SuccessCriteriaMet comes first, and completionTime only with Complete (after the pods end).
-        cond = done.get("Complete") or done["SuccessCriteriaMet"]
-        record.completion_time = record.completion_time or cond.since
+    if "Complete" in done:
+        # Not SuccessCriteriaMet, which comes a moment before: only with Complete are the Job's counts final
+        # (its failed pods may be counted last) and its completionTime set; a succeeded record is final.
+        record.completion_time = record.completion_time or done["Complete"].since
         record = _succeeded(job, pods, record)
     elif "Failed" in done or "FailureTarget" in done:
         cond = done.get("Failed") or done["FailureTarget"]
@@ -285,6 +285,8 @@ def job_record(job: JobView, pods: list[PodView]) -> StageRecord:
             record.waiting_reason = reason
     # A gang's Job fails at its first failed pod and is re-created whole: its attempt is the Job's. Any
     # other Job retries its shards itself; each failed pod was an attempt (a failed Job: its last one).
+    # The Job counts a failed pod only once it has finalized it: the pods themselves say so sooner.
     failed = "Failed" in done or "FailureTarget" in done
-    record.attempts = job.attempt if job.gang else job.attempt - 1 + max(job.failed + (0 if failed else 1), 1)
+    tries = max(job.failed, sum(p.phase == "Failed" and not p.disrupted for p in pods)) + (0 if failed else 1)
+    record.attempts = job.attempt if job.gang else job.attempt - 1 + max(tries, 1)
     return record

@@ -95,7 +95,9 @@ def violations(spec: IterativeDPORunSpec, policy: Policy) -> list[str]:
     """What `spec` asks for that `policy` does not allow, one `field: rule` line each."""
     rt, out = spec.runtime, []
     if rt.image and policy.images is not None and not any(rt.image.startswith(p) for p in policy.images):
-        out.append(f"spec.runtime.image: {rt.image!r} is not an allowed stage image (prefixes: {_listed(policy.images)})")
+        out.append(
+            f"spec.runtime.image: {rt.image!r} is not an allowed stage image (prefixes: {_listed(policy.images)})"
+        )
     function = spec.ranking.function
     if function and not _module_allowed(function, policy.function_modules):
         out.append(

@@ -161,6 +161,17 @@ def parse_previous(status: Mapping[str, Any] | None) -> Previous:
     )
 
 
+def canonical(value: Any) -> Any:
+    """A status value as the apiserver stores it: status is written with merge patches, in which a null
+    means "remove", so no object field is ever null there. Comparing our status with the stored one (is
+    there anything to write?) needs ours in the same form."""
+    if isinstance(value, Mapping):
+        return {k: canonical(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [canonical(v) for v in value]
+    return value
+
+
 def timestamp(seconds: float | None = None) -> str:
     when = dt.datetime.fromtimestamp(seconds, dt.UTC) if seconds is not None else dt.datetime.now(dt.UTC)
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -377,7 +388,7 @@ def build_status(
     }
     if previous.completion_time and status["completionTime"]:
         status["completionTime"] = previous.completion_time
-    return {k: v for k, v in status.items() if v is not None}
+    return canonical(status)
 
 
 def invalid_status(
@@ -389,12 +400,14 @@ def invalid_status(
     previous = previous or {}
     text = f"invalid spec: {message}"
     kept = ("iterations", "frozenSpecs", "startTime", "latestCheckpoint")
-    return {
-        **{k: v for k, v in previous.items() if k in kept},
-        "phase": Phase.FAILED,
-        "message": text,
-        "observedGeneration": generation,
-        "conditions": conditions(
-            Phase.FAILED, Reason.INVALID_SPEC, text, now, generation, list(parse_previous(previous).conditions)
-        ),
-    }
+    return canonical(
+        {
+            **{k: v for k, v in previous.items() if k in kept},
+            "phase": Phase.FAILED,
+            "message": text,
+            "observedGeneration": generation,
+            "conditions": conditions(
+                Phase.FAILED, Reason.INVALID_SPEC, text, now, generation, list(parse_previous(previous).conditions)
+            ),
+        }
+    )
