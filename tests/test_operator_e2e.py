@@ -203,8 +203,10 @@ def test_a_stage_that_always_fails_stalls_the_run_and_keeps_earlier_outputs(clus
             {"generation": {"engine": "tgi"}},
             'spec.generation.engine: Unsupported value: "tgi": supported values: "vllm"',
         ),
+        ({"storage": {"root": "../elsewhere"}}, "spec.storage.root: Invalid value"),
+        ({"model": {"name": "pvc://../other-team/model"}}, "spec.model.name: Invalid value"),
     ],
-    ids=["bounds", "cel-cross-field", "enum"],
+    ids=["bounds", "cel-cross-field", "enum", "root-traversal", "pvc-traversal"],
 )
 def test_invalid_manifests_are_refused_by_the_crd(cluster: Cluster, override: dict, message: str) -> None:
     refused = cluster.apply(run_manifest("refused", **override))

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 DEFAULT_BASE_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
@@ -53,6 +53,40 @@ class Model(BaseModel):
 Quantity = Annotated[str | int, Field(description="A Kubernetes quantity, e.g. '16Gi' or 4.")]
 
 
+def relative_path_problem(path: str) -> str | None:
+    """Why `path` would not stay inside the volume it is relative to: empty, absolute, or with `..`."""
+    if not path.strip("/"):
+        return "is empty"
+    if path.startswith("/"):
+        return "is absolute"
+    if ".." in path.split("/"):
+        return "has a `..` segment"
+    return None
+
+
+def _relative(path: str) -> str:
+    problem = relative_path_problem(path)
+    if problem:
+        raise ValueError(f"{path!r} must stay on the claim, and it {problem}")
+    return path
+
+
+def _stays_on_the_claim(uri: str | None) -> str | None:
+    if uri is not None and uri.startswith(PVC_SCHEME):
+        problem = relative_path_problem(uri[len(PVC_SCHEME) :])
+        if problem:
+            raise ValueError(f"{uri!r}: a pvc:// path must stay on the claim, and this one {problem}")
+    return uri
+
+
+# A model or data location: a `pvc://` path must stay on the run's claim (checked here and by the CRD).
+Location = Annotated[str, AfterValidator(_stays_on_the_claim)]
+# A directory relative to the run's claim: not empty, not absolute, no `..`.
+RelativePath = Annotated[str, AfterValidator(_relative)]
+# The CEL form of the same rule, for the CRD (operator/idpo_operator/crd.py).
+PVC_PATH_RULE = "!{0}.startsWith('pvc://') || !{0}.matches('^pvc://(/.*)?$|^pvc://(.*/)?[.][.](/.*)?$')"
+
+
 class Resources(Model):
     """Container resources, as in a Pod spec (`nvidia.com/gpu` goes in limits)."""
 
@@ -74,7 +108,7 @@ STAGE_ORDER: tuple[Stage, ...] = (Stage.GENERATE, Stage.RANK, Stage.TRAIN)
 # Spec sections
 # ---------------------------------------------------------------------------------------------
 class ModelSpec(Model):
-    name: str = Field(
+    name: Location = Field(
         DEFAULT_BASE_MODEL,
         min_length=1,
         description="Base policy: a Hugging Face model id, a local directory, or `pvc://<path>` on the "
@@ -89,7 +123,7 @@ class ModelSpec(Model):
 
 
 class PromptsSpec(Model):
-    source: str = Field(
+    source: Location = Field(
         DEFAULT_PROMPT_DATASET,
         min_length=1,
         description="Hugging Face dataset id, or a `.jsonl`/`.parquet` file (local path or `pvc://`).",
@@ -158,7 +192,7 @@ class RankingSpec(Model):
         description="pairrm: PairRM through llm-blender; reward-model: a sequence-classification "
         "reward model (score = logit 0); function: a Python callable `module:function`.",
     )
-    model: str | None = Field(
+    model: Location | None = Field(
         DEFAULT_RANKER_MODEL,
         description="Ranker checkpoint (HF id, directory or `pvc://`), for pairrm and reward-model.",
     )

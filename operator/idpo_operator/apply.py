@@ -26,6 +26,7 @@ from kubernetes.client.rest import ApiException
 
 from idpo_operator import leader, memory, metrics, observe, reconcile, resources, workqueue
 from idpo_operator.expectations import Expectations
+from idpo_operator.policy import Policy
 from idpo_operator.reconcile import RunView
 from idpo_operator.spec import API_VERSION, DEFAULT_STAGE_IMAGE, GROUP, KIND, PLURAL, VERSION
 from idpo_operator.status import Reason, conditions, timestamp
@@ -45,9 +46,10 @@ class Settings:
     max_concurrent_stages: int = 0  # across all runs; 0: no cap (Kueue, if any, queues them instead)
     gpu_memory_gb: float = 80  # what status.memoryPlan is checked against
     job_ttl_seconds: int | None = 3600  # finished stage Jobs expire this long after (None: never)
+    policy: Policy | None = None  # what runs may ask for (docs/security.md); None: anything
 
     def decide(self) -> reconcile.Settings:
-        return reconcile.Settings(self.stage_image, self.gpu_memory_gb * memory.GB, self.job_ttl_seconds)
+        return reconcile.Settings(self.stage_image, self.gpu_memory_gb * memory.GB, self.job_ttl_seconds, self.policy)
 
 
 class ApplyError(workqueue.Retry):

@@ -25,6 +25,12 @@ def _run(args: argparse.Namespace) -> int:
     from idpo_operator.local import LocalRunner
 
     manifest = load_manifest(args.manifest)
+    if args.policy:  # the user is the admin of their own machine: no policy unless they ask for one
+        from idpo_operator import policy
+
+        denied = policy.violations(manifest.spec, policy.load(args.policy))
+        if denied:
+            raise ManifestError(f"{args.manifest} is refused by {args.policy}:\n  " + "\n  ".join(denied))
     workdir = Path(args.workdir) if args.workdir else DEFAULT_ROOT / manifest.metadata.name
     print(f"run {manifest.metadata.name}: workdir {workdir}", file=sys.stderr)
     return LocalRunner(manifest, workdir).run()
@@ -99,7 +105,7 @@ def _crd(args: argparse.Namespace) -> int:
 def _operator(args: argparse.Namespace) -> int:
     import kopf
 
-    from idpo_operator import apply, handlers  # importing handlers registers them with kopf
+    from idpo_operator import apply, handlers, policy  # importing handlers registers them with kopf
     from idpo_operator.leader import default_namespace
 
     lease = (args.leader_election_namespace or default_namespace()) if args.leader_election else None
@@ -109,6 +115,7 @@ def _operator(args: argparse.Namespace) -> int:
         max_concurrent_stages=args.max_concurrent_stages,
         gpu_memory_gb=args.gpu_memory,
         job_ttl_seconds=args.finished_job_ttl or None,
+        policy=policy.load(args.policy) if args.policy else policy.default(args.stage_image),
     )
 
     if args.metrics_port:
@@ -153,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run a manifest on this machine")
     run.add_argument("manifest")
     run.add_argument("--workdir", help=f"default: {DEFAULT_ROOT}/<run name>")
+    run.add_argument(
+        "--policy", help="refuse what this policy file does not allow, as a cluster would (docs/security.md)"
+    )
     run.set_defaults(func=_run)
     status = sub.add_parser("status", help="per-iteration table of a local run, or of RUN on the cluster")
     status.add_argument("run", nargs="?", help="an IterativeDPORun on the cluster of the current kubeconfig")
@@ -204,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         default=3600,
         help="seconds a finished stage Job (and its pods) stays before Kubernetes deletes it; its record stays "
         "in the run's status (0: keep them; default 3600)",
+    )
+    op.add_argument(
+        "--policy",
+        help="what runs may ask for (YAML, docs/security.md; the chart mounts its `policy` values); default: "
+        "the --stage-image repository only, the shipped rankers, no Secrets or service accounts",
     )
     op.add_argument("--liveness", help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     op.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")

@@ -14,16 +14,29 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
+from idpo_jobs.config import PVC_PATH_RULE
 
 from idpo_operator.spec import GROUP, KIND, PLURAL, VERSION, IterativeDPORunSpec
 
 SHORT_NAMES = ["idpo"]
 CATEGORIES = ["idpo", "ml"]
 
+
 # CEL rules by model title (the pydantic class name). Each mirrors a pydantic validator, or adds
 # what only the apiserver can check: immutability across updates (transition rules on oldSelf).
+def _on_the_claim(field: str, nullable: bool = False) -> dict[str, str]:
+    value = f"self.{field}"
+    rule = PVC_PATH_RULE.format(value)
+    return {
+        "rule": f"!has({value}) || {rule}" if nullable else rule,  # a null reads as absent
+        "message": "a pvc:// path must stay on the claim: not empty, not absolute, no `..` segment",
+        "fieldPath": f".{field}",
+    }
+
+
 CEL_RULES: dict[str, list[dict[str, str]]] = {
     "RankingSpec": [
+        _on_the_claim("model", nullable=True),
         {
             "rule": "self.ranker != 'function' || has(self.function)",
             "message": "ranker 'function' needs `function: module:callable`",
@@ -36,6 +49,7 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
         },
     ],
     "ModelSpec": [
+        _on_the_claim("name"),
         {
             "rule": "self.name == oldSelf.name",
             "message": "model.name is immutable: later iterations build on checkpoints of the first model",
@@ -44,7 +58,13 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
     ],
     "StorageSpec": [
         {"rule": "self == oldSelf", "message": "storage is immutable: the workspace holds the run's checkpoints"},
+        {
+            "rule": "self.root.matches('^[^/]') && !self.root.matches('(^|/)[.][.](/|$)')",
+            "message": "storage.root must stay on the claim: relative, not empty, no `..` segment",
+            "fieldPath": ".root",
+        },
     ],
+    "PromptsSpec": [_on_the_claim("source")],
 }
 
 PRINTER_COLUMNS = [
@@ -109,9 +129,9 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
     rules = CEL_RULES.get(node.get("title", ""))
     if rules:
         out["x-kubernetes-validations"] = rules
-    if out.get("nullable") and "x-kubernetes-validations" in out:
+    if out.get("nullable") and any("oldSelf" in r["rule"] for r in out.get("x-kubernetes-validations", [])):
         # A transition rule on a nullable object must tolerate null; ours are on required objects.
-        raise ValueError(f"CEL rules on nullable {node.get('title')}")
+        raise ValueError(f"CEL transition rules on nullable {node.get('title')}")
     return out
 
 

@@ -71,6 +71,12 @@ class Policy(Model):
     )
 
 
+def default(stage_image: str) -> Policy:
+    """Without a policy file: the operator's own stage image repository and the shipped rankers only."""
+    repository = stage_image.split("@")[0].rsplit(":", 1)[0] if ":" in stage_image.split("/")[-1] else stage_image
+    return Policy(images=[f"{repository}:", f"{repository}@"])
+
+
 def load(path: str | Path) -> Policy:
     try:
         return Policy.model_validate(yaml.safe_load(Path(path).read_text()) or {})

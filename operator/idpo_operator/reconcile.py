@@ -22,6 +22,7 @@ from idpo_operator import frozen as frozen_specs
 from idpo_operator import memory, plan, resources, rules
 from idpo_operator.observe import DISRUPTED, FATAL_WAITING, POD_FAILED, JobView, PodView, gang_failure, job_record
 from idpo_operator.plan import StageKey
+from idpo_operator.policy import Policy, violations
 from idpo_operator.spec import DEFAULT_STAGE_IMAGE, IterativeDPORunSpec, format_validation_error
 from idpo_operator.status import (
     Phase,
@@ -75,6 +76,7 @@ class Settings:
     stage_image: str = DEFAULT_STAGE_IMAGE
     gpu_memory: float = 80 * memory.GB  # bytes per GPU that status.memoryPlan is checked against
     job_ttl_seconds: int | None = None  # ttlSecondsAfterFinished of stage Jobs; None: kept
+    policy: Policy | None = None  # what runs may ask for; None: anything
 
 
 @dataclass
@@ -272,10 +274,10 @@ def _succeeded_message(key: StageKey, record: StageRecord) -> str:
     return f"{key} succeeded: {json.dumps(record.metrics)}"[:1000]
 
 
-def _invalid(run: RunView, err: ValidationError, now: str) -> Decision:
-    message = format_validation_error(err, prefix="spec.").strip().replace("\n  ", "; ")
-    status = invalid_status(message, generation=run.generation, previous=run.status, now=now)
-    events = [] if run.status.get("message") == status["message"] else [Event("Warning", "InvalidSpec", message)]
+def _refused(run: RunView, message: str, now: str, reason: str = Reason.INVALID_SPEC) -> Decision:
+    """Nothing is created for a spec the operator will not run; status says why, once as an event."""
+    status = invalid_status(message, generation=run.generation, previous=run.status, now=now, reason=reason)
+    events = [] if run.status.get("message") == status["message"] else [Event("Warning", reason, message)]
     return Decision([], status, events)
 
 
@@ -294,7 +296,9 @@ def decide(
     try:
         spec = IterativeDPORunSpec.model_validate(run.spec)
     except ValidationError as err:
-        return _invalid(run, err, now)
+        return _refused(run, format_validation_error(err, prefix="spec.").strip().replace("\n  ", "; "), now)
+    if settings.policy is not None and (denied := violations(spec, settings.policy)):
+        return _refused(run, "; ".join(denied), now, Reason.POLICY_DENIED)
     previous = parse_previous(run.status)
     children = Children.of(run.uid, jobs, pods)
     records, actions = _records(spec, run, previous, children, now)

@@ -17,6 +17,7 @@ from idpo_jobs.config import (
     ModelSpec,
     PromptsSpec,
     RankingSpec,
+    RelativePath,
     TrainingSpec,
 )
 from pydantic import Field, ValidationError, model_validator
@@ -39,7 +40,11 @@ class StorageSpec(Model):
         "run on several nodes.",
     )
     retain_on_delete: bool = Field(True, description="Keep the created PVC (checkpoints) when the run is deleted.")
-    root: str = Field("idpo", description="Directory on the volume under which each run gets `<run>-<uid8>/`.")
+    root: RelativePath = Field(
+        "idpo",
+        max_length=200,
+        description="Directory on the volume under which each run gets `<run>-<uid8>/`: relative, without `..`.",
+    )
 
 
 # The stage image when neither the run nor the operator (`idpo operator --stage-image`, which the

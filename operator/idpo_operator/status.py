@@ -48,6 +48,7 @@ class Reason:
     PENDING = "Pending"  # nothing started yet
     STAGE_FAILED = "StageFailed"  # a stage failed after its retries
     INVALID_SPEC = "InvalidSpec"  # the spec failed validation
+    POLICY_DENIED = "PolicyDenied"  # the cluster's policy does not allow what the spec asks for
     SUSPENDED = "Suspended"  # spec.suspend is true
     FOREIGN_CHILD = "ForeignChild"  # a child's name is taken by an object another run (uid) owns
     APPLY_FAILED = "ApplyFailed"  # the API refused a create, patch or delete; the message is the API's
@@ -392,13 +393,18 @@ def build_status(
 
 
 def invalid_status(
-    message: str, *, generation: int, previous: Mapping[str, Any] | None = None, now: str | None = None
+    message: str,
+    *,
+    generation: int,
+    previous: Mapping[str, Any] | None = None,
+    now: str | None = None,
+    reason: str = Reason.INVALID_SPEC,
 ) -> dict[str, Any]:
-    """A spec the operator cannot run (it got past the CRD schema): Failed and Stalled, field named.
-    What the last status recorded of finished work is kept as it was."""
+    """A spec the operator will not run (it got past the CRD schema, or the cluster's policy refuses
+    it): Failed and Stalled, field named. What the last status recorded of finished work is kept."""
     now = now or timestamp()
     previous = previous or {}
-    text = f"invalid spec: {message}"
+    text = f"{'refused by policy' if reason == Reason.POLICY_DENIED else 'invalid spec'}: {message}"
     kept = ("iterations", "frozenSpecs", "startTime", "latestCheckpoint")
     return canonical(
         {
@@ -407,7 +413,7 @@ def invalid_status(
             "message": text,
             "observedGeneration": generation,
             "conditions": conditions(
-                Phase.FAILED, Reason.INVALID_SPEC, text, now, generation, list(parse_previous(previous).conditions)
+                Phase.FAILED, reason, text, now, generation, list(parse_previous(previous).conditions)
             ),
         }
     )

@@ -188,6 +188,18 @@ class Cluster:
     def start_operator(self) -> None:
         self.operator = self.spawn_operator(self.operator_log, self.liveness, self.metrics_port)
 
+    def write_policy(self) -> Path:
+        """What the suite's runs may ask for: this cluster's stage image and the one that cannot be pulled,
+        the test rankers (tests/rewards.py) beside the shipped ones, the Secret the secret story names."""
+        path = self.root / "policy.yaml"
+        policy = {
+            "images": [self.image, "registry.invalid/"],
+            "functionModules": ["rewards", "idpo_jobs.rewards"],
+            "secrets": ["hub-token"],
+        }
+        path.write_text(yaml.safe_dump(policy))
+        return path
+
     def spawn_operator(self, log_path: Path, liveness: str, metrics_port: int) -> subprocess.Popen[bytes]:
         """An operator process; it acts while it holds the leader-election Lease (in the chart's
         namespace, where its Role grants it, or in the test namespace on another cluster)."""
@@ -198,6 +210,7 @@ class Cluster:
                     *(sys.executable, "-m", "idpo_operator", "operator", "-n", self.namespace, "-v"),
                     *("--liveness", liveness, "--metrics-port", str(metrics_port)),
                     *("--leader-election-namespace", lease_namespace),
+                    *("--policy", str(self.write_policy())),
                 ],
                 env={**os.environ, "KUBECONFIG": str(self.operator_kubeconfig)},
                 stdout=log,
