@@ -16,7 +16,9 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
+import socket
 import threading
+import uuid
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -106,6 +108,14 @@ class ForeignChild(Exception):
     """A child's name is held by an object that is not this run's."""
 
 
+class NotLeading(workqueue.Retry):
+    """This replica is not (or no longer) the leader: it writes nothing."""
+
+
+class Conflict(workqueue.Retry):
+    """The run changed since the version the status patch was based on; decided again from the cache."""
+
+
 def failed_write_status(
     previous: Mapping[str, Any], reason: str, message: str, generation: int, now: str | None = None
 ) -> dict[str, Any]:
@@ -142,13 +152,20 @@ def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, An
 
 
 class Writer:
-    """The API calls of a reconcile, through one pooled client."""
+    """The API calls of a reconcile, through one pooled client. Each write first asks `leading`: a
+    replica that lost the Lease (a pause past it, a partition) stops at the next call."""
 
-    def __init__(self, api: client.ApiClient) -> None:
+    def __init__(self, api: client.ApiClient, leading: Callable[[], bool] = lambda: True) -> None:
         self.core, self.batch = client.CoreV1Api(api), client.BatchV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self.leading = leading
+
+    def guard(self) -> None:
+        if not self.leading():
+            raise NotLeading("not the leader: no writes")
 
     def create(self, obj: dict[str, Any], owner_uid: str) -> None:
+        self.guard()
         ns, kind, name = obj["metadata"]["namespace"], obj["kind"], obj["metadata"]["name"]
         create, read = {
             "PersistentVolumeClaim": (
@@ -173,24 +190,41 @@ class Writer:
 
     def fail_job(self, namespace: str, name: str, why: str) -> None:
         # The Job controller fails a Job past its deadline and removes its pods: the GPUs go back.
+        self.guard()
         body = {"metadata": {"annotations": {resources.ANNOTATION_FAILURE: why}}, "spec": {"activeDeadlineSeconds": 1}}
         self.batch.patch_namespaced_job(name, namespace, body, _request_timeout=TIMEOUT)
 
-    def delete_job(self, namespace: str, name: str, propagation: str) -> None:
+    def delete_job(self, namespace: str, name: str, uid: str | None, propagation: str) -> None:
+        """The Job of that uid: never one created since under the same name (a stale writer's delete)."""
+        self.guard()
+        options = client.V1DeleteOptions(
+            propagation_policy=propagation, preconditions=client.V1Preconditions(uid=uid) if uid else None
+        )
         try:
-            self.batch.delete_namespaced_job(name, namespace, propagation_policy=propagation, _request_timeout=TIMEOUT)
+            self.batch.delete_namespaced_job(name, namespace, body=options, _request_timeout=TIMEOUT)
         except ApiException as err:
-            if err.status != 404:  # gone already: what was asked
+            if err.status not in (404, 409):  # gone already, or a new Job of the name: not ours to delete
                 raise
 
-    def patch_status(self, namespace: str, name: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-        """Patch the status; the run's resourceVersion after the write."""
-        patched = self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name, status_patch(old, new), _request_timeout=TIMEOUT
-        )
+    def patch_status(self, run: RunView, new: Mapping[str, Any]) -> str:
+        """Patch the status of the run's version we decided from (a conflict if it changed since);
+        the run's resourceVersion after the write."""
+        self.guard()
+        body = status_patch(run.status, new)
+        if run.resource_version:
+            body["metadata"] = {"resourceVersion": run.resource_version}
+        try:
+            patched = self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, run.namespace, PLURAL, run.name, body, _request_timeout=TIMEOUT
+            )
+        except ApiException as err:
+            if err.status == 409:
+                raise Conflict("the run changed meanwhile; deciding again") from None
+            raise
         return patched["metadata"]["resourceVersion"]
 
     def remove_finalizer(self, run: RunView, finalizer: str) -> None:
+        self.guard()
         index = run.finalizers.index(finalizer)
         body = [
             {"op": "test", "path": f"/metadata/finalizers/{index}", "value": finalizer},
@@ -208,6 +242,8 @@ class Writer:
         )
 
     def post_event(self, run: RunView, event: reconcile.Event) -> None:
+        if not self.leading():
+            return  # a replica that lost the Lease after deciding posts nothing
         now = timestamp()
         body = {
             "metadata": {"generateName": f"{run.name[:200]}.", "namespace": run.namespace},
@@ -236,22 +272,31 @@ class Writer:
 class Controller:
     """The reconciler: one per operator process, its state in the object (kopf's memo holds it)."""
 
-    def __init__(self, settings: Settings, cache: Cache, writer: Writer, *, workers: int = WORKERS) -> None:
-        self.settings, self.cache, self.writer = settings, cache, writer
+    def __init__(self, settings: Settings, cache: Cache, api: client.ApiClient, *, workers: int = WORKERS) -> None:
+        self.settings, self.cache, self.api = settings, cache, api
+        self.writer = Writer(api, self.is_leader)
+        self.identity = f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+        api.user_agent = f"idpo-operator/{self.identity}"  # the audit log tells replicas apart
         self.expectations = Expectations()
         self.elector: leader.Elector | None = None
-        self.queue = workqueue.WorkQueue(self.reconcile, workers=workers, active=self.is_leader)
+        # kopf calls the first handler only once every index is filled: before that, a reconcile would
+        # see a run without its Jobs and start them again.
+        self._indexed = threading.Event()
+        self.queue = workqueue.WorkQueue(
+            self.reconcile, workers=workers, active=lambda: self._indexed.is_set() and self.is_leader()
+        )
         self._capacity = threading.Lock()  # the count and the create, as one step across runs
         self._events = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="events")
         self._stop = threading.Event()
         self.reconciles = 0  # reported by the liveness probe
 
     # -- lifecycle ---------------------------------------------------------------------------------
-    def start(self, api: client.ApiClient | None = None) -> None:
-        self.queue.start()
-        if self.settings.lease_namespace and api is not None:
-            self.elector = leader.Elector(api, self.settings.lease_namespace, "idpo-operator", self.resync)
+    def start(self) -> None:
+        if self.settings.lease_namespace:
+            namespace = self.settings.lease_namespace
+            self.elector = leader.Elector(self.api, namespace, "idpo-operator", self.resync, identity=self.identity)
             self.elector.start()
+        self.queue.start()
         threading.Thread(target=self._safety_net, name="safety-net", daemon=True).start()
 
     def stop(self) -> None:
@@ -276,6 +321,7 @@ class Controller:
 
     # -- triggers (from the kopf handlers) -----------------------------------------------------------
     def changed(self, key: RunKey) -> None:
+        self._indexed.set()
         self.queue.add(key)
 
     def job_finished(self) -> None:
@@ -294,8 +340,8 @@ class Controller:
         if cached is None or cached.deleting:
             self.forget((namespace, name))
             return workqueue.Result()
-        status = self.expectations.status(key, cached.resource_version, cached.status)
-        run = dataclasses.replace(cached, status=status)
+        version, status = self.expectations.status(key, cached.resource_version, cached.status)
+        run = dataclasses.replace(cached, status=status, resource_version=version)
         label = (namespace, resources.run_label(name))
         jobs = self.expectations.jobs(key, self.cache.jobs(label))
         cap = self.settings.max_concurrent_stages
@@ -308,37 +354,48 @@ class Controller:
             for job in created:
                 self.expectations.created(key, job)
         try:
-            self._write(run, decision)
+            self._write(run, decision, {j.name: j.uid for j in jobs})
+            if decision.status != run.status:
+                self._patch_status(key, run, decision.status)
+                for event in decision.events:  # off the reconcile's path: the next stage need not wait for them
+                    self._events.submit(self.writer.post_event, run, event)
+        except workqueue.Retry:
+            self.expectations.cancel(key, [j.name for j in created])
+            raise
         except (ApiException, ValueError, ForeignChild) as err:
             self.expectations.cancel(key, [j.name for j in created])
-            reason = Reason.FOREIGN_CHILD if isinstance(err, ForeignChild) else Reason.APPLY_FAILED
-            failed = failed_write_status(run.status, reason, api_message(err), run.generation)
-            if failed != run.status:
-                self._patch_status(key, run, failed)
+            self._stall(key, run, Reason.FOREIGN_CHILD if isinstance(err, ForeignChild) else Reason.APPLY_FAILED, err)
             raise ApplyError(api_message(err)) from err
-        if decision.status != run.status:
-            self._patch_status(key, run, decision.status)
-            for event in decision.events:  # off the reconcile's path: the next stage need not wait for them
-                self._events.submit(self.writer.post_event, run, event)
         if LEGACY_FINALIZER in run.finalizers:
             self.writer.remove_finalizer(run, LEGACY_FINALIZER)
         metrics.record(key, decision.status, decision.events)  # type: ignore[arg-type]
         self.reconciles += 1
         return workqueue.Result(requeue_after=decision.requeue_after, parked=decision.wants_capacity)
 
-    def _write(self, run: RunView, decision: reconcile.Decision) -> None:
-        ns = run.namespace
-        writes: list[Callable[[], None]] = [lambda o=o: self.writer.create(o, run.uid) for o in decision.create]
-        writes += [lambda j=j, w=w: self.writer.fail_job(ns, j, w) for j, w in decision.fail.items()]
-        writes += [lambda j=j: self.writer.delete_job(ns, j, "Background") for j in decision.delete]
+    def _write(self, run: RunView, decision: reconcile.Decision, uids: Mapping[str, str | None]) -> None:
+        ns, writer = run.namespace, self.writer
+        writes: list[Callable[[], None]] = [lambda o=o: writer.create(o, run.uid) for o in decision.create]
+        writes += [lambda j=j, w=w: writer.fail_job(ns, j, w) for j, w in decision.fail.items()]
+        writes += [lambda j=j: writer.delete_job(ns, j, uids.get(j), "Background") for j in decision.delete]
         # Foreground: the Job goes only after its pods have, so the next attempt never meets one of them.
-        writes += [lambda j=j: self.writer.delete_job(ns, j, "Foreground") for j in decision.restart]
+        writes += [lambda j=j: writer.delete_job(ns, j, uids.get(j), "Foreground") for j in decision.restart]
         for write in writes:
             write()
 
     def _patch_status(self, key: Hashable, run: RunView, status: dict[str, Any]) -> None:
-        version = self.writer.patch_status(run.namespace, run.name, run.status, status)
+        version = self.writer.patch_status(run, status)
         self.expectations.wrote(key, version, status)
+
+    def _stall(self, key: Hashable, run: RunView, reason: str, err: Exception) -> None:
+        """A refused write lands in status, over the last status: what the decision meant did not happen.
+        Every failure to write status ends here too; if even this patch fails, the log says why."""
+        failed = failed_write_status(run.status, reason, api_message(err), run.generation)
+        if failed == run.status:
+            return
+        try:
+            self._patch_status(key, run, failed)
+        except (ApiException, ValueError, workqueue.Retry) as again:
+            log.warning("could not record a failed write of %s in its status: %s", key, api_message(again))
 
     def forget(self, key: RunKey) -> None:
         """A deleted run leaves nothing behind in memory."""

@@ -73,14 +73,14 @@ class Expectations:
         with self._lock:
             self._status[run] = (resource_version, status)
 
-    def status(self, run: Hashable, cached_version: str, cached: Mapping[str, Any]) -> Mapping[str, Any]:
-        """The run's status as a decision must read it: ours, while the cache is behind our write."""
+    def status(self, run: Hashable, cached_version: str, cached: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+        """(resourceVersion, status) as a decision must read them: our write's, while the cache is behind it."""
         with self._lock:
             version, written = self._status.get(run, ("", {}))
             if version and older(cached_version, version):
-                return written
+                return version, written
             self._status.pop(run, None)
-            return cached
+            return cached_version, cached
 
     def forget(self, run: Hashable) -> None:
         """A deleted run leaves nothing behind."""

@@ -51,8 +51,8 @@ async def configure(
     for resource in (JOBS, PODS):
         settings.watching.label_selectors[resource] = LABEL_RUN  # the label exists: ours only
     api = apply.connect()
-    memo.controller = apply.Controller(options, apply.Cache(runs, jobs, pods), apply.Writer(api))
-    memo.controller.start(api)
+    memo.controller = apply.Controller(options, apply.Cache(runs, jobs, pods), api)
+    memo.controller.start()
 
 
 @kopf.on.cleanup()

@@ -165,11 +165,14 @@ def parse_previous(status: Mapping[str, Any] | None) -> Previous:
 def canonical(value: Any) -> Any:
     """A status value as the apiserver stores it: status is written with merge patches, in which a null
     means "remove", so no object field is ever null there. Comparing our status with the stored one (is
-    there anything to write?) needs ours in the same form."""
+    there anything to write?) needs ours in the same form. NaN and infinities, which JSON cannot carry
+    (the apiserver refuses the whole write), read as null."""
     if isinstance(value, Mapping):
-        return {k: canonical(v) for k, v in value.items() if v is not None}
+        return {k: c for k, v in value.items() if (c := canonical(v)) is not None}
     if isinstance(value, list):
         return [canonical(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return value
 
 
