@@ -27,3 +27,11 @@ def flaky(prompt: str, response: str) -> float:
         marker.touch()
         raise TimeoutError("the scoring service did not answer")
     return starts_with_s(prompt, response)
+
+
+def stub_summary(prompt: str, response: str) -> float:
+    """A broken stage: ends at once, successfully, leaving `IDPO_STUB_SUMMARY` as its summary (the
+    termination message), as a stage of another image, or a bug, could."""
+    path = os.environ.get("IDPO_TERMINATION_LOG") or "/dev/termination-log"
+    Path(path).write_text(os.environ["IDPO_STUB_SUMMARY"])
+    os._exit(0)

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import pathlib
 import re
 import time
 import urllib.parse
+from typing import Any
 
 import pytest
+import yaml
 
 from tests.harness.cluster import Cluster, Target
 from tests.test_operator_e2e import (
@@ -164,12 +168,6 @@ def test_a_two_node_train_runs_as_one_gang_and_a_killed_pod_restarts_it_whole(cl
     assert loaded, message
 
 
-def test_the_operator_used_the_grants_only_fault_paths_need(cluster: Cluster) -> None:
-    if cluster.target.plane is None:
-        pytest.skip("reads the apiserver's audit log, which only the local control plane shares")
-    assert cluster.operator_calls() >= FAULT_PATH_GRANTS
-
-
 def test_a_second_operator_stays_passive_until_the_leader_hands_over(cluster: Cluster, tmp_path) -> None:
     import json
     import urllib.request
@@ -234,7 +232,9 @@ def test_a_run_costs_its_own_writes_only_and_reads_nothing_but_its_watches(clust
     queries = [
         urllib.parse.parse_qs(urllib.parse.urlsplit(e["requestURI"]).query)
         for e in cluster.operator_audit()
-        if e["objectRef"]["resource"] in ("jobs", "pods") and e["verb"] in ("list", "watch")
+        if e["objectRef"]["resource"] in ("jobs", "pods")
+        and e["verb"] in ("list", "watch")
+        and "kubectl" not in e.get("userAgent", "")  # the authorizer test's own `kubectl get jobs`, as the operator
     ]
     assert queries and all(q.get("labelSelector") == ["idpo.dev/run"] for q in queries), queries
 
@@ -274,3 +274,165 @@ def test_an_older_operators_finalizer_is_removed_so_that_the_run_can_be_deleted(
         assert time.monotonic() < deadline, cluster.run("upgraded")["metadata"]
         time.sleep(0.2)
     assert cluster.kubectl("delete", "idpo", "upgraded", "--timeout=30s").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("summary", "says"),
+    [
+        ("[1]", "malformed stage summary: expected a JSON object, got list"),
+        ("null", "malformed stage summary: expected a JSON object, got NoneType"),
+        ('{"shard": 4, "shards": 1, "metrics": {"pairs": 3}}', "malformed stage summary: shard 4 of 1"),
+    ],
+    ids=["list", "null", "shard-out-of-range"],
+)
+def test_a_stage_that_leaves_a_malformed_summary_fails_with_a_clear_message(
+    cluster: Cluster, summary: str, says: str
+) -> None:
+    name = f"stub-{len(summary)}"
+    env = [*run_manifest("x")["spec"]["runtime"]["env"], {"name": "IDPO_STUB_SUMMARY", "value": summary}]
+    ranking = {"ranker": "function", "function": "rewards:stub_summary", "model": None}
+    assert cluster.apply(run_manifest(name, iterations=1, ranking=ranking, runtime={"env": env})).returncode == 0
+    status = cluster.wait_phase(name, "Failed")
+    assert status["message"].startswith("iteration 1 rank failed") and says in status["message"], status["message"]
+    assert [j["metadata"]["name"] for j in cluster.jobs(name) if j["metadata"]["name"].endswith("train")] == []
+    # Its status stays writable: a spec edit is observed and recorded.
+    assert cluster.kubectl("patch", "idpo", name, "--type=merge", "-p", '{"spec":{"suspend":true}}').returncode == 0
+    cluster.wait(name, lambda s: s.get("observedGeneration") == 2, timeout=60)
+
+
+def test_a_nan_metric_is_recorded_as_null_with_a_warning_and_a_run_alongside_succeeds(cluster: Cluster) -> None:
+    summary = json.dumps({"shard": 0, "shards": 1, "metrics": {"pairs": 1, "loss": float("nan")}})  # Python writes NaN
+    env = [*run_manifest("x")["spec"]["runtime"]["env"], {"name": "IDPO_STUB_SUMMARY", "value": summary}]
+    ranking = {"ranker": "function", "function": "rewards:stub_summary", "model": None}
+    assert cluster.apply(run_manifest("nan", iterations=1, ranking=ranking, runtime={"env": env})).returncode == 0
+    assert cluster.apply(run_manifest("alongside", iterations=1)).returncode == 0
+    status = cluster.wait_phase("nan", "Failed")
+    rank = status["iterations"][0]["stages"]["rank"]
+    assert rank["phase"] == "Succeeded" and rank["metrics"] == {"pairs": 1}  # the NaN is not sent to the API
+    assert "metric loss was nan; recorded as null" in rank["message"]
+    # The stub wrote no pairs: train refuses its input with the stage's own words.
+    assert "iteration 1 train failed" in status["message"] and "input stage 'rank' is incomplete" in status["message"]
+    assert cluster.wait_phase("alongside", "Succeeded", "Failed")["phase"] == "Succeeded"
+
+
+def identity(log: pathlib.Path) -> str:
+    """The replica's leader-election identity (its API user agent too), from its log."""
+    found = re.search(r"became the leader \((\S+)\)", log.read_text())
+    assert found, log.read_text()[-2000:]
+    return found.group(1)
+
+
+def wait_for(check: Any, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def test_a_leader_paused_past_its_lease_writes_nothing_once_another_took_over(cluster: Cluster, tmp_path) -> None:
+    import signal
+    import urllib.request
+
+    from tests.harness.cluster import free_port
+
+    if cluster.target.plane is None:
+        pytest.skip("reads the apiserver's audit log, which only the local control plane shares")
+    first, first_log = cluster.operator, cluster.operator_log
+    assert first is not None
+    second_log, liveness = tmp_path / "second.log", f"http://127.0.0.1:{free_port()}/healthz"
+    second = cluster.spawn_operator(second_log, liveness, free_port())
+    try:
+        assert cluster.apply(run_manifest("paused", iterations=1)).returncode == 0
+        cluster.wait("paused", lambda s: s.get("currentStage") == "rank")
+        old = identity(first_log)
+        os.killpg(first.pid, signal.SIGSTOP)  # as a node's freeze or a long GC pause would
+        wait_for(lambda: "became the leader" in second_log.read_text(), "the follower never took over", 90)
+        new = identity(second_log)
+        time.sleep(3)
+        os.killpg(first.pid, signal.SIGCONT)  # it wakes up believing nothing happened
+        cluster.operator = second  # `wait` gives up if this one dies
+        status = cluster.wait_phase("paused", "Succeeded", "Failed")
+        assert status["phase"] == "Succeeded", status.get("message")
+        time.sleep(3)  # the old leader has had its chance to write
+        assert json.loads(urllib.request.urlopen(liveness, timeout=10).read())["reconciles"] > 0
+    finally:
+        cluster.operator = first
+        second.terminate()
+        second.wait(30)
+        cluster.stop_operator()
+        cluster.start_operator()
+    audit = [e for e in cluster.operator_audit() if e.get("stageTimestamp")]
+    took_over = min(  # the new leader's first successful write of the Lease: it holds it from then on
+        e["stageTimestamp"]
+        for e in audit
+        if new in e.get("userAgent", "")
+        and e["objectRef"]["resource"] == "leases"
+        and e["verb"] in ("update", "create")
+        and e["responseStatus"].get("code", 500) < 400
+    )
+    late = [
+        (e["verb"], e["objectRef"]["resource"], e["responseStatus"].get("code"))
+        for e in audit
+        if old in e.get("userAgent", "")
+        and e["stageTimestamp"] > took_over
+        and e["verb"] not in ("get", "list", "watch")
+        and e["responseStatus"].get("code", 500) < 400
+    ]
+    assert late == [], late
+    no_stage_ran_twice(cluster, "paused")
+
+
+def test_with_two_replicas_every_edit_of_a_succeeded_run_is_acted_on(cluster: Cluster, tmp_path) -> None:
+    from tests.harness.cluster import free_port
+
+    second = cluster.spawn_operator(tmp_path / "follower.log", f"http://127.0.0.1:{free_port()}/healthz", free_port())
+    try:
+        assert cluster.apply(run_manifest("edited", iterations=1)).returncode == 0
+        assert cluster.wait_phase("edited", "Succeeded", "Failed")["phase"] == "Succeeded"
+        before = len(cluster.operator_audit()) if cluster.target.plane is not None else 0
+        for n in range(2, 12):
+            patch = json.dumps({"spec": {"iterations": n, "suspend": True}})
+            assert cluster.kubectl("patch", "idpo", "edited", "--type=merge", "-p", patch).returncode == 0
+            generation = cluster.run("edited")["metadata"]["generation"]
+            cluster.wait(
+                "edited",
+                lambda s, n=n, g=generation: s.get("observedGeneration") == g and s.get("progress") == f"2/{n}",
+                timeout=30,
+            )
+        if cluster.target.plane is not None:  # nobody wrote to the run but its status: no kopf bookkeeping
+            writes = [e for e in cluster.operator_audit()[before:] if e["objectRef"]["resource"] == "iterativedporuns"]
+            assert {(e["verb"], e["objectRef"].get("subresource")) for e in writes} <= {("patch", "status")}
+    finally:
+        second.terminate()
+        second.wait(30)
+
+
+def test_a_planted_claim_of_the_predicted_name_stalls_the_run_and_is_never_used(cluster: Cluster) -> None:
+    planted = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "victim-workspace", "labels": {"idpo.dev/run": "victim"}},  # labels are easy to forge
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+    assert cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(planted)).returncode == 0
+    manifest = run_manifest("victim", iterations=1)
+    manifest["spec"].pop("storage")  # the run would create (or use) `victim-workspace`
+    assert cluster.apply(manifest).returncode == 0
+    status = cluster.wait("victim", lambda s: s.get("conditions") and "ForeignChild" in json.dumps(s), timeout=60)
+    stalled = {c["type"]: c for c in status["conditions"]}["Stalled"]
+    assert (
+        stalled["status"] == "True"
+        and "PersistentVolumeClaim victim-workspace belongs to another" in stalled["message"]
+    )
+    time.sleep(2)  # reconciles go on (with a backoff): still no Job, no pod ever mounted the claim
+    assert cluster.jobs("victim") == []
+    mounted = cluster.kubectl("get", "pods", "-o", "json")
+    volumes = [v for p in json.loads(mounted.stdout)["items"] for v in p["spec"].get("volumes", [])]
+    assert not any((v.get("persistentVolumeClaim") or {}).get("claimName") == "victim-workspace" for v in volumes)
+    cluster.kubectl("delete", "pvc", "victim-workspace", "--wait=false")
+
+
+def test_the_operator_used_the_grants_only_fault_paths_need(cluster: Cluster) -> None:
+    if cluster.target.plane is None:
+        pytest.skip("reads the apiserver's audit log, which only the local control plane shares")
+    assert cluster.operator_calls() >= FAULT_PATH_GRANTS

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from idpo_jobs.config import Stage, Workspace
 from idpo_operator import plan, table
 from idpo_operator.plan import StageKey
@@ -14,7 +17,7 @@ WS = Workspace("/ws")
 
 
 def spec(**kw):
-    return parse_manifest(manifest(iterations=2, **kw)).spec
+    return parse_manifest(manifest(**{"iterations": 2, **kw})).spec
 
 
 def done(*keys: StageKey) -> dict[StageKey, StageRecord]:
@@ -119,3 +122,69 @@ def test_status_table_shows_one_row_per_iteration_with_metrics() -> None:
     assert row1[:4] == ["1", "Succeeded", "-", "1m30s"] and "7" in row1 and "0.75" in row1
     assert row1[-1] == "/ws/iter-1/train/model"
     assert row2[:3] == ["2", "Pending", "generate"]
+
+
+# What the stages report (the evaluate stage's with bestOfN), for a status at the caps.
+METRICS = {
+    Stage.GENERATE: {"prompts": 6667, "responses": 33335, "mean_response_chars": 1534.2, "empty_responses": 0,
+                     "engine": "vllm"},
+    Stage.RANK: {"prompts": 6667, "pairs": 6650, "dropped_ties": 17, "mean_chosen_score": 1.2345, "mean_rejected_score":
+                 -0.9876, "mean_chosen_chars": 1620.5, "mean_rejected_chars": 1402.3, "ranker": "pairrm"},
+    Stage.TRAIN: {"pairs": 6650, "steps": 416, "loss": 0.6123, "final_loss": 0.5432, "reward_accuracy": 0.7123,
+                  "reward_margin": 0.1234, "checkpoint": "/workspace/" + "r" * 128 + "/iter-100/train/model",
+                  "lora": False, "world_size": 1024, "strategy": "fsdp", "rank_steps": [416] * 64},
+    Stage.EVALUATE: {
+        "prompts": 200, "mean_response_chars": 1534.44, "empty_responses": 0, "generator": "x" * 100,
+        "ranker": "pairrm", "temperature": 0.0, **{f"{m}_{v}": 0.6875 for m in ("win_rate", "lc_win_rate")
+        for v in ("vs_base", "vs_previous", "best_of_n_vs_base")},
+        **{f"{m}_{v}_ci": [0.444, 0.8584] for m in ("win_rate", "lc_win_rate")
+           for v in ("vs_base", "vs_previous", "best_of_n_vs_base")},
+        **{f"{c}_{v}": 70 for c in ("wins", "ties", "losses") for v in ("vs_base", "vs_previous")},
+        "mean_length_diff_vs_base": -5.69, "mean_length_diff_vs_previous": -5.69, "base_iteration": 0,
+        "previous_iteration": 99,
+    },
+}  # fmt: skip
+
+
+def at_the_caps(messages: str = "", metrics: Any = None) -> tuple[Any, dict[StageKey, StageRecord], dict]:
+    template = "{{ bos_token }}" + "x" * (16 * 1024)
+    s = spec(iterations=100, model={"chatTemplate": template}, evaluation={"enabled": True},
+             prompts={"perIteration": 1}, generation={"shards": 64}, ranking={"shards": 64})  # fmt: skip
+    records = {
+        k: StageRecord(
+            Phase.SUCCEEDED,
+            job_name="r" * 52,
+            attempts=21,
+            start_time="2026-01-01T00:00:00Z",
+            completion_time="2026-01-01T00:00:00Z",
+            metrics=dict(metrics or METRICS[k.stage]),
+            message=messages or None,
+            digests=["0123456789abcdef"] * 64,
+        )
+        for k in plan.all_stages(s)
+    }
+    from idpo_operator import frozen
+
+    sections = frozen.live_sections(s)
+    return s, records, {i: sections for i in range(1, 101)}
+
+
+def test_a_run_at_the_caps_keeps_its_status_under_256_kib() -> None:
+    """100 iterations, 64 shards, 1024 training processes, a 16 KiB chat template, the longest names."""
+    s, records, frozen = at_the_caps()
+    status = build_status(s, records, WS, claim="c" * 253, frozen=frozen)
+    size = len(json.dumps(status, separators=(",", ":")))
+    assert size < 256 * 1024, size
+    full = status["iterations"][-1]["stages"]["evaluate"]["metrics"]
+    assert full == METRICS[Stage.EVALUATE]  # the latest iterations keep their whole record
+
+
+def test_summaries_of_any_size_leave_the_status_under_its_budget_with_the_latest_iterations_whole() -> None:
+    # Stages that report 4 KiB (what a termination message holds) and warn on every metric.
+    big = {f"metric_{n:02d}": "v" * 60 for n in range(48)}
+    s, records, frozen = at_the_caps(messages="w" * 500, metrics=big)
+    status = build_status(s, records, WS, claim="c" * 253, frozen=frozen)
+    assert len(json.dumps(status, separators=(",", ":"))) < 256 * 1024
+    assert status["iterations"][-1]["stages"]["train"]["metrics"] == big
+    oldest = status["iterations"][1]["stages"]["train"]
+    assert oldest["phase"] == "Succeeded" and oldest.get("compacted") is True

@@ -67,7 +67,7 @@ def read(status: Mapping[str, Any]) -> dict[int, Sections]:
     stored = status.get("frozenSpecs")
     stored = stored if isinstance(stored, Mapping) else {}
     out: dict[int, Sections] = {}
-    for it in status.get("iterations") or []:
+    for it in status.get("iterations") if isinstance(status.get("iterations"), list) else []:
         if not isinstance(it, Mapping) or not isinstance(it.get("iteration"), int):
             continue
         # `spec`: a status written before specs were stored once (an operator upgraded mid-run).
@@ -87,6 +87,16 @@ def stored(value: Any) -> Any:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
+
+
+def digests(status: Mapping[str, Any]) -> dict[int, str]:
+    """Each iteration's specDigest, whether or not status still holds its sections."""
+    iterations = status.get("iterations")
+    return {
+        it["iteration"]: it["specDigest"]
+        for it in (iterations if isinstance(iterations, list) else [])
+        if isinstance(it, Mapping) and isinstance(it.get("iteration"), int) and isinstance(it.get("specDigest"), str)
+    }
 
 
 def digest(sections: Sections) -> str:

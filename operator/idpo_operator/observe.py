@@ -168,7 +168,7 @@ def parse_summary(text: str) -> Summary:
     warnings: list[str] = []
     shard, shards = doc.get("shard", 0), doc.get("shards", 1)
     if isinstance(shard, bool) or not isinstance(shard, int) or isinstance(shards, bool) or not isinstance(shards, int):
-        raise ValueError(f"shard {shard!r} of {shards!r} is not a pair of integers")
+        raise ValueError(f"shard {str(shard)[:20]!r} of {str(shards)[:20]!r} is not a pair of integers")
     metrics = doc.get("metrics", {})
     if metrics is None:
         metrics = {}
@@ -273,7 +273,9 @@ def job_record(job: JobView, pods: list[PodView]) -> StageRecord:
         errors = [p.summary.error for p in pods if p.summary is not None and p.summary.error]
         errors += [p.malformed for p in pods if p.malformed]
         record.phase = Phase.FAILED
-        record.message = job.failure or (errors[-1] if errors else f"{cond.reason or 'Failed'}: {cond.message}")
+        record.message = (job.failure or (errors[-1] if errors else f"{cond.reason or 'Failed'}: {cond.message}"))[
+            :MAX_TEXT
+        ]
         record.completion_time = record.completion_time or cond.since
     else:
         record.phase = Phase.RUNNING

@@ -22,6 +22,7 @@ from typing import Any
 from idpo_jobs import winrate
 from idpo_jobs.config import Stage, Workspace
 
+from idpo_operator import compact
 from idpo_operator import frozen as frozen_specs
 from idpo_operator.plan import StageKey, all_stages, iteration_stages
 from idpo_operator.spec import IterativeDPORunSpec
@@ -67,6 +68,7 @@ class StageRecord:
     # A gang (a train stage on several nodes) being re-created whole after a pod failed: why, as a
     # pod failure reason (`PodFailed` counts as an attempt, `DisruptionTarget` does not).
     restarting: str | None = None
+    compacted: bool = False  # an old record cut down to its headline metrics (compact.py)
     # A running stage whose pod waits to start: since when, and the kubelet's or scheduler's reason.
     waiting_since: str | None = field(default=None, compare=False)
     waiting_reason: str | None = field(default=None, compare=False)
@@ -92,6 +94,7 @@ class StageRecord:
             message=get("message", str),
             digests=[str(d) for d in digests] if digests is not None else None,
             restarting=get("restarting", str),
+            compacted=s.get("compacted") is True,
         )
 
     def to_wire(self) -> dict[str, Any]:
@@ -105,6 +108,7 @@ class StageRecord:
             "message": self.message,
             "digests": self.digests,
             "restarting": self.restarting,
+            "compacted": self.compacted or None,
         }
         return {k: v for k, v in out.items() if v is not None}
 
@@ -115,6 +119,7 @@ class Previous:
 
     records: dict[StageKey, StageRecord] = field(default_factory=dict)
     frozen: dict[int, dict[str, Any]] = field(default_factory=dict)
+    spec_digests: dict[int, str] = field(default_factory=dict)  # also of iterations whose sections were let go
     phase: str | None = None
     message: str | None = None
     observed_generation: int = 0
@@ -129,11 +134,16 @@ class Previous:
         return self.records.get(key) or StageRecord()
 
 
+def listed(value: Any) -> list[Any]:
+    """A value that should be a list, or [] when it is something else."""
+    return value if isinstance(value, list) else []
+
+
 def parse_previous(status: Mapping[str, Any] | None) -> Previous:
     """Never raises: an entry that does not parse reads as absent."""
     status = status if isinstance(status, Mapping) else {}
     records = {}
-    for it in status.get("iterations") or []:
+    for it in listed(status.get("iterations")):
         stages = it.get("stages") if isinstance(it, Mapping) else None
         if not isinstance(stages, Mapping) or not isinstance(it.get("iteration"), int):
             continue
@@ -146,11 +156,12 @@ def parse_previous(status: Mapping[str, Any] | None) -> Previous:
         return value if isinstance(value, str) else None
 
     generation = status.get("observedGeneration")
-    conditions = [c for c in status.get("conditions") or [] if isinstance(c, Mapping) and "type" in c]
+    conditions = [c for c in listed(status.get("conditions")) if isinstance(c, Mapping) and "type" in c]
     plan = status.get("memoryPlan")
     return Previous(
         records=records,
         frozen=frozen_specs.read(status),
+        spec_digests=frozen_specs.digests(status),
         phase=text("phase"),
         message=text("message"),
         observed_generation=generation if isinstance(generation, int) else 0,
@@ -356,9 +367,12 @@ def build_status(
         }
         if i >= 1 and stages[Stage.TRAIN.value].phase == Phase.SUCCEEDED:
             entry["checkpoint"] = checkpoint(i)
-        if i in spec_digests:
-            entry["specDigest"] = spec_digests[i]
+        if i in spec_digests or i in previous.spec_digests:
+            entry["specDigest"] = spec_digests.get(i) or previous.spec_digests[i]
         iterations.append(entry)
+    compact.drop_used_digests(iterations)
+    stored_specs = compact.kept_specs(iterations, stored_specs)
+    compact.within_budget(iterations, stored_specs)
 
     done_iterations = [e for e in iterations if "checkpoint" in e]
     evaluated = [e for e in iterations if e["iteration"] >= 1 and "evaluate" in e["stages"]]

@@ -1,0 +1,69 @@
+"""What a run's status keeps of finished work, so that it stays small at the documented caps.
+
+etcd holds an object of at most 1.5 MiB, and kubectl, Argo CD and Flux read the whole status on every
+look. So, whatever the stages report:
+- a stage's part digests stay only until the stage that reads the parts has succeeded (they exist to
+  refuse a rebuilt input);
+- frozen spec sections stay only for the iterations still running and the latest finished one (each
+  iteration keeps its `specDigest`);
+- past `BUDGET` bytes, the oldest finished iterations keep only their headline metrics, marked
+  `compacted: true`; the latest `KEEP_WHOLE` iterations always stay whole. A stage's full metrics are
+  in its `_SUCCESS.json` on the claim, and in the tracking server when there is one.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from idpo_jobs.config import Stage
+
+BUDGET = 192 * 1024  # bytes of status.iterations and status.frozenSpecs together
+KEEP_WHOLE = 5
+READS = {Stage.RANK.value: Stage.GENERATE.value, Stage.TRAIN.value: Stage.RANK.value}
+HEADLINE = {
+    Stage.GENERATE.value: ("prompts", "responses", "mean_response_chars"),
+    Stage.RANK.value: ("pairs", "dropped_ties", "mean_chosen_score", "mean_rejected_score"),
+    Stage.TRAIN.value: ("pairs", "steps", "loss", "reward_accuracy", "reward_margin", "resumed_from_step"),
+    # What early stopping and the best checkpoint are decided on must survive.
+    Stage.EVALUATE.value: ("prompts", "win_rate_vs_base", "lc_win_rate_vs_base", "lc_win_rate_vs_previous"),
+}
+KEPT_FIELDS = ("phase", "attempts", "startTime", "completionTime")
+
+
+def _size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":"), default=str))
+
+
+def drop_used_digests(iterations: list[dict[str, Any]]) -> None:
+    for entry in iterations:
+        stages = entry["stages"]
+        for reader, source in READS.items():
+            if stages.get(reader, {}).get("phase") == "Succeeded" and source in stages:
+                stages[source].pop("digests", None)
+
+
+def kept_specs(iterations: list[dict[str, Any]], specs: dict[str, Any]) -> dict[str, Any]:
+    """The frozen sections the running iterations and the latest finished one name."""
+    running = [e for e in iterations if e["phase"] != "Succeeded"]
+    finished = [e for e in iterations if e["phase"] == "Succeeded"]
+    wanted = {e.get("specDigest") for e in [*running, *finished[-1:]]}
+    return {d: s for d, s in specs.items() if d in wanted}
+
+
+def _compacted(name: str, stage: dict[str, Any]) -> dict[str, Any]:
+    metrics = stage.get("metrics") or {}
+    headline = {k: v if not isinstance(v, str) else v[:60] for k, v in metrics.items() if k in HEADLINE[name]}
+    return {**{k: stage[k] for k in KEPT_FIELDS if k in stage}, "metrics": headline, "compacted": True}
+
+
+def within_budget(iterations: list[dict[str, Any]], specs: dict[str, Any], budget: int = BUDGET) -> None:
+    """Compact the oldest finished iterations, in place, until iterations and specs fit `budget`."""
+    size = _size(iterations) + _size(specs)
+    candidates = [e for e in iterations[:-KEEP_WHOLE] if e["phase"] == "Succeeded"]
+    for entry in candidates:
+        if size <= budget:
+            return
+        before = _size(entry)
+        entry["stages"] = {name: _compacted(name, stage) for name, stage in entry["stages"].items()}
+        size -= before - _size(entry)
