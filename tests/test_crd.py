@@ -74,3 +74,25 @@ def test_cel_rules_sit_on_their_sections(path: str, rule: str) -> None:
     nodes = dict(walk(crd.spec_schema()))
     rules = [r["rule"] for r in nodes[path].get("x-kubernetes-validations", [])]
     assert any(rule in r for r in rules), rules
+
+
+def test_every_string_list_and_map_of_the_spec_is_bounded() -> None:
+    """So that a run at the caps keeps a small object (and status): docs/spec-reference's caps."""
+    unbounded = []
+    for path, node in walk(crd.spec_schema()):
+        kind = node.get("type")
+        if kind == "string" and "enum" not in node and "maxLength" not in node:
+            unbounded.append(path)
+        elif kind == "array" and "maxItems" not in node:
+            unbounded.append(path)
+        elif kind == "object" and "additionalProperties" in node and "maxProperties" not in node:
+            unbounded.append(path)
+    assert unbounded == []
+
+
+@pytest.mark.parametrize(
+    ("path", "cap"),
+    [("spec.iterations", 100), ("spec.training.distributed.nodes", 64), ("spec.generation.shards", 256)],
+)
+def test_the_documented_caps_are_in_the_schema(path: str, cap: int) -> None:
+    assert dict(walk(crd.spec_schema()))[path]["maximum"] == cap

@@ -51,6 +51,12 @@ class Model(BaseModel):
 
 
 Quantity = Annotated[str | int, Field(description="A Kubernetes quantity, e.g. '16Gi' or 4.")]
+# Caps on what a spec may hold (docs/spec-reference: a run at the caps keeps its status small).
+MAX_URI = 1024  # a model or data location
+MAX_TEMPLATE = 32 * 1024  # a chat template
+MAX_NAME = 253  # a Kubernetes object name
+MAX_SHORT = 128  # a column, split, revision, module name
+MAX_ITEMS = 64  # entries of a list or map
 
 
 def relative_path_problem(path: str) -> str | None:
@@ -90,8 +96,8 @@ PVC_PATH_RULE = "!{0}.startsWith('pvc://') || !{0}.matches('^pvc://(/.*)?$|^pvc:
 class Resources(Model):
     """Container resources, as in a Pod spec (`nvidia.com/gpu` goes in limits)."""
 
-    requests: dict[str, Quantity] = Field(default_factory=dict, description="Minimum resources.")
-    limits: dict[str, Quantity] = Field(default_factory=dict, description="Maximum resources.")
+    requests: dict[str, Quantity] = Field(default_factory=dict, max_length=16, description="Minimum resources.")
+    limits: dict[str, Quantity] = Field(default_factory=dict, max_length=16, description="Maximum resources.")
 
 
 class Stage(enum.StrEnum):
@@ -111,12 +117,16 @@ class ModelSpec(Model):
     name: Location = Field(
         DEFAULT_BASE_MODEL,
         min_length=1,
+        max_length=MAX_URI,
         description="Base policy: a Hugging Face model id, a local directory, or `pvc://<path>` on the "
         "run's volume. Iteration 1 starts from it; iteration n>1 starts from iteration n-1's output.",
     )
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `name`.")
+    revision: str | None = Field(
+        None, max_length=MAX_SHORT, description="Hub revision (branch, tag or commit) of `name`."
+    )
     chat_template: str | None = Field(
         None,
+        max_length=MAX_TEMPLATE,
         description="Jinja chat template. None: the tokenizer's own, or Mistral's `[INST] ... [/INST]` "
         "when the tokenizer has none. Saved with every checkpoint so later iterations use it too.",
     )
@@ -126,15 +136,21 @@ class PromptsSpec(Model):
     source: Location = Field(
         DEFAULT_PROMPT_DATASET,
         min_length=1,
+        max_length=MAX_URI,
         description="Hugging Face dataset id, or a `.jsonl`/`.parquet` file (local path or `pvc://`).",
     )
-    column: str = Field("prompt", min_length=1, description="Column holding the prompt text.")
+    column: str = Field("prompt", min_length=1, max_length=MAX_SHORT, description="Column holding the prompt text.")
     id_column: str | None = Field(
-        "prompt_id", description="Column with a stable prompt id; missing: a hash of the prompt text."
+        "prompt_id",
+        max_length=MAX_SHORT,
+        description="Column with a stable prompt id; missing: a hash of the prompt text.",
     )
-    split: str = Field("train", description="Split used when `splitPattern` is null or `perIteration` set.")
+    split: str = Field(
+        "train", max_length=MAX_SHORT, description="Split used when `splitPattern` is null or `perIteration` set."
+    )
     split_pattern: str | None = Field(
         "train_iteration_{n}",
+        max_length=MAX_SHORT,
         pattern=r"\{n\}",
         description="Per-iteration split name with `{n}` = iteration number (1-based), e.g. the "
         "Snorkel recipe's disjoint UltraFeedback thirds. Ignored for files and when `perIteration` is set.",
@@ -167,7 +183,7 @@ class GenerationSpec(Model):
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel degree (GPUs per pod).")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1.0, description="vLLM GPU memory fraction.")
     max_model_length: int | None = Field(None, ge=16, description="vLLM max context; None: model's.")
-    dtype: str = Field("auto", description="Weights dtype: auto, bfloat16, float16 or float32.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Weights dtype.")
     shards: int = Field(1, ge=1, le=256, description="Parallel pods (Indexed Job completions).")
     resources: Resources = Field(default_factory=Resources, description="Per-pod resources.")
 
@@ -194,10 +210,12 @@ class RankingSpec(Model):
     )
     model: Location | None = Field(
         DEFAULT_RANKER_MODEL,
+        max_length=MAX_URI,
         description="Ranker checkpoint (HF id, directory or `pvc://`), for pairrm and reward-model.",
     )
     function: str | None = Field(
         None,
+        max_length=2 * MAX_SHORT,
         pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
         description="`module:callable` taking (prompt, response) and returning a float; the module "
         "must be importable in the stage image (or on PYTHONPATH via runtime env).",
@@ -222,9 +240,10 @@ class LoraSpec(Model):
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: int = Field(32, ge=1, description="LoRA alpha.")
     dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
-    target_modules: list[str] = Field(
+    target_modules: list[Annotated[str, Field(max_length=MAX_SHORT)]] = Field(
         default_factory=lambda: ["all-linear"],
         min_length=1,
+        max_length=MAX_ITEMS,
         description="Module names to adapt; [all-linear] adapts every linear layer but the output head.",
     )
 
@@ -239,12 +258,14 @@ class DistributedSpec(Model):
     processes_per_node: int | None = Field(
         None,
         ge=1,
+        le=16,
         description="Training processes per pod (torchrun --nproc-per-node), one per GPU. None: the pod's "
         "`nvidia.com/gpu` limit, or 1 without GPUs. At most that limit when it is set: NCCL needs a GPU per process.",
     )
     nodes: int = Field(
         1,
         ge=1,
+        le=64,
         description="Pods that train together (torchrun --nnodes), as one Indexed Job with a headless Service "
         "(the operator creates both); a failed pod restarts them all. More than 1 needs ReadWriteMany storage "
         "and NCCL between the nodes (docs/scaling-training.md).",
@@ -302,7 +323,7 @@ class TrainingSpec(Model):
         "sigmoid", description="TRL DPO loss."
     )
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps for linear warmup.")
-    scheduler: str = Field("cosine", description="transformers lr_scheduler_type.")
+    scheduler: str = Field("cosine", max_length=64, description="transformers lr_scheduler_type.")
     reference_policy: Literal["rolling", "initial"] = Field(
         "rolling",
         description="rolling: the reference is this iteration's start model (Snorkel recipe); "

@@ -7,10 +7,13 @@ Stage sections (`generation`, `ranking`, `training`, ...) are the stage paramete
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from idpo_jobs.config import (
+    MAX_ITEMS,
+    MAX_NAME,
+    MAX_URI,
     EvaluationSpec,
     GenerationSpec,
     Model,
@@ -30,12 +33,13 @@ PLURAL = "iterativedporuns"
 
 
 class StorageSpec(Model):
-    existing_claim: str | None = Field(None, description="Use this PVC instead of creating one.")
-    size: str = Field("200Gi", description="Size of the PVC the operator creates.")
-    storage_class_name: str | None = Field(None, description="StorageClass of the created PVC.")
+    existing_claim: str | None = Field(None, max_length=MAX_NAME, description="Use this PVC instead of creating one.")
+    size: str = Field("200Gi", max_length=32, description="Size of the PVC the operator creates.")
+    storage_class_name: str | None = Field(None, max_length=MAX_NAME, description="StorageClass of the created PVC.")
     access_modes: list[Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"]] = Field(
         default_factory=lambda: ["ReadWriteOnce"],
         min_length=1,
+        max_length=3,
         description="Access modes of the created PVC; ReadWriteMany when shards or training.distributed.nodes "
         "run on several nodes.",
     )
@@ -54,20 +58,27 @@ DEFAULT_STAGE_IMAGE = "ghcr.io/idpo-dev/idpo-jobs:0.1.0"
 
 class RuntimeSpec(Model):
     image: str | None = Field(
-        None, description="Stage image (the Dockerfile's jobs target). None: the operator's --stage-image."
+        None,
+        max_length=MAX_URI,
+        description="Stage image (the Dockerfile's jobs target). None: the operator's --stage-image.",
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent")
-    image_pull_secrets: list[str] = Field(default_factory=list, description="Secret names.")
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="As in a Pod spec.")
-    priority_class_name: str | None = None
-    service_account_name: str | None = None
-    queue_name: str | None = Field(None, description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name).")
+    image_pull_secrets: list[Annotated[str, Field(max_length=MAX_NAME)]] = Field(
+        default_factory=list, max_length=16, description="Secret names."
+    )
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(default_factory=dict, max_length=32)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, max_length=32, description="As in a Pod spec.")
+    priority_class_name: str | None = Field(None, max_length=MAX_NAME)
+    service_account_name: str | None = Field(None, max_length=MAX_NAME)
+    queue_name: str | None = Field(
+        None, max_length=63, description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name; docs/kueue.md)."
+    )
     env: list[dict[str, Any]] = Field(
         default_factory=list,
-        description="Extra container env, as in a Pod spec (e.g. HF_TOKEN from a Secret).",
+        max_length=MAX_ITEMS,
+        description="Extra container env, as in a Pod spec (e.g. HF_TOKEN from a Secret the policy allows).",
     )
-    env_from: list[dict[str, Any]] = Field(default_factory=list, description="As in a Pod spec.")
+    env_from: list[dict[str, Any]] = Field(default_factory=list, max_length=16, description="As in a Pod spec.")
     retries: int = Field(
         2,
         ge=0,
@@ -84,6 +95,7 @@ class RuntimeSpec(Model):
     )
     pod_security_context: dict[str, Any] = Field(
         default_factory=dict,
+        max_length=16,
         description="Merged over the stage pods' securityContext (runAsNonRoot, seccomp RuntimeDefault, "
         "fsGroup 1000); a null removes a default, e.g. `fsGroup: null` where the platform assigns one "
         "(OpenShift restricted-v2).",
@@ -127,7 +139,7 @@ class IterativeDPORunSpec(Model):
 class Metadata(Model):
     model_config = Model.model_config | {"extra": "allow"}
     name: str = Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-    namespace: str | None = None
+    namespace: str | None = Field(None, max_length=63)
 
 
 class Manifest(Model):
