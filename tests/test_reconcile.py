@@ -416,3 +416,65 @@ def test_a_status_read_back_as_the_apiserver_stored_it_is_not_written_again() ->
         created = [job_view(o) for o in first.create if o["kind"] == "Job"]  # as the cache shows them next
         again = decide(run(as_stored(first.status), **explicit), jobs + created, pods, NOW)
         assert again.status == as_stored(first.status) and again.create == [] and again.events == []
+
+
+TRAIN_UNDER_KUEUE = {"runtime": {"queueName": "gpus"}}
+QUEUE_MESSAGE = "couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu in flavor gpu"
+
+
+def kueue_job(suspended: bool, failed: int = 0) -> JobView:
+    raw = job_raw(TRAIN1, None, failed)
+    raw["metadata"]["labels"][resources.LABEL_QUEUE] = "gpus"
+    raw["spec"] = {"suspend": suspended}
+    return job_view(raw)
+
+
+def workload(*conditions: tuple[str, str, str, str]) -> Any:
+    from idpo_operator.queueing import WorkloadView
+
+    return WorkloadView(f"job-{TRAIN1.iteration}-{TRAIN1.stage.value}", "gpus", None, {c[0]: c[1:] for c in conditions})
+
+
+def queues(*conditions: tuple[str, str, str, str]) -> Any:
+    from idpo_operator.reconcile import Queues
+
+    return Queues([workload(*conditions)], {"gpus": "team-a"})
+
+
+def test_a_stage_kueue_holds_is_queued_with_kueues_reason_and_no_start_deadline() -> None:
+    r = run(runtime={"queueName": "gpus", "startTimeoutSeconds": 30})
+    jobs = [*done_through(2, r), kueue_job(suspended=True)]
+    held = queues(("QuotaReserved", "False", "Pending", QUEUE_MESSAGE))
+    d = decide(r, jobs, [], "2026-01-02T00:00:00Z", queues=held)  # a day after the Job was created
+    train = d.status["iterations"][0]["stages"]["train"]
+    assert train["admission"] == "Queued" and d.fail == {} and d.status["phase"] == "Running"
+    assert (
+        d.status["message"]
+        == f"iteration 1 train: Pending: queued in ClusterQueue team-a (LocalQueue gpus): {QUEUE_MESSAGE}"
+    )
+    assert "StageQueued" in [e.reason for e in d.events]
+
+
+def test_a_preempted_stage_waits_for_readmission_without_spending_an_attempt() -> None:
+    r = run(**TRAIN_UNDER_KUEUE)
+    admitted = decide(r, [*done_through(2, r), kueue_job(suspended=False)], [], NOW, queues=queues())
+    assert admitted.status["iterations"][0]["stages"]["train"]["admission"] == "Admitted"
+    # Kueue suspends the Job again; the Job controller deletes its pod, which ends Failed (SIGTERM).
+    killed = pod_raw(TRAIN1, {})
+    killed["metadata"]["deletionTimestamp"] = NOW
+    killed["status"] = {"phase": "Failed", "containerStatuses": [{"state": {"terminated": {"exitCode": 143}}}]}
+    evicted = queues(("Evicted", "True", "Preempted", "Preempted to accommodate a workload"))
+    preempted = decide(
+        run(admitted.status, **TRAIN_UNDER_KUEUE),
+        [*done_through(2, r), kueue_job(suspended=True)],
+        [pod_view(killed)],
+        NOW,
+        queues=evicted,
+    )
+    train = preempted.status["iterations"][0]["stages"]["train"]
+    assert (train["admission"], train["attempts"], train["phase"]) == ("Preempted", 1, "Running")
+    assert train["message"] == "Preempted: waiting for re-admission (Preempted to accommodate a workload)"
+    assert [e.reason for e in preempted.events] == ["StagePreempted"] and preempted.create == []
+    again = decide(run(preempted.status, **TRAIN_UNDER_KUEUE), [*done_through(2, r), kueue_job(False)], [], NOW)
+    assert again.status["iterations"][0]["stages"]["train"]["admission"] == "Admitted"
+    assert [e.reason for e in again.events] == ["StageAdmitted"]

@@ -59,10 +59,21 @@ class ApplyError(workqueue.Retry):
 
 
 class Cache:
-    """What the watches have seen: kopf indexes of RunViews, JobViews and PodViews."""
+    """What the watches have seen: kopf indexes of RunViews, JobViews and PodViews, and with Kueue its
+    WorkloadViews and each namespace's LocalQueues."""
 
-    def __init__(self, runs: Mapping[Any, Any], jobs: Mapping[Any, Any], pods: Mapping[Any, Any]) -> None:
+    def __init__(
+        self,
+        runs: Mapping[Any, Any],
+        jobs: Mapping[Any, Any],
+        pods: Mapping[Any, Any],
+        workloads: Mapping[Any, Any] | None = None,
+        local_queues: Mapping[Any, Any] | None = None,
+    ) -> None:
         self._runs, self._jobs, self._pods = runs, jobs, pods
+        # An index is falsy while empty: test for None, or a watch started later would never be seen.
+        self._workloads = workloads if workloads is not None else {}
+        self._local_queues = local_queues if local_queues is not None else {}
 
     def run(self, key: RunKey) -> RunView | None:
         return next(iter(self._runs.get(key, ())), None)
@@ -75,6 +86,9 @@ class Cache:
 
     def pods(self, label: tuple[str, str]) -> list[observe.PodView]:
         return list(self._pods.get(label, ()))
+
+    def queues(self, label: tuple[str, str]) -> reconcile.Queues:
+        return reconcile.Queues(list(self._workloads.get(label, ())), dict(self._local_queues.get(label[0], ())))
 
     def job_names(self) -> set[str]:
         return {j.name for store in self._jobs.values() for j in store}
@@ -324,6 +338,12 @@ class Controller:
         self._indexed.set()
         self.queue.add(key)
 
+    def changed_label(self, namespace: str, label: str) -> None:
+        """A child that names its run only by the (possibly shortened) run label: a Kueue Workload."""
+        for key in self.cache.run_keys():
+            if key[0] == namespace and resources.run_label(key[1]) == label:
+                self.changed(key)
+
     def job_finished(self) -> None:
         """A stage Job ended: runs waiting for capacity may start theirs, oldest first."""
         cap = self.settings.max_concurrent_stages
@@ -348,7 +368,12 @@ class Controller:
         with self._capacity:
             capacity = not cap or self._running() < cap
             decision = reconcile.decide(
-                run, jobs, self.cache.pods(label), settings=self.settings.decide(), capacity=capacity
+                run,
+                jobs,
+                self.cache.pods(label),
+                settings=self.settings.decide(),
+                capacity=capacity,
+                queues=self.cache.queues(label),
             )
             created = [observe.job_view(o) for o in decision.create if o["kind"] == "Job"]
             for job in created:

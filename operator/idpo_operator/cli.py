@@ -108,6 +108,8 @@ def _operator(args: argparse.Namespace) -> int:
     from idpo_operator import apply, handlers, policy  # importing handlers registers them with kopf
     from idpo_operator.leader import default_namespace
 
+    if args.kueue:
+        handlers.watch_kueue()
     lease = (args.leader_election_namespace or default_namespace()) if args.leader_election else None
     handlers.options = apply.Settings(
         stage_image=args.stage_image,
@@ -219,6 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         "--policy",
         help="what runs may ask for (YAML, docs/security.md; the chart mounts its `policy` values); default: "
         "the --stage-image repository only, the shipped rankers, no Secrets or service accounts",
+    )
+    op.add_argument(
+        "--kueue",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="watch Kueue's Workloads and LocalQueues, to say why a stage is queued or preempted (docs/kueue.md; "
+        "without Kueue installed the watches wait; default: on)",
     )
     op.add_argument("--liveness", help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     op.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")

@@ -17,7 +17,7 @@ from typing import Any
 
 import kopf
 
-from idpo_operator import apply, observe
+from idpo_operator import apply, observe, queueing
 from idpo_operator.reconcile import RETRY_ANNOTATION, RunView
 from idpo_operator.resources import ANNOTATION_RUN, LABEL_RUN
 from idpo_operator.spec import GROUP, PLURAL, VERSION
@@ -25,6 +25,9 @@ from idpo_operator.spec import GROUP, PLURAL, VERSION
 RUNS = (GROUP, VERSION, PLURAL)
 JOBS = ("batch", "v1", "jobs")
 PODS = ("", "v1", "pods")
+KUEUE = "kueue.x-k8s.io"
+WORKLOADS = (KUEUE, "v1beta2", "workloads")
+LOCAL_QUEUES = (KUEUE, "v1beta2", "localqueues")
 OURS = {LABEL_RUN: kopf.PRESENT}
 # kopf removes its finalizer from any object no handler needs it for: in every replica, followers too.
 # Pointed at a name nobody sets, it never touches finalizers; the leader removes the one that operators
@@ -41,17 +44,18 @@ async def configure(
     runs: kopf.Index[Any, Any],
     jobs: kopf.Index[Any, Any],
     pods: kopf.Index[Any, Any],
-    **_: Any,
+    **indexes: Any,
 ) -> None:
     settings.persistence.finalizer = UNUSED_FINALIZER
     settings.posting.enabled = False  # our own events tell the run's story
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # a line per event is much of kopf's cost
-    for resource in (JOBS, PODS):
+    for resource in (JOBS, PODS, WORKLOADS):  # Kueue copies the label onto Workloads (docs/kueue.md)
         settings.watching.label_selectors[resource] = LABEL_RUN  # the label exists: ours only
     api = apply.connect()
-    memo.controller = apply.Controller(options, apply.Cache(runs, jobs, pods), api)
+    cache = apply.Cache(runs, jobs, pods, indexes.get("workloads"), indexes.get("local_queues"))
+    memo.controller = apply.Controller(options, cache, api)
     memo.controller.start()
 
 
@@ -114,3 +118,24 @@ async def child_changed(
 @kopf.on.probe(id="reconciles")
 async def reconciles(memo: kopf.Memo, **_: Any) -> int:
     return memo.controller.reconciles
+
+
+# -- Kueue (registered by `watch_kueue`, when the operator is started with --kueue) ------------------
+async def workloads(namespace: str, labels: dict[str, str], body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {(namespace, labels[LABEL_RUN]): queueing.workload_view(body)}
+
+
+async def local_queues(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> dict[Any, Any]:
+    return {namespace: (name, spec.get("clusterQueue"))}
+
+
+async def workload_changed(namespace: str, labels: dict[str, str], memo: kopf.Memo, **_: Any) -> None:
+    memo.controller.changed_label(namespace, labels[LABEL_RUN])
+
+
+def watch_kueue() -> None:
+    """Why a stage waits in Kueue's queue, and whether it was preempted: from Workloads and LocalQueues.
+    Watches that find no Kueue resources (Kueue not installed) wait for them quietly."""
+    kopf.index(*WORKLOADS, labels=OURS)(workloads)
+    kopf.index(*LOCAL_QUEUES)(local_queues)
+    kopf.on.event(*WORKLOADS, labels=OURS)(workload_changed)

@@ -58,6 +58,7 @@ class PodView:
     summary: Summary | None = None
     malformed: str | None = None  # why its termination message could not be used
     disrupted: bool = False  # evicted, preempted, drained: the pod's DisruptionTarget condition
+    deleting: bool = False  # deleted (a suspended Job's pods: Kueue's preemption): not a failed attempt
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,8 @@ class JobView:
     start_time: str | None = None
     completion_time: str | None = None
     deleting: bool = False
+    queue: str | None = None  # its Kueue LocalQueue (the queue-name label)
+    suspended: bool = False  # spec.suspend: Kueue holds it (queued, or preempted)
 
     @property
     def done(self) -> bool:
@@ -122,6 +125,8 @@ def job_view(job: Mapping[str, Any]) -> JobView:
         start_time=status.get("startTime"),
         completion_time=status.get("completionTime"),
         deleting=bool(meta.get("deletionTimestamp")),
+        queue=(meta.get("labels") or {}).get(resources.LABEL_QUEUE),
+        suspended=bool(spec.get("suspend")),
     )
 
 
@@ -211,6 +216,7 @@ def pod_view(pod: Mapping[str, Any]) -> PodView:
         summary=summary,
         malformed=malformed,
         disrupted=any(c.get("type") == DISRUPTED and c.get("status") == "True" for c in status.get("conditions") or []),
+        deleting=bool(meta.get("deletionTimestamp")),
     )
 
 
@@ -289,6 +295,7 @@ def job_record(job: JobView, pods: list[PodView]) -> StageRecord:
     # other Job retries its shards itself; each failed pod was an attempt (a failed Job: its last one).
     # The Job counts a failed pod only once it has finalized it: the pods themselves say so sooner.
     failed = "Failed" in done or "FailureTarget" in done
-    tries = max(job.failed, sum(p.phase == "Failed" and not p.disrupted for p in pods)) + (0 if failed else 1)
+    tries = max(job.failed, sum(p.phase == "Failed" and not (p.disrupted or p.deleting) for p in pods))
+    tries += 0 if failed else 1
     record.attempts = job.attempt if job.gang else job.attempt - 1 + max(tries, 1)
     return record

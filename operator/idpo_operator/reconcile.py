@@ -19,7 +19,7 @@ from idpo_jobs.config import Stage
 from pydantic import ValidationError
 
 from idpo_operator import frozen as frozen_specs
-from idpo_operator import memory, plan, resources, rules
+from idpo_operator import memory, plan, queueing, resources, rules
 from idpo_operator.observe import DISRUPTED, FATAL_WAITING, POD_FAILED, JobView, PodView, gang_failure, job_record
 from idpo_operator.plan import StageKey
 from idpo_operator.policy import Policy, violations
@@ -91,6 +91,14 @@ class Decision:
     wants_capacity: bool = False  # a stage would start now, but the cap on running stages is reached
 
 
+@dataclass(frozen=True)
+class Queues:
+    """What Kueue says of the run's Jobs: their Workloads, and which ClusterQueue each LocalQueue feeds."""
+
+    workloads: list[queueing.WorkloadView] = field(default_factory=list)
+    cluster_queues: Mapping[str, str] = field(default_factory=dict)  # LocalQueue -> ClusterQueue
+
+
 @dataclass
 class Children:
     """The run's Jobs (owned by its uid, by stage) and their pods; names of Jobs another owner holds."""
@@ -98,9 +106,10 @@ class Children:
     jobs: dict[StageKey, JobView]
     pods: dict[StageKey, list[PodView]]
     foreign: set[str]
+    workloads: dict[str, queueing.WorkloadView] = field(default_factory=dict)  # by Job uid
 
     @classmethod
-    def of(cls, uid: str, jobs: list[JobView], pods: list[PodView]) -> Children:
+    def of(cls, uid: str, jobs: list[JobView], pods: list[PodView], queues: Queues | None = None) -> Children:
         # Ownership is by uid: a Job of a deleted run of the same name is never used (the garbage
         # collector is removing it), and blocks its name until it is gone.
         owned = [j for j in jobs if j.controller == uid]
@@ -113,6 +122,7 @@ class Children:
             {j.key: j for j in owned if j.key is not None},
             by_key,
             {j.name for j in jobs if j.controller != uid},
+            {w.job_uid: w for w in (queues.workloads if queues else []) if w.job_uid in uids},
         )
 
 
@@ -150,15 +160,16 @@ def _restarting(record: StageRecord, why: str, message: str) -> StageRecord:
 
 def _observed(
     spec: IterativeDPORunSpec,
-    key: StageKey,
     job: JobView,
-    pods: list[PodView],
+    children: Children,
+    queues: Queues,
     before: StageRecord,
     retry: bool,
     now: str,
     actions: _Actions,
 ) -> StageRecord:
     """The record of a stage whose Job exists, and what to do about that Job."""
+    pods = children.pods.get(job.key, []) if job.key else []
     if before.restarting:
         # The status says the stage restarts; only now may its Job go (Foreground: with its pods, so
         # the next attempt never meets one of them), and the attempt count has outlived it.
@@ -168,6 +179,11 @@ def _observed(
     record = job_record(job, pods)
     if before.phase == Phase.RUNNING and before.job_name == job.name and before.start_time:
         record.start_time = before.start_time  # the operator's own clock, when it created the Job: said once
+    if record.phase == Phase.RUNNING:
+        workload = children.workloads.get(job.uid or "")
+        state, message = queueing.admission(job.queue, job.suspended, before.admission, workload, queues.cluster_queues)
+        record.admission = state
+        record.message = message or record.message
     if record.phase == Phase.FAILED:
         why = gang_failure(job, pods)
         if why == DISRUPTED or (why == POD_FAILED and record.attempts <= spec.runtime.retries):
@@ -190,7 +206,7 @@ def _observed(
 
 
 def _records(
-    spec: IterativeDPORunSpec, run: RunView, previous: Previous, children: Children, now: str
+    spec: IterativeDPORunSpec, run: RunView, previous: Previous, children: Children, queues: Queues, now: str
 ) -> tuple[dict[StageKey, StageRecord], _Actions]:
     """One record per stage: the previous status's, brought up to date by what the Jobs show."""
     actions = _Actions()
@@ -206,7 +222,7 @@ def _records(
         before = previous.record(key)
         if before.phase == Phase.SUCCEEDED:
             continue  # a Job a cache a moment behind shows as running must not undo it
-        records[key] = _observed(spec, key, job, children.pods.get(key, []), before, retry, now, actions)
+        records[key] = _observed(spec, job, children, queues, before, retry, now, actions)
     return records, actions
 
 
@@ -253,6 +269,13 @@ def _stage_events(previous: Previous, records: Mapping[StageKey, StageRecord]) -
     events = []
     for key, s in sorted(records.items()):
         prev = previous.records.get(key) or StageRecord(attempts=0)
+        if s.admission != prev.admission and s.phase == Phase.RUNNING:
+            if s.admission == queueing.QUEUED:
+                events.append(Event("Normal", "StageQueued", f"{key}: {s.message or ''}", key))
+            elif s.admission == queueing.PREEMPTED:
+                events.append(Event("Warning", "StagePreempted", f"{key}: {s.message or ''}", key))
+            elif s.admission == queueing.ADMITTED and prev.admission is not None:
+                events.append(Event("Normal", "StageAdmitted", f"{key} admitted by Kueue", key))
         if s.restarting and not prev.restarting:
             events.append(Event("Warning", "StageRestarting", f"{key}: {s.message or ''}", key))
         elif s.phase == Phase.RUNNING and s.attempts > max(prev.attempts, 1):  # attempts 0: Pending
@@ -289,8 +312,10 @@ def decide(
     *,
     settings: Settings | None = None,
     capacity: bool = True,
+    queues: Queues | None = None,
 ) -> Decision:
-    """`capacity`: whether the operator's cap on concurrent stage Jobs lets this run start one now."""
+    """`capacity`: whether the operator's cap on concurrent stage Jobs lets this run start one now.
+    `queues`: what Kueue says of the run's Jobs, when the operator watches it."""
     now = now or timestamp()
     settings = settings or Settings()
     try:
@@ -300,8 +325,9 @@ def decide(
     if settings.policy is not None and (denied := violations(spec, settings.policy)):
         return _refused(run, "; ".join(denied), now, Reason.POLICY_DENIED)
     previous = parse_previous(run.status)
-    children = Children.of(run.uid, jobs, pods)
-    records, actions = _records(spec, run, previous, children, now)
+    queues = queues or Queues()
+    children = Children.of(run.uid, jobs, pods, queues)
+    records, actions = _records(spec, run, previous, children, queues, now)
     step = rules.next_step(spec, records)
     frozen = dict(previous.frozen)
     create: list[dict[str, Any]] = []

@@ -69,6 +69,7 @@ class StageRecord:
     # pod failure reason (`PodFailed` counts as an attempt, `DisruptionTarget` does not).
     restarting: str | None = None
     compacted: bool = False  # an old record cut down to its headline metrics (compact.py)
+    admission: str | None = None  # under Kueue: Queued, Admitted or Preempted (queueing.py)
     # A running stage whose pod waits to start: since when, and the kubelet's or scheduler's reason.
     waiting_since: str | None = field(default=None, compare=False)
     waiting_reason: str | None = field(default=None, compare=False)
@@ -95,6 +96,7 @@ class StageRecord:
             digests=[str(d) for d in digests] if digests is not None else None,
             restarting=get("restarting", str),
             compacted=s.get("compacted") is True,
+            admission=get("admission", str),
         )
 
     def to_wire(self) -> dict[str, Any]:
@@ -109,6 +111,7 @@ class StageRecord:
             "digests": self.digests,
             "restarting": self.restarting,
             "compacted": self.compacted or None,
+            "admission": self.admission,
         }
         return {k: v for k, v in out.items() if v is not None}
 

@@ -145,7 +145,8 @@ def configuration(*, webhook_port: int, health_port: int, cert_dir: Path) -> dic
         "leaderElection": {"leaderElect": False},
         "internalCertManagement": {"enable": False},
         "manageJobsWithoutQueueName": False,
-        "integrations": {"frameworks": FRAMEWORKS},
+        # The admin's part of docs/kueue.md: Workloads carry the run label, so idpo can watch them by it.
+        "integrations": {"frameworks": FRAMEWORKS, "labelKeysToCopy": ["idpo.dev/run"]},
         # The visibility server is an aggregated API on all interfaces; nothing here reads it.
         "featureGates": {"VisibilityOnDemand": False},
     }

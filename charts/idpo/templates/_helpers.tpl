@@ -37,4 +37,10 @@ app.kubernetes.io/component: operator
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- if .Values.kueue.enabled }}
+{{/* Why a stage is queued or preempted (docs/kueue.md): read only. */}}
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads", "localqueues"]
+  verbs: ["list", "watch"]
+{{- end }}
 {{- end -}}
