@@ -3,8 +3,8 @@
 
 - IDPO_TEST_PROGRESS_DELAY=S: sleep S seconds at each progress report (a batch generated or ranked, a
   train step), so that a test can kill the stage mid-way;
-- IDPO_TEST_PROGRESS_LOG=FILE: append `<pid> <done> <total>` to FILE at each report (work done, over all
-  attempts);
+- IDPO_TEST_PROGRESS_LOG=FILE: append `<stage> <pid> <done> <total>` to FILE at each report (the work
+  each attempt did);
 - IDPO_TEST_KILL_AT=WHERE: SIGKILL this process at WHERE: `marker:<name>` just before the completeness
   marker of a directory named <name> is written (after its rename), `save:<name>` inside the Trainer's
   save of <name> (the weights written, the optimizer not yet), `progress:<n>` at the report of n done;
@@ -26,6 +26,7 @@ def _die() -> None:
 
 
 if _DELAY or _LOG or _KILL.startswith("progress:"):
+    import sys
     import time
 
     from idpo_jobs import contract
@@ -34,8 +35,11 @@ if _DELAY or _LOG or _KILL.startswith("progress:"):
 
     def _slow_report(done: int, total: int) -> None:
         if _LOG:
+            # `python -m idpo_jobs.<stage>`, or the train launcher's `python -m idpo_jobs.train` in-process
+            stage = next((s for s in ("generate", "rank", "train", "evaluate") if s in sys.argv[0]), "?")
+            os.makedirs(os.path.dirname(_LOG) or ".", exist_ok=True)
             with open(_LOG, "a") as log:
-                log.write(f"{os.getpid()} {done} {total}\n")
+                log.write(f"{stage} {os.getpid()} {done} {total}\n")
                 log.flush()
                 os.fsync(log.fileno())
         _report(done, total)
