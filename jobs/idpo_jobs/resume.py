@@ -92,8 +92,8 @@ def chunked(work: Path, ident: str, items: Sequence[T], size: int, compute: Chun
     """`compute(start, items[start:start + size])` for every chunk not finished by an earlier attempt.
 
     `compute` returns the chunk's rows and a small dict of its own counts (e.g. ties); each chunk is
-    published as `work/chunk-<k>/` (rows and counts) as soon as it is done."""
-    work.mkdir(parents=True, exist_ok=True)
+    published as `work/chunk-<k>/` (rows and counts) as soon as it is done. `work` is made for the first
+    chunk done: an attempt that fails before (bad input) leaves nothing."""
     _clear_temps(work)
     out = Chunked()
     bounds = [(start, min(start + size, len(items))) for start in range(0, len(items), size)]
@@ -108,6 +108,7 @@ def chunked(work: Path, ident: str, items: Sequence[T], size: int, compute: Chun
             continue
         durable.remove(final)  # incomplete, or of other work
         rows, extra = compute(start, list(items[start:stop]))
+        work.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=work))
         try:
             data.write_jsonl(tmp / CHUNK_ROWS, rows)
