@@ -9,7 +9,8 @@ runs unchanged, through the Job's launcher. For each interval k:
 
 - one attempt runs to its end: each save's time (the Trainer writing weights, AdamW moments, scheduler
   and RNG states, then our fsync, rename and marker) and size, from the stage's `idpo-checkpoint` lines;
-  the stage's own time (`_SUCCESS.json`) against a run without checkpoints;
+  their share of the Trainer's loop (`train_runtime`, saves included), and the stage's own time
+  (`_SUCCESS.json`: model loading too) beside that of a run without checkpoints (noisy on a shared machine);
 - for each `--kill-at` step n, an attempt is killed with SIGKILL as step n ends (before that step's
   checkpoint, if one is due: the test suite's hook `tests/hooks/sitecustomize.py`, exact to the step)
   and a second attempt finishes the stage: the steps it did again, n - resumed_from_step, are the
@@ -40,6 +41,7 @@ ROOT = Path(__file__).parents[1]
 HOOKS = ROOT / "tests" / "hooks"
 RESULTS = Path(__file__).parent / "results"
 SAVED = re.compile(r"idpo-checkpoint step (\d+)/\d+: \S+ \(([\d.]+) MB in ([\d.]+)s\)")
+RUNTIME = re.compile(r"'train_runtime': '([\d.]+)'")  # the Trainer's loop, saves included
 
 
 def train(model: str, rank_dir: Path, args: argparse.Namespace, every: int | None, env: dict[str, str] | None = None):
@@ -68,7 +70,7 @@ def fresh(args: argparse.Namespace, name: str) -> Path:
     return args.workspace
 
 
-def interval(model: str, rank_dir: Path, args: argparse.Namespace, every: int, baseline_s: float) -> dict[str, Any]:
+def interval(model: str, rank_dir: Path, args: argparse.Namespace, every: int) -> dict[str, Any]:
     fresh(args, f"every-{every}")
     proc, _ = train(model, rank_dir, args, every)
     if proc.returncode:
@@ -76,6 +78,7 @@ def interval(model: str, rank_dir: Path, args: argparse.Namespace, every: int, b
     done = summary(args.workspace)
     stage_s = done["completionTime"] - done["startTime"]
     saves = [(int(step), float(mb), float(s)) for step, mb, s in SAVED.findall(proc.stdout)]
+    loop_s = float(RUNTIME.findall(proc.stdout)[-1])
     kills = []
     for n in args.kill_at:
         fresh(args, f"every-{every}-kill-{n}")
@@ -101,8 +104,10 @@ def interval(model: str, rank_dir: Path, args: argparse.Namespace, every: int, b
         "save_s_mean": round(statistics.fmean(s for _, _, s in saves), 3) if saves else None,
         "save_s_max": round(max(s for _, _, s in saves), 3) if saves else None,
         "checkpoint_mb": saves[-1][1] if saves else None,
+        "save_s_total": round(sum(s for _, _, s in saves), 3),
+        "train_loop_s": loop_s,
+        "save_share_of_train_loop": round(sum(s for _, _, s in saves) / loop_s, 3),
         "stage_s": round(stage_s, 2),
-        "overhead_vs_no_checkpoints": round(stage_s / baseline_s - 1, 3),
         "kills": kills,
         "wasted_steps_mean": round(statistics.fmean(k["wasted_steps"] for k in kills), 2) if kills else None,
     }
@@ -115,7 +120,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="per-device batch size: steps = pairs / batch")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--intervals", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--kill-at", type=int, nargs="+", default=[10, 17, 23], help="steps at which to kill")
+    parser.add_argument("--kill-at", type=int, nargs="+", default=[5, 10, 16, 17, 23, 27], help="steps to kill at")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per attempt")
     parser.add_argument("--label", default="tiny-cpu", help="names bench/results/resume-<label>.json")
     args = parser.parse_args()
@@ -134,7 +139,7 @@ def main() -> None:
         raise SystemExit(f"--kill-at must lie within the {steps} steps")
     results = []
     for every in args.intervals:
-        results.append(interval(model, root / "rank", args, every, baseline_s))
+        results.append(interval(model, root / "rank", args, every))
         print(json.dumps(results[-1]), flush=True)
 
     import torch
@@ -150,6 +155,7 @@ def main() -> None:
         "max_length": args.max_length,
         "steps": steps,
         "stage_s_without_checkpoints": round(baseline_s, 2),
+        "train_loop_s_without_checkpoints": float(RUNTIME.findall(proc.stdout)[-1]),
         "intervals": results,
     }
     RESULTS.mkdir(exist_ok=True)
