@@ -71,7 +71,7 @@ def dpo_config(
         seed=t.seed,
         use_cpu=not cuda,
         bf16=cuda,
-        save_strategy="no",  # `checkpointing` asks for each save; the Trainer writes it (into `out`)
+        save_strategy="no",  # `checkpointing` asks for each save; the Trainer writes it into `out` (staging)
         report_to="none",
         logging_steps=1,
         disable_tqdm=True,
