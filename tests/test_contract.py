@@ -186,3 +186,183 @@ def test_an_input_rebuilt_since_the_stage_was_planned_is_refused(tmp_path: Path)
     (stage_dir / "part-00001" / "_SUCCESS.json").write_text(json.dumps({"shard": 1, "rerun": True}))
     with pytest.raises(contract.StageError, match="part 1 is not the one this stage was planned on"):
         contract.require_input(stage_dir, 2, Stage.GENERATE, planned)
+
+
+# --- durable publication: fsync, rename, `_SUCCESS.json` last; leftovers; a full volume ----------------
+def write_pairs(cfg: RankConfig, out: Path, shard: int) -> dict[str, Any]:
+    (out / "pairs.jsonl").write_text("{}\n")
+    return {"pairs": 1}
+
+
+def test_success_file_is_written_last_into_the_directory_already_in_place(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    from idpo_jobs import durable
+
+    config = rank_config(tmp_path, shards=1)
+    final = config.stage_dir / "part-00000"
+    renames: list[tuple[str, bool]] = []
+    rename, write_marker = os.rename, durable.write_marker
+
+    def recording_rename(src, dst) -> None:
+        renames.append((Path(dst).name, (Path(src) / "_SUCCESS.json").exists()))
+        rename(src, dst)
+
+    def checking_write_marker(directory: Path, content: dict[str, Any]) -> None:
+        assert directory == final and final.is_dir() and (final / "pairs.jsonl").exists()
+        write_marker(directory, content)
+
+    monkeypatch.setattr(os, "rename", recording_rename)
+    monkeypatch.setattr(durable, "write_marker", checking_write_marker)
+    contract.run_stage(config, write_pairs, {})
+    assert renames == [("part-00000", False)]  # the directory moved without its marker
+    assert contract.read_success(final)["metrics"] == {"pairs": 1}
+
+
+def test_files_and_directories_are_fsynced_before_the_rename(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    config = rank_config(tmp_path, shards=1)
+    events: list[tuple[str, str]] = []
+    fsync, rename, replace = os.fsync, os.rename, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording(name: str, call):
+        def record(src, dst) -> None:
+            events.append((name, str(dst)))
+            call(src, dst)
+
+        return record
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "rename", recording("rename", rename))
+    monkeypatch.setattr(os, "replace", recording("replace", replace))
+    contract.run_stage(config, write_pairs, {})
+    final = str(config.stage_dir / "part-00000")
+    moved = events.index(("rename", final))
+    before, after = events[:moved], events[moved + 1 :]
+    synced = [Path(path) for kind, path in before if kind == "fsync"]
+    assert [p.name for p in synced][:1] == ["pairs.jsonl"] and synced[-1].name.startswith(".part-00000.tmp-")
+    assert ("fsync", str(config.stage_dir)) in after  # the rename itself is durable
+    marker = events.index(("replace", f"{final}/_SUCCESS.json"))
+    assert events[marker - 1][0] == "fsync" and events[marker + 1] == ("fsync", final)
+
+
+def test_a_crash_between_the_rename_and_the_success_file_is_redone_by_the_next_attempt(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from idpo_jobs import durable
+    from idpo_jobs.config import Stage
+
+    config = rank_config(tmp_path, shards=1)
+    final = config.stage_dir / "part-00000"
+    calls: list[int] = []
+
+    def compute(cfg: RankConfig, out: Path, shard: int) -> dict[str, Any]:
+        calls.append(shard)
+        return write_pairs(cfg, out, shard)
+
+    def killed(directory: Path, content: dict[str, Any]) -> None:
+        raise SystemExit("killed")  # not an Exception: nothing in the stage may catch it
+
+    with monkeypatch.context() as m:
+        m.setattr(durable, "write_marker", killed)
+        with pytest.raises(SystemExit):
+            contract.run_stage(config, compute, {})
+    assert (final / "pairs.jsonl").exists() and contract.read_success(final) is None
+    assert contract.completed_parts(config.stage_dir, 1, Stage.RANK) is None  # readers: absent
+    with pytest.raises(contract.StageError, match="is incomplete"):
+        contract.require_input(config.stage_dir, 1, Stage.RANK)
+    contract.run_stage(config, compute, {})
+    assert calls == [0, 0] and contract.read_success(final)["metrics"] == {"pairs": 1}
+    assert [p.name for p in config.stage_dir.iterdir()] == ["part-00000"]
+
+
+def test_a_half_written_success_file_reads_as_absent(tmp_path: Path) -> None:
+    (tmp_path / "_SUCCESS.json").write_text('{"stage": "ra')
+    assert contract.read_success(tmp_path) is None
+
+
+def test_leftovers_of_this_part_are_removed_and_another_parts_temporary_directory_is_kept(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
+    config = rank_config(tmp_path)
+    stage = config.stage_dir
+    for leftover in ("part-00001", ".part-00001.tmp-killed", ".part-00000.tmp-running"):
+        (stage / leftover).mkdir(parents=True)
+        (stage / leftover / "pairs.jsonl").write_text("half")
+    contract.run_stage(config, write_pairs, {})
+    assert sorted(p.name for p in stage.iterdir()) == [".part-00000.tmp-running", "part-00001"]
+    assert (stage / "part-00001" / "pairs.jsonl").read_text() == "{}\n"
+
+
+def test_the_work_directory_is_removed_once_the_part_is_published(tmp_path: Path) -> None:
+    config = rank_config(tmp_path, shards=1)
+    work = contract.work_dir(config.stage_dir / "part-00000")
+    assert work == config.stage_dir / ".part-00000.work"
+
+    def compute(cfg: RankConfig, out: Path, shard: int) -> dict[str, Any]:
+        (work / "chunk-00000").mkdir(parents=True)
+        return write_pairs(cfg, out, shard)
+
+    contract.run_stage(config, compute, {})
+    assert not work.exists()
+    work.mkdir()  # published, then killed before tidying up: the rerun that does nothing tidies
+    contract.run_stage(config, compute, {})
+    assert not work.exists()
+
+
+def test_a_failed_attempt_reports_the_twin_that_completed_the_part_meanwhile(tmp_path: Path) -> None:
+    config = rank_config(tmp_path, shards=1)
+
+    def compute(cfg: RankConfig, out: Path, shard: int) -> dict[str, Any]:
+        twin = config.stage_dir / "part-00000"
+        twin.mkdir(parents=True)
+        (twin / "_SUCCESS.json").write_text(json.dumps({"metrics": {"pairs": 9}}))
+        raise FileNotFoundError("the work directory was removed by the twin")
+
+    assert contract.run_stage(config, compute, {})["metrics"] == {"pairs": 9}
+
+
+def test_a_full_volume_exits_28_with_volume_full_naming_the_claim_and_its_size(tmp_path: Path, monkeypatch) -> None:
+    import errno
+    import re
+    import sys
+
+    monkeypatch.setenv("IDPO_PVC_CLAIM", "models")
+    monkeypatch.setenv("IDPO_PVC_ROOT", str(tmp_path))
+    config = rank_config(tmp_path, shards=1)
+    config.dump(tmp_path / "rank.json")
+    target = str(tmp_path / "ws" / "pairs.jsonl")
+
+    def compute(cfg: RankConfig, out: Path, shard: int) -> dict[str, Any]:
+        raise OSError(errno.ENOSPC, "No space left on device", target)
+
+    monkeypatch.setattr(sys, "argv", ["rank", "--config", str(tmp_path / "rank.json")])
+    assert contract.cli(RankConfig, compute, lambda c: {}) == contract.EXIT_VOLUME_FULL == 28
+    summary = json.loads((tmp_path / "termination").read_text())
+    assert summary["reason"] == "VolumeFull" and summary["stage"] == "rank"
+    sizes = r"\(\d+\.\d GB, \d+\.\d GB free\)"
+    pattern = rf"volume full: claim models {sizes} while writing {target}: No space left on device"
+    assert re.fullmatch(pattern, summary["error"]), summary["error"]
+    assert list(config.stage_dir.iterdir()) == []  # the temporary directory is gone too
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(28, "No space left on device"),
+        OSError(122, "Disk quota exceeded"),
+        RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos: No space left on device"),
+    ],
+    ids=["enospc", "edquot", "torch-writer"],
+)
+def test_a_full_volume_is_told_apart_from_a_transient_io_error(error: Exception) -> None:
+    assert contract.exit_code(error) == contract.EXIT_VOLUME_FULL
+    wrapped = RuntimeError("saving the checkpoint failed")
+    wrapped.__cause__ = error
+    assert contract.exit_code(wrapped) == contract.EXIT_VOLUME_FULL

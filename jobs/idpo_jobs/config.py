@@ -185,6 +185,15 @@ class GenerationSpec(Model):
     max_model_length: int | None = Field(None, ge=16, description="vLLM max context; None: model's.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Weights dtype.")
     shards: int = Field(1, ge=1, le=256, description="Parallel pods (Indexed Job completions).")
+    chunk_prompts: int = Field(
+        256,
+        ge=1,
+        description="Prompts per chunk that a shard writes to its work directory on the claim as soon as it is "
+        "generated (`iter-<n>/generate/.part-<k>.work/`); an attempt after a retry, eviction or lost node skips "
+        "the finished chunks (`resumed_prompts` in its summary). Rounded up to a multiple of `batchSize`, so "
+        "that no batch is split and the transformers engine samples the same responses chunked or not. Smaller: "
+        "less work lost per kill, one more small write per chunk.",
+    )
     resources: Resources = Field(default_factory=Resources, description="Per-pod resources.")
 
 
@@ -225,6 +234,13 @@ class RankingSpec(Model):
     max_candidate_length: int = Field(412, ge=8, description="Response tokens the ranker sees.")
     pairing: PairingSpec = Field(default_factory=PairingSpec)
     shards: int = Field(1, ge=1, le=256, description="Parallel pods (Indexed Job completions).")
+    chunk_prompts: int = Field(
+        256,
+        ge=1,
+        description="Prompts per chunk that a shard writes to its work directory on the claim as soon as it is "
+        "scored (`iter-<n>/rank/.part-<k>.work/`); a later attempt skips the finished chunks "
+        "(`resumed_prompts`). Rounded up to a multiple of `batchSize`.",
+    )
     resources: Resources = Field(default_factory=Resources, description="Per-pod resources.")
 
     @model_validator(mode="after")
@@ -337,6 +353,24 @@ class TrainingSpec(Model):
     )
     gradient_checkpointing: bool = Field(True, description="Trade compute for activation memory.")
     seed: int = Field(42, description="Training seed.")
+    checkpoint_every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Save a resumable checkpoint (weights, optimizer, scheduler, RNG states, data position) every "
+        "this many optimizer steps, in the stage's work directory on the claim (`iter-<n>/.train.work/`): a later "
+        "attempt of the stage (retry, eviction, preemption, lost node, gang restart) resumes from the newest "
+        "complete one and reports `resumedFromStep`. None: no step rule. With `checkpointEveryMinutes` too, "
+        "whichever comes first saves. Only the newest checkpoint is kept (two exist while the next is written: "
+        "size the claim for them); they are removed once the model is published and never become the "
+        "iteration's checkpoint. A save costs a checkpoint's write (the policy's weights and AdamW moments).",
+    )
+    checkpoint_every_minutes: float | None = Field(
+        30,
+        gt=0,
+        description="Save a resumable checkpoint (as `checkpointEverySteps`) every this many minutes of training, "
+        "by rank 0's clock; at most what a kill then loses. None: no time rule; both None: no checkpoints, and "
+        "a restarted train stage starts from step 0. The default never fires in short runs.",
+    )
     resources: Resources = Field(default_factory=Resources, description="Per-pod resources.")
     distributed: DistributedSpec = Field(
         default_factory=DistributedSpec, description="Multi-GPU and multi-node training (torchrun)."

@@ -1,14 +1,18 @@
 """The stage contract (DESIGN §5), implemented once for every stage.
 
-A stage writes into a temporary sibling directory and renames it into place only when complete,
-with `_SUCCESS.json` inside; a stage whose `_SUCCESS.json` exists exits 0 at once. So reruns and
-duplicate Jobs are harmless, and a half-written directory is never read. Generate and rank are
-sharded: shard k of K (`JOB_COMPLETION_INDEX`) owns `part-<k>/`.
+A stage writes into a temporary sibling directory, fsyncs it, renames it into place and writes
+`_SUCCESS.json` into it last (`durable.publish`); a stage whose `_SUCCESS.json` exists exits 0 at once.
+So reruns and duplicate Jobs are harmless, and a half-written directory is never read: without its
+`_SUCCESS.json` a directory is absent. Generate and rank are sharded: shard k of K
+(`JOB_COMPLETION_INDEX`) owns `part-<k>/`. Each part also has a work directory beside it
+(`work_dir`), where a long stage keeps what a later attempt may resume from (`resume`); it is removed
+once the part is published.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
@@ -22,7 +26,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
-from idpo_jobs.config import SUCCESS_FILE, Stage, StageConfig, load_stage_config, part_name
+from idpo_jobs import durable
+from idpo_jobs.config import PVC_CLAIM_ENV, SUCCESS_FILE, Stage, StageConfig, load_stage_config, part_name, volume_root
 
 SHARDED_STAGES = {Stage.GENERATE, Stage.RANK}
 TERMINATION_LOG = "/dev/termination-log"
@@ -33,6 +38,13 @@ PROGRESS_PREFIX = "idpo-progress"
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_TRANSIENT = 75  # EX_TEMPFAIL
+# The claim is full (or over quota): retrying writes the same bytes into the same volume, so the Job
+# fails at once (the operator's podFailurePolicy), and the summary names the claim and its size.
+EXIT_VOLUME_FULL = 28  # errno ENOSPC
+VOLUME_FULL = "VolumeFull"  # the summary's `reason` with EXIT_VOLUME_FULL
+_VOLUME_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+# What libraries that wrap the OSError say (torch's stream writer, safetensors, pyarrow).
+_VOLUME_FULL_TEXT = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
 # By class name: the hub and HTTP clients are optional imports of the stages.
 _BAD_INPUT_ERRORS = {"RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError", "EntryNotFoundError"}
 _TRANSIENT_ERRORS = {
@@ -55,8 +67,45 @@ class StageError(Exception):
     """A failure the user can fix (bad input, missing files); reported without a traceback."""
 
 
+def volume_full_error(err: BaseException) -> BaseException | None:
+    """The error in `err`'s chain (itself, its cause or context) that says the volume is full, or None."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _VOLUME_FULL_ERRNOS:
+            return current
+        if any(text in str(current) for text in _VOLUME_FULL_TEXT):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def volume_full_message(err: BaseException, writing: Path | str) -> str:
+    """`volume full: claim <name> (<total> GB, <free> GB free) while writing <path>: <os error>`."""
+    found = volume_full_error(err) or err
+    path = getattr(found, "filename", None) or writing
+    root = volume_root()
+    claim = os.environ.get(PVC_CLAIM_ENV) or f"(none: the local directory {root})"
+    probe = next((p for p in (root, Path(path), *Path(path).parents) if p.exists()), None)
+    try:
+        vfs = os.statvfs(probe) if probe else None
+    except OSError:
+        vfs = None
+    sizes = (
+        f"{vfs.f_blocks * vfs.f_frsize / 1e9:.1f} GB, {vfs.f_bavail * vfs.f_frsize / 1e9:.1f} GB free"
+        if vfs
+        else "size unknown"
+    )
+    reason = found.strerror if isinstance(found, OSError) and found.strerror else str(found)
+    return f"volume full: claim {claim} ({sizes}) while writing {path}: {reason}"
+
+
 def exit_code(err: BaseException) -> int:
-    """How a stage's error ends the pod: EXIT_BAD_INPUT (never retried), EXIT_TRANSIENT or EXIT_FAILED."""
+    """How a stage's error ends the pod: EXIT_BAD_INPUT or EXIT_VOLUME_FULL (never retried),
+    EXIT_TRANSIENT or EXIT_FAILED."""
+    if volume_full_error(err) is not None:  # before the OSError rule: a full volume is not transient
+        return EXIT_VOLUME_FULL
     names = {cls.__name__ for cls in type(err).__mro__}
     if names & _BAD_INPUT_ERRORS or isinstance(err, StageError | FileNotFoundError | NotADirectoryError):
         return EXIT_BAD_INPUT
@@ -86,11 +135,17 @@ def output_dir(config: StageConfig, shard: int) -> Path:
     return config.stage_dir
 
 
+def work_dir(final: Path) -> Path:
+    """The work directory of the part published as `final`: `iter-1/.train.work`,
+    `iter-1/generate/.part-00003.work`. It survives the part's attempts (what they may resume from) and is
+    removed once the part is published; dot-prefixed, so nothing lists it as output."""
+    return final.parent / f".{final.name}.work"
+
+
 def read_success(directory: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((directory / SUCCESS_FILE).read_text())
-    except FileNotFoundError:
-        return None
+    """A completed directory's `_SUCCESS.json`; None for one that is missing, or incomplete (no
+    `_SUCCESS.json`, or one not yet whole): readers treat it as absent."""
+    return durable.read_marker(directory)
 
 
 def stage_parts(stage_dir: Path, shards: int, stage: Stage) -> list[Path]:
@@ -174,8 +229,27 @@ def write_termination_log(config: StageConfig | None, summary: dict[str, Any]) -
     compact = {k: v for k, v in summary.items() if k not in ("inputs", "versions")}
     text = json.dumps(compact, separators=(",", ":"), default=str)
     if len(text.encode()) > TERMINATION_LIMIT:
-        text = json.dumps({k: compact[k] for k in ("stage", "iteration", "shard", "error") if k in compact})
+        text = json.dumps({k: compact[k] for k in ("stage", "iteration", "shard", "reason", "error") if k in compact})
     path.write_text(text)
+
+
+def remove_leftovers(final: Path) -> list[Path]:
+    """Remove what earlier attempts of this part left: `final` without its `_SUCCESS.json` (killed
+    between the rename and the marker) and the part's temporary directories. Only this part's: another
+    shard's temporary directory may belong to a pod that is running now.
+
+    Safe on a cluster because an earlier attempt of this part is not running any more: the Job
+    controller creates a shard's replacement pod only once the failed one has terminated (with a
+    podFailurePolicy, which every stage Job has, podReplacementPolicy is `Failed`), and a gang is
+    re-created whole after its Job's pods are gone.
+    """
+    found = [p for p in final.parent.glob(f".{final.name}.tmp-*") if p.is_dir()]
+    if final.is_dir() and read_success(final) is None:
+        found.append(final)
+    for path in found:
+        print(f"removing {path}: left by an earlier attempt", flush=True)
+        durable.remove(path)
+    return found
 
 
 def remove_stale_temps(stage_dir: Path) -> list[Path]:
@@ -187,21 +261,29 @@ def remove_stale_temps(stage_dir: Path) -> list[Path]:
 
 
 def run_stage(config: C, compute: Compute[C], inputs: dict[str, str]) -> dict[str, Any]:
-    """Run `compute` into a temporary directory and publish it atomically; skip if already done."""
+    """Run `compute` into a temporary directory and publish it durably; skip if already done."""
     shard = shard_index(config)
     final = output_dir(config, shard)
     done = read_success(final)
     if done is not None:
         print(f"{final} is complete already; nothing to do", flush=True)
-        done["digest"] = part_digest(final)
-        write_termination_log(config, done)
-        return done
+        durable.remove(work_dir(final))  # an attempt that published and was killed before tidying up
+        return _report(config, final, done)
 
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))  # see remove_stale_temps
+    remove_leftovers(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))  # see remove_leftovers
     started = time.time()
     try:
-        metrics = compute(config, tmp, shard)
+        try:
+            metrics = compute(config, tmp, shard)
+        except Exception:
+            twin = read_success(final)
+            if twin is None:
+                raise
+            # A twin completed the part while this attempt ran (and removed the work directory under it).
+            print(f"{final} was completed by a concurrent run; keeping that one", flush=True)
+            return _report(config, final, twin)
         summary = {
             "stage": config.stage.value,
             "iteration": config.iteration,
@@ -213,19 +295,27 @@ def run_stage(config: C, compute: Compute[C], inputs: dict[str, str]) -> dict[st
             "inputs": {name: fingerprint(value) for name, value in inputs.items()},
             "versions": versions(),
         }
-        (tmp / SUCCESS_FILE).write_text(json.dumps(summary, indent=2, default=str))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if read_success(final) is None:  # not a finished twin: a real error
-                raise
+        if not durable.publish(tmp, final, summary):
             print(f"{final} was completed by a concurrent run; keeping that one", flush=True)
             summary = read_success(final) or summary
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    summary["digest"] = part_digest(final)  # what the next stage is told to expect of this part
+    durable.remove(work_dir(final))  # after the marker: a kill in between leaves only a work dir to tidy
+    return _report(config, final, summary)
+
+
+def _report(config: StageConfig, final: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    summary = {**summary, "digest": part_digest(final)}  # what the next stage is told to expect of this part
     write_termination_log(config, summary)
     return summary
+
+
+def _writing(config: StageConfig | None) -> Path:
+    """Where a stage writes, for a message about a failed write that names no file."""
+    try:
+        return output_dir(config, shard_index(config)) if config is not None else volume_root()
+    except StageError:
+        return volume_root()
 
 
 def cli(config_type: type[C], compute: Compute[C], inputs: Callable[[C], dict[str, str]]) -> int:
@@ -240,15 +330,18 @@ def cli(config_type: type[C], compute: Compute[C], inputs: Callable[[C], dict[st
     except Exception as err:
         code = exit_code(err)
         message = f"{type(err).__name__}: {err}" if not isinstance(err, StageError) else str(err)
-        if code == EXIT_TRANSIENT:
+        failure: dict[str, Any] = {}
+        if code == EXIT_VOLUME_FULL:
+            message = volume_full_message(err, _writing(config))
+            failure["reason"] = VOLUME_FULL
+        elif code == EXIT_TRANSIENT:
             message = f"transient: {message}"
         elif code == EXIT_FAILED:
             traceback.print_exc()
         print(f"error: {message}", file=sys.stderr, flush=True)
         if config is not None:
-            write_termination_log(
-                config, {"stage": config.stage.value, "iteration": config.iteration, "error": message[:3000]}
-            )
+            failure |= {"stage": config.stage.value, "iteration": config.iteration, "error": message[:3000]}
+            write_termination_log(config, failure)
         return code
     print(json.dumps({"stage": summary["stage"], "metrics": summary["metrics"]}), flush=True)
     return 0

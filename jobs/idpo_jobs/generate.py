@@ -3,7 +3,9 @@
     python -m idpo_jobs.generate --config iter-1-generate.json
 
 Shard k of K (`JOB_COMPLETION_INDEX`) takes a contiguous slice of this iteration's prompts and
-writes `part-<k>/generations.jsonl` with `prompt_id`, `prompt`, `all_generated_responses`.
+writes `part-<k>/generations.jsonl` with `prompt_id`, `prompt`, `all_generated_responses`. It works in
+chunks of `generation.chunkPrompts` prompts, each written to the shard's work directory when done, so an
+attempt after a kill generates only the chunks that were not finished (`resume.chunked`).
 Engines share one interface: `generate(prompt_token_ids, n) -> responses per prompt`.
 """
 
@@ -16,7 +18,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from idpo_jobs import contract, data
+from idpo_jobs import contract, data, resume
 from idpo_jobs.config import GenerateConfig, GenerationSpec
 from idpo_jobs.uris import resolve_uri
 
@@ -30,7 +32,9 @@ def prompt_seed(seed: int, ids: list[int]) -> int:
 class Engine:
     """What both engines share: the tokenizer (for rendering prompts once), the spec and the seed.
 
-    `generate(prompt_token_ids, n)` returns n responses per prompt.
+    `generate(prompt_token_ids, n, offset, total)` returns n responses per prompt; `offset` is the
+    position of the first prompt in the shard's list and `total` the list's length (for progress, and
+    for seeds that depend on positions: a chunk samples what it would have sampled in one call).
     """
 
     def __init__(
@@ -51,7 +55,9 @@ class Engine:
     def load(self, model: str, revision: str | None) -> None:
         raise NotImplementedError
 
-    def generate(self, prompt_ids: list[list[int]], n: int) -> list[list[str]]:
+    def generate(
+        self, prompt_ids: list[list[int]], n: int, offset: int = 0, total: int | None = None
+    ) -> list[list[str]]:
         raise NotImplementedError
 
 
@@ -63,10 +69,13 @@ class TransformersEngine(Engine):
 
         self.model = load_causal_lm(model, revision, self.spec.dtype).eval()
 
-    def generate(self, prompt_ids: list[list[int]], n: int) -> list[list[str]]:
+    def generate(
+        self, prompt_ids: list[list[int]], n: int, offset: int = 0, total: int | None = None
+    ) -> list[list[str]]:
         import torch
 
         spec, tok = self.spec, self.tokenizer
+        total = total or offset + len(prompt_ids)
         out: list[list[str]] = []
         for start in range(0, len(prompt_ids), spec.batch_size):
             batch = prompt_ids[start : start + spec.batch_size]
@@ -74,7 +83,7 @@ class TransformersEngine(Engine):
             # Left padding keeps every prompt's last token adjacent to its first generated one.
             ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in batch])
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-            torch.manual_seed(self.seed + start)  # same batches, same samples
+            torch.manual_seed(self.seed + offset + start)  # same batches, same samples
             with torch.no_grad():
                 seqs = self.model.generate(
                     input_ids=ids.to(self.model.device),
@@ -88,7 +97,7 @@ class TransformersEngine(Engine):
                 )
             texts = tok.batch_decode(seqs[:, width:], skip_special_tokens=True)
             out.extend([t.strip() for t in texts[i * n : (i + 1) * n]] for i in range(len(batch)))
-            contract.report_progress(min(start + spec.batch_size, len(prompt_ids)), len(prompt_ids))
+            contract.report_progress(offset + min(start + spec.batch_size, len(prompt_ids)), total)
         return out
 
 
@@ -116,7 +125,9 @@ class VLLMEngine(Engine):
             kwargs["max_model_len"] = spec.max_model_length
         self.llm = LLM(**kwargs)
 
-    def generate(self, prompt_ids: list[list[int]], n: int) -> list[list[str]]:
+    def generate(
+        self, prompt_ids: list[list[int]], n: int, offset: int = 0, total: int | None = None
+    ) -> list[list[str]]:
         from vllm import SamplingParams
 
         spec = self.spec
@@ -134,7 +145,7 @@ class VLLMEngine(Engine):
         ]
         prompts = [{"prompt_token_ids": ids} for ids in prompt_ids]
         results = self.llm.generate(prompts, params, use_tqdm=False)
-        contract.report_progress(len(prompt_ids), len(prompt_ids))
+        contract.report_progress(offset + len(prompt_ids), total or offset + len(prompt_ids))
         return [[c.text.strip() for c in r.outputs] for r in results]
 
 
@@ -149,12 +160,22 @@ def compute(config: GenerateConfig, out: Path, shard: int) -> dict[str, Any]:
     prompts = data.shard_slice(data.load_prompts(config.prompts, config.iteration), shard, config.shards)
     model = resolve_uri(config.model)
     seed = spec.seed * 1000 + config.iteration  # a new sample each iteration, reproducible
-    engine = ENGINES[spec.engine](model, spec, seed, config.revision, config.chat_template)
-    from idpo_jobs.models import render_prompt_ids
+    engines: list[Engine] = []  # loaded for the first chunk that is not finished: none on a full resume
 
-    prompt_ids = render_prompt_ids(engine.tokenizer, [p["prompt"] for p in prompts])
-    responses = engine.generate(prompt_ids, spec.responses_per_prompt) if prompts else []
-    rows = [{**p, "all_generated_responses": r} for p, r in zip(prompts, responses, strict=True)]
+    def generate_chunk(start: int, chunk: list[dict[str, str]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        from idpo_jobs.models import render_prompt_ids
+
+        if not engines:
+            engines.append(ENGINES[spec.engine](model, spec, seed, config.revision, config.chat_template))
+        engine = engines[0]
+        prompt_ids = render_prompt_ids(engine.tokenizer, [p["prompt"] for p in chunk])
+        responses = engine.generate(prompt_ids, spec.responses_per_prompt, start, len(prompts))
+        return [{**p, "all_generated_responses": r} for p, r in zip(chunk, responses, strict=True)], {}
+
+    work = contract.work_dir(contract.output_dir(config, shard))
+    ident = resume.identity(config, inputs(config), shard=shard)
+    done = resume.chunked(work, ident, prompts, resume.chunk_size(spec.chunk_prompts, spec.batch_size), generate_chunk)
+    rows = done.rows
     data.write_jsonl(out / OUTPUT, rows)
     lengths = [len(r) for row in rows for r in row["all_generated_responses"]]
     return {
@@ -163,6 +184,7 @@ def compute(config: GenerateConfig, out: Path, shard: int) -> dict[str, Any]:
         "mean_response_chars": round(statistics.fmean(lengths), 2) if lengths else 0.0,
         "empty_responses": sum(1 for n in lengths if n == 0),
         "engine": spec.engine,
+        "resumed_prompts": done.resumed,
     }
 
 

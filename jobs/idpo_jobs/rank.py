@@ -3,7 +3,9 @@
     python -m idpo_jobs.rank --config iter-1-rank.json
 
 Reads all generate parts, takes shard k of K of their rows, writes `part-<k>/pairs.jsonl`
-(Snorkel / TRL preference layout, loadable with `datasets.load_dataset("json", ...)`).
+(Snorkel / TRL preference layout, loadable with `datasets.load_dataset("json", ...)`). It works in chunks
+of `ranking.chunkPrompts` prompts, each written to the shard's work directory when done, so an attempt
+after a kill scores only the chunks that were not finished (`resume.chunked`).
 Rankers share one interface: `score(prompts, candidates) -> scores` (higher is better).
 """
 
@@ -17,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from idpo_jobs import contract, data, pairing
+from idpo_jobs import contract, data, pairing, resume
 from idpo_jobs.config import RankConfig, RankingSpec, Stage, on_volume
 from idpo_jobs.generate import OUTPUT as GENERATIONS
 from idpo_jobs.uris import resolve_uri
@@ -182,18 +184,28 @@ def read_generations(config: RankConfig) -> list[dict[str, Any]]:
 def compute(config: RankConfig, out: Path, shard: int) -> dict[str, Any]:
     spec = config.ranking
     rows = data.shard_slice(read_generations(config), shard, config.shards)
-    ranker = make_ranker(spec)
-    pairs, ties = [], 0
-    for start in range(0, len(rows), spec.batch_size):
-        batch = rows[start : start + spec.batch_size]
-        scores = ranker.score([r["prompt"] for r in batch], [r["all_generated_responses"] for r in batch])
-        for row, row_scores in zip(batch, scores, strict=True):
-            pair = pairing.choose(row_scores, row["all_generated_responses"], spec.pairing)
-            if pair is None:
-                ties += 1
-            else:
-                pairs.append(pairing.preference_row(row, row_scores, pair))
-        contract.report_progress(min(start + spec.batch_size, len(rows)), len(rows))
+    rankers: list[Ranker] = []  # loaded for the first chunk that is not finished: none on a full resume
+
+    def rank_chunk(offset: int, chunk: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        if not rankers:
+            rankers.append(make_ranker(spec))
+        pairs, ties = [], 0
+        for start in range(0, len(chunk), spec.batch_size):
+            batch = chunk[start : start + spec.batch_size]
+            scores = rankers[0].score([r["prompt"] for r in batch], [r["all_generated_responses"] for r in batch])
+            for row, row_scores in zip(batch, scores, strict=True):
+                pair = pairing.choose(row_scores, row["all_generated_responses"], spec.pairing)
+                if pair is None:
+                    ties += 1
+                else:
+                    pairs.append(pairing.preference_row(row, row_scores, pair))
+            contract.report_progress(offset + min(start + spec.batch_size, len(chunk)), len(rows))
+        return pairs, {"ties": ties}
+
+    work = contract.work_dir(contract.output_dir(config, shard))
+    ident = resume.identity(config, inputs(config), shard=shard)
+    done = resume.chunked(work, ident, rows, resume.chunk_size(spec.chunk_prompts, spec.batch_size), rank_chunk)
+    pairs, ties = done.rows, sum(extra.get("ties", 0) for extra in done.extras)
     data.write_jsonl(out / OUTPUT, pairs)
 
     def mean(values: list[float]) -> float:
@@ -208,6 +220,7 @@ def compute(config: RankConfig, out: Path, shard: int) -> dict[str, Any]:
         "mean_chosen_chars": mean([len(p["chosen"][-1]["content"]) for p in pairs]),
         "mean_rejected_chars": mean([len(p["rejected"][-1]["content"]) for p in pairs]),
         "ranker": spec.ranker,
+        "resumed_prompts": done.resumed,
     }
 
 

@@ -7,27 +7,30 @@ Reads all rank parts, trains `DPOTrainer` (Zephyr / alignment-handbook style hyp
 the spec), merges LoRA adapters if any, and saves a plain `save_pretrained` directory (safetensors,
 tokenizer, chat template) as `iter-<n>/train/model`. Under torchrun every process trains (DDP, or
 FSDP2 full shard: `training.distributed`) and rank 0 alone writes and publishes (see `distributed`).
+
+Every `training.checkpointEverySteps` steps and/or `checkpointEveryMinutes` minutes it saves a resumable
+Trainer checkpoint in the stage's work directory (`iter-<n>/.train.work/`, see `resume.Checkpoints`); an
+attempt that finds a complete one resumes from it, and says so (`resumed_from_step`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from idpo_jobs import contract, data, distributed
-from idpo_jobs.config import MODEL_DIR, Stage, TrainConfig, on_volume
+from idpo_jobs import contract, data, distributed, resume
+from idpo_jobs.config import MODEL_DIR, Stage, TrainConfig, TrainingSpec, on_volume
 from idpo_jobs.rank import OUTPUT as PAIRS
 from idpo_jobs.uris import resolve_uri
 
 # A file to write step timestamps and the CUDA allocator's peak to (bench/gpu_check.py sets it); unset: off.
 PROFILE_ENV = "IDPO_TRAIN_PROFILE"
+CHECKPOINT_PREFIX = "idpo-checkpoint"  # the log line of each checkpoint saved
 
 
 def read_pairs(config: TrainConfig) -> list[dict[str, Any]]:
@@ -68,7 +71,7 @@ def dpo_config(
         seed=t.seed,
         use_cpu=not cuda,
         bf16=cuda,
-        save_strategy="no",
+        save_strategy="no",  # `checkpointing` asks for each save; the Trainer writes it into `out` (staging)
         report_to="none",
         logging_steps=1,
         disable_tqdm=True,
@@ -89,6 +92,52 @@ def progress_callback(world: distributed.World) -> Any:
                 contract.report_progress(state.global_step, state.max_steps)
 
     return Progress()
+
+
+def checkpointing(t: TrainingSpec, store: resume.Checkpoints, ranks: distributed.Team) -> Any:
+    """Ask the Trainer for a checkpoint every `checkpointEverySteps` steps and/or `checkpointEveryMinutes`
+    minutes (never at the last step: the model is saved then anyway), and publish each one once every
+    rank has written its part. Step rules count from step 0, so a resumed attempt saves at the same steps.
+    The minutes are rank 0's: every rank must take part in the same saves (FSDP gathers for them)."""
+    from transformers import TrainerCallback
+
+    world = ranks.world
+
+    class Checkpointing(TrainerCallback):
+        def __init__(self) -> None:
+            self.last = time.monotonic()
+            self.started = 0.0
+            self.saved: list[resume.Checkpoint] = []
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            self.last = time.monotonic()  # loading the models is not training time
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            step = state.global_step
+            if step >= state.max_steps:
+                return
+            due = t.checkpoint_every_steps is not None and step % t.checkpoint_every_steps == 0
+            if t.checkpoint_every_minutes is not None and not due:
+                late = time.monotonic() - self.last >= t.checkpoint_every_minutes * 60
+                due = ranks.share(late) if world.size > 1 else late
+            if due:
+                control.should_save = True
+                self.started = time.perf_counter()
+
+        def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            ranks.wait()  # every rank's files of this checkpoint are written
+            if world.main:
+                saved = store.publish(state.global_step, state.max_steps, self.started)
+                self.saved.append(saved)
+                mb, seconds = saved.marker["bytes"] / 1e6, saved.marker.get("seconds", 0.0)
+                print(
+                    f"{CHECKPOINT_PREFIX} step {saved.step}/{state.max_steps}: {saved.path.name} "
+                    f"({mb:.1f} MB in {seconds:.2f}s)",
+                    flush=True,
+                )
+            self.last = time.monotonic()
+
+    return Checkpointing()
 
 
 def profile_callbacks(world: distributed.World) -> list[Any]:
@@ -219,25 +268,31 @@ def compute(config: TrainConfig, out: Path, shard: int) -> dict[str, Any]:
             task_type="CAUSAL_LM",
         )
 
-    # Only rank 0 writes into `out`; the Trainer's logs of the other ranks go to a private directory.
-    with tempfile.TemporaryDirectory(prefix="idpo-train-") as private:
-        trainer = DPOTrainer(
-            model=model,
-            ref_model=ref_model,
-            args=dpo_config(
-                config, out / "trainer" if world.main else Path(private), cuda, strategy, model._no_split_modules
-            ),
-            train_dataset=training_dataset(pairs, out, ranks, shared=world.size > 1 and t.precompute_ref_log_probs),
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=[progress_callback(world), *profile_callbacks(world)],
-        )
-        result = trainer.train()
-        save(trainer, out / MODEL_DIR, world.main, peft_config is not None, torch.bfloat16 if cuda else torch.float32)
+    # Resumable checkpoints live in the work directory, beside the output: every rank's Trainer writes
+    # its part of each into the staging area there, and rank 0 publishes it (`checkpointing`).
+    store = resume.Checkpoints(
+        contract.work_dir(contract.output_dir(config, shard)),
+        resume.identity(config, inputs(config), world_size=world.size),
+    )
+    latest = store.prepare() if world.main else None
+    resume_from, resumed_step = ranks.share((str(latest.path), latest.step) if latest else (None, 0))
+    if resume_from and world.main:
+        print(f"resuming from {resume_from} (step {resumed_step}), saved by an earlier attempt", flush=True)
+    saves = checkpointing(t, store, ranks)
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=dpo_config(config, store.staging, cuda, strategy, model._no_split_modules),
+        train_dataset=training_dataset(pairs, out, ranks, shared=world.size > 1 and t.precompute_ref_log_probs),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[progress_callback(world), saves, *profile_callbacks(world)],
+    )
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    save(trainer, out / MODEL_DIR, world.main, peft_config is not None, torch.bfloat16 if cuda else torch.float32)
     rank_steps = ranks.gather(trainer.state.global_step)
     if not world.main:
         return {}
-    shutil.rmtree(out / "trainer", ignore_errors=True)  # save_strategy "no": only logs there
     tokenizer.save_pretrained(out / MODEL_DIR)
 
     logs = [e for e in trainer.state.log_history if "rewards/accuracies" in e]
@@ -245,10 +300,14 @@ def compute(config: TrainConfig, out: Path, shard: int) -> dict[str, Any]:
     def mean(key: str) -> float:
         return round(statistics.fmean(e[key] for e in logs), 4) if logs else 0.0
 
+    # After a resume the Trainer's own mean covers this attempt's steps; the log history (restored from the
+    # checkpoint) covers all of them.
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e and "train_loss" not in e]
+    loss = statistics.fmean(losses) if resumed_step and losses else result.training_loss
     return {
         "pairs": len(pairs),
         "steps": trainer.state.global_step,
-        "loss": round(result.training_loss, 4),
+        "loss": round(loss, 4),
         "final_loss": round(logs[-1]["loss"], 4) if logs else None,
         "reward_accuracy": mean("rewards/accuracies"),
         "reward_margin": mean("rewards/margins"),
@@ -258,6 +317,10 @@ def compute(config: TrainConfig, out: Path, shard: int) -> dict[str, Any]:
         # What ran, whatever was asked: accelerate, not the spec, has the last word.
         "strategy": "fsdp" if trainer.is_fsdp_enabled else "ddp" if world.size > 1 else "single",
         "rank_steps": rank_steps,
+        "resumed_from_step": resumed_step,
+        "steps_executed": trainer.state.global_step - resumed_step,
+        "checkpoints_saved": len(saves.saved),
+        "checkpoint_seconds": round(sum(c.marker.get("seconds", 0.0) for c in saves.saved), 3),
     }
 
 
