@@ -5,17 +5,18 @@ from its last checkpoint, and a gang is admitted as one workload."""
 from __future__ import annotations
 
 import json
-import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.harness.cluster import Cluster, Target
+from tests.harness.cluster import Cluster, Target, slowed
 from tests.harness.kueue import GROUP, VERSION, Queues, queues_for
 from tests.test_operator_e2e import (
     CLAIM,
     KUEUE_GRANTS,
+    SPEC,
     delete_runs_afterwards,  # noqa: F401  (autouse: the e2e module's, here too)
     run_manifest,
 )
@@ -28,6 +29,7 @@ EIGHT_GPUS = {"resources": {"limits": {"nvidia.com/gpu": 8}}, "distributed": {"p
 def cluster(kueue: Target, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with Cluster(kueue, tmp_path_factory.mktemp("kueue"), "kueue-runs") as c:
         c.seed(CLAIM)
+        c.install_hooks(CLAIM)
         yield c
 
 
@@ -56,7 +58,9 @@ def test_a_train_waiting_for_quota_is_queued_with_kueues_reason_and_never_failed
     cluster: Cluster, queues: Queues
 ) -> None:
     runtime = {"startTimeoutSeconds": 30}
-    first = queued("first", queues, training={**EIGHT_GPUS, "epochs": 300}, runtime=runtime)  # holds the 8 GPUs
+    # The first train holds the 8 GPUs about a minute: 40 steps of 1.2 s (the test hooks' delay).
+    holding = {**runtime, **slowed(1.2, f"/workspace/markers/{uuid.uuid4().hex}.log", SPEC["runtime"]["env"])}
+    first = queued("first", queues, training={**EIGHT_GPUS, "epochs": 20}, runtime=holding)
     assert cluster.apply(first).returncode == 0
     cluster.wait("first", lambda s: train(s).get("admission") == "Admitted", timeout=300)
     assert cluster.apply(queued("second", queues, training=EIGHT_GPUS, runtime=runtime)).returncode == 0
@@ -83,10 +87,10 @@ def dt_seconds(stamp: str) -> float:
 
 
 def test_a_preempted_train_costs_no_attempt_and_resumes_from_its_checkpoint(cluster: Cluster, queues: Queues) -> None:
-    training = {**EIGHT_GPUS, "epochs": 200, "checkpointEverySteps": 10}
-    assert cluster.apply(queued("preempted", queues, training=training)).returncode == 0
-    cluster.wait("preempted", lambda s: train(s).get("admission") == "Admitted", timeout=300)
-    time.sleep(15 * cluster.patience)  # a few checkpoints in
+    training = {**EIGHT_GPUS, "epochs": 10, "checkpointEverySteps": 2}
+    runtime = slowed(1.0, f"/workspace/markers/{uuid.uuid4().hex}.log", SPEC["runtime"]["env"])
+    assert cluster.apply(queued("preempted", queues, training=training, runtime=runtime)).returncode == 0
+    cluster.pod_that_logged("preempted-i1-train", "idpo-checkpoint step 4/", timeout=300)  # two checkpoints in
     urgent = queues.job(10, priority=queues.high)  # a higher-priority workload wants the 8 GPUs
     status = cluster.wait("preempted", lambda s: train(s).get("admission") == "Preempted", timeout=120)
     assert train(status)["message"].startswith("Preempted: waiting for re-admission")

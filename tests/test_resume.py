@@ -7,15 +7,13 @@ slows each step down so that the deletion lands mid-stage, and logs the work eve
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from typing import Any
 
 import pytest
 from idpo_operator.resources import ANNOTATION_CONFIG, VOLUME_MOUNT
 
-from tests.conftest import TESTS
-from tests.harness.cluster import FUNCTIONS_DIR, Cluster, Target
+from tests.harness.cluster import FUNCTIONS_DIR, HOOKS_DIR, Cluster, Target, slowed
 from tests.test_operator_e2e import (
     CLAIM,
     SPEC,
@@ -26,16 +24,8 @@ from tests.test_operator_e2e import (
 )
 
 pytestmark = pytest.mark.slow
-HOOKS_DIR = f"{VOLUME_MOUNT}/hooks"
 # Resumed and uninterrupted runs on CPU with fixed seeds: measured bit-identical (max |difference| 0.0).
 WEIGHT_TOLERANCE = 1e-6
-
-INSTALL_HOOKS = """
-import pathlib, sys
-directory = pathlib.Path(sys.argv[1])
-directory.mkdir(parents=True, exist_ok=True)
-(directory / "sitecustomize.py").write_text(sys.argv[2])
-"""
 
 # Runs the stage of `config` (a Job's, moved to another workspace) once more, uninterrupted, and writes
 # to the termination log what a test compares: the output it published, and the progress each attempt of
@@ -70,38 +60,15 @@ pathlib.Path("/dev/termination-log").write_text(json.dumps(result))
 def cluster(kube: Target, tmp_path_factory: pytest.TempPathFactory):
     with Cluster(kube, tmp_path_factory.mktemp("resume"), "resume") as c:
         c.seed(CLAIM)
-        source = (TESTS / "hooks" / "sitecustomize.py").read_text()
-        installed, message = c.run_job(["-c", INSTALL_HOOKS, HOOKS_DIR, source], claim=CLAIM)
-        assert installed, message
+        c.install_hooks(CLAIM)
         yield c
-
-
-def slowed(delay: float, log: str) -> dict[str, Any]:
-    """The runtime env of a run whose stages report progress slowly and log it to `log` on the claim."""
-    env = [e for e in SPEC["runtime"]["env"] if e["name"] != "PYTHONPATH"]
-    return {
-        "env": [
-            *env,
-            {"name": "PYTHONPATH", "value": f"{HOOKS_DIR}:{FUNCTIONS_DIR}"},
-            {"name": "IDPO_TEST_PROGRESS_DELAY", "value": str(delay)},
-            {"name": "IDPO_TEST_PROGRESS_LOG", "value": log},
-        ]
-    }
 
 
 def delete_pod_when_logged(cluster: Cluster, job: str, text: str, timeout: float = 180) -> str:
     """Delete the running pod of `job` once its log shows `text`, as a lost node would end it."""
-    deadline = time.monotonic() + timeout * cluster.patience
-    while time.monotonic() < deadline:
-        running = [p for p in cluster.pods(job) if p["status"].get("phase") == "Running"]
-        for pod in running:
-            name = pod["metadata"]["name"]
-            logs = cluster.kubectl("logs", name)
-            if text in logs.stdout:
-                cluster.core.delete_namespaced_pod(name, cluster.namespace)
-                return name
-        time.sleep(0.2)
-    raise AssertionError(f"no pod of {job} logged {text!r}: {json.dumps(cluster.pods(job))[:2000]}")
+    name = cluster.pod_that_logged(job, text, timeout)
+    cluster.core.delete_namespaced_pod(name, cluster.namespace)
+    return name
 
 
 def generate_phase(status: dict[str, Any]) -> str | None:
@@ -130,7 +97,11 @@ def test_a_train_pod_lost_after_its_second_checkpoint_resumes_there(cluster: Clu
     log = f"{VOLUME_MOUNT}/markers/{uuid.uuid4().hex}.log"
     training = {"perDeviceBatchSize": 1, "checkpointEverySteps": 2}  # 16 pairs: 16 steps, 7 checkpoints
     manifest = run_manifest(
-        "resumed", iterations=1, prompts={"perIteration": 16}, training=training, runtime=slowed(0.5, log)
+        "resumed",
+        iterations=1,
+        prompts={"perIteration": 16},
+        training=training,
+        runtime=slowed(0.5, log, SPEC["runtime"]["env"]),
     )
     assert cluster.apply(manifest).returncode == 0
     deleted = delete_pod_when_logged(cluster, "resumed-i1-train", "idpo-checkpoint step 4/16")
@@ -158,7 +129,11 @@ def test_a_generate_pod_lost_mid_way_generates_only_its_unfinished_chunks_again(
     log = f"{VOLUME_MOUNT}/markers/{uuid.uuid4().hex}.log"
     generation = {"batchSize": 2, "chunkPrompts": 2}  # 16 prompts: 8 chunks of one batch each
     manifest = run_manifest(
-        "regenerated", iterations=1, prompts={"perIteration": 16}, generation=generation, runtime=slowed(0.5, log)
+        "regenerated",
+        iterations=1,
+        prompts={"perIteration": 16},
+        generation=generation,
+        runtime=slowed(0.5, log, SPEC["runtime"]["env"]),
     )
     assert cluster.apply(manifest).returncode == 0
     delete_pod_when_logged(cluster, "regenerated-i1-generate", "idpo-chunk 3/8")
@@ -192,8 +167,6 @@ def test_a_full_volume_fails_the_stage_as_volume_full_naming_the_claim(cluster: 
     status = cluster.wait_phase("full", "Failed")
     generate = stage(status, 1, "generate")
     assert f"volume full: claim {CLAIM} (" in status["message"] and "No space left on device" in status["message"]
-    assert generate["phase"] == "Failed"
-    if len(cluster.pods("full-i1-generate")) > 1:
-        # The operator's side of the contract: exit 28 in the Job's podFailurePolicy FailJob rule (beside 2).
-        pytest.xfail("the operator retried exit 28 (VolumeFull): its podFailurePolicy does not fail the Job on it yet")
-    assert generate["attempts"] == 1  # not retried: the next attempt would fill the volume again
+    assert generate["phase"] == "Failed" and generate["reason"] == "VolumeFull"
+    assert {c["type"]: c["reason"] for c in status["conditions"]}["Stalled"] == "VolumeFull"
+    assert generate["attempts"] == 1 and len(cluster.pods("full-i1-generate")) == 1  # the next would fill it again

@@ -43,6 +43,7 @@ class Summary:
     metrics: Mapping[str, Any] = field(default_factory=dict)
     digest: str | None = None
     error: str | None = None
+    reason: str | None = None  # a failure the stage named, e.g. contract.VOLUME_FULL
     warnings: tuple[str, ...] = ()
     log_tail: bool = False  # not JSON: the log's tail (`FallbackToLogsOnError`), the stage died first
 
@@ -182,7 +183,7 @@ def parse_summary(text: str) -> Summary:
     if len(metrics) > MAX_METRICS:
         raise ValueError(f"{len(metrics)} metrics, more than {MAX_METRICS}")
     clean = {str(k)[:100]: _metric(str(k), v, warnings) for k, v in metrics.items()}
-    digest, error = doc.get("digest"), doc.get("error")
+    digest, error, reason = doc.get("digest"), doc.get("error"), doc.get("reason")
     if digest is not None and (not isinstance(digest, str) or not digest.isalnum() or len(digest) > 64):
         raise ValueError(f"digest {str(digest)[:70]!r} is not a short hex string")
     return Summary(
@@ -191,6 +192,7 @@ def parse_summary(text: str) -> Summary:
         metrics=clean,
         digest=digest,
         error=str(error)[-MAX_TEXT:] if error else None,
+        reason=reason if isinstance(reason, str) and reason.isalnum() and len(reason) <= 40 else None,
         warnings=tuple(warnings),
     )
 
@@ -279,6 +281,7 @@ def job_record(job: JobView, pods: list[PodView]) -> StageRecord:
         errors = [p.summary.error for p in pods if p.summary is not None and p.summary.error]
         errors += [p.malformed for p in pods if p.malformed]
         record.phase = Phase.FAILED
+        record.reason = next((p.summary.reason for p in pods if p.summary and p.summary.reason), None)
         record.message = (job.failure or (errors[-1] if errors else f"{cond.reason or 'Failed'}: {cond.message}"))[
             :MAX_TEXT
         ]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from idpo_jobs.config import PVC_CLAIM_ENV, PVC_ROOT_ENV, Resources, Stage, StageConfig, Workspace
-from idpo_jobs.contract import EXIT_BAD_INPUT
+from idpo_jobs.contract import EXIT_BAD_INPUT, EXIT_VOLUME_FULL
 
 from idpo_operator.plan import StageKey
 from idpo_operator.spec import API_VERSION, DEFAULT_STAGE_IMAGE, KIND, IterativeDPORunSpec
@@ -338,10 +338,10 @@ def build_job(launch: Launch) -> dict[str, Any]:
         "imagePullSecrets": [{"name": s} for s in rt.image_pull_secrets],
     }
     pod |= {k: v for k, v in optional.items() if v}
-    # Bad input fails the same way every time: fail the Job without retrying.
+    # Bad input, and a full volume, fail the same way every time: fail the Job without retrying.
     bad_input = {
         "action": "FailJob",
-        "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_BAD_INPUT]},
+        "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_BAD_INPUT, EXIT_VOLUME_FULL]},
     }
     disrupted = {"type": "DisruptionTarget"}  # evictions, preemptions, node drains: not the stage's fault
     job_spec: dict[str, Any] = {"completionMode": "Indexed"}

@@ -48,6 +48,7 @@ class Reason:
     RUNNING = "StageRunning"  # a stage is running or about to start
     PENDING = "Pending"  # nothing started yet
     STAGE_FAILED = "StageFailed"  # a stage failed after its retries
+    VOLUME_FULL = "VolumeFull"  # a stage failed because the run's volume is full (not retried)
     INVALID_SPEC = "InvalidSpec"  # the spec failed validation
     POLICY_DENIED = "PolicyDenied"  # the cluster's policy does not allow what the spec asks for
     SUSPENDED = "Suspended"  # spec.suspend is true
@@ -70,6 +71,7 @@ class StageRecord:
     restarting: str | None = None
     compacted: bool = False  # an old record cut down to its headline metrics (compact.py)
     admission: str | None = None  # under Kueue: Queued, Admitted or Preempted (queueing.py)
+    reason: str | None = None  # of a failure, as the stage named it (VolumeFull)
     # A running stage whose pod waits to start: since when, and the kubelet's or scheduler's reason.
     waiting_since: str | None = field(default=None, compare=False)
     waiting_reason: str | None = field(default=None, compare=False)
@@ -97,6 +99,7 @@ class StageRecord:
             restarting=get("restarting", str),
             compacted=s.get("compacted") is True,
             admission=get("admission", str),
+            reason=get("reason", str),
         )
 
     def to_wire(self) -> dict[str, Any]:
@@ -112,6 +115,7 @@ class StageRecord:
             "restarting": self.restarting,
             "compacted": self.compacted or None,
             "admission": self.admission,
+            "reason": self.reason,
         }
         return {k: v for k, v in out.items() if v is not None}
 
@@ -342,10 +346,8 @@ def build_status(
         reason, message = Reason.SUCCEEDED, f"completed {spec.iterations} iterations"
     elif failed is not None:
         detail = records[failed].message or "failed"
-        reason, message = (
-            Reason.STAGE_FAILED,
-            f"{failed} failed after {records[failed].attempts} attempt(s): {detail}",
-        )
+        reason = Reason.VOLUME_FULL if records[failed].reason == Reason.VOLUME_FULL else Reason.STAGE_FAILED
+        message = f"{failed} failed after {records[failed].attempts} attempt(s): {detail}"
     elif phase == Phase.SUSPENDED:
         reason, message = Reason.SUSPENDED, "suspended: no new stages start"
     elif phase in (Phase.RUNNING, Phase.PENDING) and at is not None and records.get(at, StageRecord()).message:

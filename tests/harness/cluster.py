@@ -43,6 +43,7 @@ from tests.harness import chart
 HARNESS_AGENT = "idpo-test-harness"
 TESTS = Path(__file__).parents[1]
 FUNCTIONS_DIR = f"{VOLUME_MOUNT}/fns"  # where `seed` puts tests/rewards.py; stages get it on PYTHONPATH
+HOOKS_DIR = f"{VOLUME_MOUNT}/hooks"  # where `install_hooks` puts tests/hooks/sitecustomize.py
 SEED_MOUNT = "/etc/idpo-e2e"
 JOB_NAME = "batch.kubernetes.io/job-name"
 LOCAL_GPUS = 8  # nvidia.com/gpu on the local plane's node: what Kueue's quota tests count against
@@ -50,6 +51,27 @@ RESTRICTED = {
     "pod-security.kubernetes.io/enforce": "restricted",
     "pod-security.kubernetes.io/enforce-version": "latest",
 }
+
+INSTALL_HOOKS = """
+import pathlib, sys
+directory = pathlib.Path(sys.argv[1])
+directory.mkdir(parents=True, exist_ok=True)
+(directory / "sitecustomize.py").write_text(sys.argv[2])
+"""
+
+
+def slowed(delay: float, log: str, env: list[dict[str, Any]]) -> dict[str, Any]:
+    """A run's `runtime` whose stages report progress slowly (tests/hooks/sitecustomize.py, installed by
+    `Cluster.install_hooks`) and log it to `log` on the claim; `env`: the run's other variables."""
+    return {
+        "env": [
+            *(e for e in env if e["name"] != "PYTHONPATH"),
+            {"name": "PYTHONPATH", "value": f"{HOOKS_DIR}:{FUNCTIONS_DIR}"},
+            {"name": "IDPO_TEST_PROGRESS_DELAY", "value": str(delay)},
+            {"name": "IDPO_TEST_PROGRESS_LOG", "value": log},
+        ]
+    }
+
 
 # Builds the tiny models on the claim and copies the test reward functions beside them.
 SEED_SCRIPT = """
@@ -373,6 +395,23 @@ class Cluster:
                 return "Complete" in done, "\n".join(messages)
             time.sleep(0.5)
         raise AssertionError(f"Job {name} ({args[:2]}) did not finish in time")
+
+    def install_hooks(self, claim: str) -> None:
+        """Put tests/hooks/sitecustomize.py under `hooks/` on `claim` (see `slowed`)."""
+        source = (TESTS / "hooks" / "sitecustomize.py").read_text()
+        installed, message = self.run_job(["-c", INSTALL_HOOKS, HOOKS_DIR, source], claim=claim)
+        assert installed, message
+
+    def pod_that_logged(self, job: str, text: str, timeout: float = 180) -> str:
+        """The name of a running pod of `job` once its log shows `text`."""
+        deadline = time.monotonic() + timeout * self.patience
+        while time.monotonic() < deadline:
+            for pod in self.pods(job):
+                name = pod["metadata"]["name"]
+                if pod["status"].get("phase") == "Running" and text in self.kubectl("logs", name).stdout:
+                    return name
+            time.sleep(0.2)
+        raise AssertionError(f"no pod of {job} logged {text!r}: {json.dumps(self.pods(job))[:2000]}")
 
     def seed(self, claim: str) -> None:
         """Put the tiny models under `tiny/` and tests/rewards.py under `fns/` on `claim`."""
