@@ -87,7 +87,7 @@ def test_failure_policy_ignores_disruptions_and_does_not_retry_bad_input() -> No
     assert (body["spec"]["backoffLimitPerIndex"], body["spec"]["maxFailedIndexes"]) == (4, 0)  # per shard
     assert "backoffLimit" not in body["spec"]
     assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
-    assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [2]
+    assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [2, 28]  # bad input, volume full
 
 
 def test_runtime_settings_reach_the_pod() -> None:
@@ -196,7 +196,7 @@ def test_a_train_stage_on_several_nodes_is_one_indexed_job_that_fails_whole() ->
     rules = js["podFailurePolicy"]["rules"]
     assert [r["action"] for r in rules] == ["FailJob", "FailJob"]
     assert rules[0]["onPodConditions"] == [{"type": "DisruptionTarget"}]
-    assert rules[1]["onExitCodes"]["values"] == [2]
+    assert rules[1]["onExitCodes"]["values"] == [2, 28]
     assert body["metadata"]["annotations"][resources.ANNOTATION_ATTEMPT] == "1"
     assert body["metadata"]["labels"][resources.LABEL_QUEUE] == "gpu"  # Kueue admits the gang as one
     assert any(v["name"] == "dshm" and v["emptyDir"] == {"medium": "Memory"} for v in pod["volumes"])
