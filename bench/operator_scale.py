@@ -221,6 +221,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--cluster-wide", action="store_true", help="the operator watches every namespace (-A)")
     parser.add_argument("--churn", type=int, default=0, help="unrelated Jobs to create and delete elsewhere meanwhile")
+    parser.add_argument("--idle-seconds", type=float, default=60, help="with --runs 0 and no churn: how long to idle")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="idpo-bench-"))
@@ -267,6 +268,9 @@ def main() -> None:
         operator_env["PYTHONPATH"] = os.pathsep.join([str(source / "operator"), str(source / "jobs")])
         log = (work / "operator.log").open("w")
         scope = ["-A"] if args.cluster_wide else ["-n", NAMESPACE]
+        if (source / "operator" / "idpo_operator" / "policy.py").exists():  # the bench's runs rank with a function
+            (work / "policy.yaml").write_text("functionModules: null\n")
+            scope += ["--policy", str(work / "policy.yaml")]
         operator = subprocess.Popen(
             [sys.executable, "-m", "idpo_operator", "operator", *scope, "--log-format", "plain"],
             env=operator_env,
@@ -287,14 +291,23 @@ def main() -> None:
             if args.churn:
                 threading.Thread(target=lambda: churned.append(churn(kubectl, args.churn, stop_churn))).start()
             bodies = [manifest(f"run-{i:04d}", args.iterations, evaluation) for i in range(args.runs)]
-            kubectl("create", "-f", "-", stdin=yaml.safe_dump_all(bodies))
+            if bodies:
+                kubectl("create", "-f", "-", stdin=yaml.safe_dump_all(bodies))
+            phases: list[str] = []
             while True:
-                phases = kubectl("get", "idpo", "-n", NAMESPACE, "-o", "jsonpath={.items[*].status.phase}").split()
-                done = sum(p in ("Succeeded", "Failed") for p in phases)
-                if done == args.runs:
+                if args.runs:
+                    phases = kubectl("get", "idpo", "-n", NAMESPACE, "-o", "jsonpath={.items[*].status.phase}").split()
+                    done = sum(p in ("Succeeded", "Failed") for p in phases)
+                    if done == args.runs:
+                        break
+                elif args.churn:  # no runs: the operator idles while the other team's Jobs come and go
+                    left = kubectl("get", "jobs", "-n", CHURN_NAMESPACE, "-o", "name").split()
+                    if churned and not left:
+                        break
+                elif time.monotonic() - started > args.idle_seconds:
                     break
                 if time.monotonic() - started > args.timeout:
-                    raise RuntimeError(f"only {done}/{args.runs} runs finished in {args.timeout:.0f} s")
+                    raise RuntimeError(f"did not finish in {args.timeout:.0f} s")
                 time.sleep(2)
             wall = time.monotonic() - started
             stop_churn.set()
@@ -321,6 +334,7 @@ def main() -> None:
         result["operator_cpu_ms_per_handoff"] = round(
             1000 * result["operator_cpu_seconds"] / max(result["handoffs"], 1), 2
         )
+        result["operator_cpu_ms_per_second"] = round(1000 * result["operator_cpu_seconds"] / wall, 2)
     out = ROOT / "bench" / "results" / f"operator_scale-{args.runs}x{args.iterations}-{args.label}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 import pytest
-from idpo_operator import report
+from idpo_jobs import report
 
 CHECKPOINT = "pvc://data/idpo/tiny-1a2b3c4d/iter-2/train/model"
 
@@ -113,7 +113,7 @@ def test_the_html_page_renders_before_any_iteration_has_metrics() -> None:
 def test_the_report_imports_without_torch_or_matplotlib(status) -> None:
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['matplotlib'] = None\n"
-        "from idpo_operator import report\n"
+        "from idpo_jobs import report\n"
         "print(report.render_markdown({'iterations': [{'iteration': 1, 'stages': {}}]}))\n"
         "try:\n    report.render_html({})\nexcept ImportError as err:\n    print(err)\n"
     )

@@ -438,13 +438,24 @@ class EvaluationSpec(Model):
         None,
         description="Held-out prompts: the first `limit` rows of `split` (its `splitPattern` is ignored and "
         "`perIteration` refused: the set is the same for every iteration). None: derived from the run's "
-        "`prompts` so that no iteration trains on them. With `perIteration`, the LAST `limit` prompts of the same "
-        "seeded shuffle whose slices the iterations take from the front (the run fails when they would overlap: "
-        "`iterations * perIteration + limit` must not exceed the rows of `split`). For a dataset without "
+        "`prompts` so that no iteration trains on them. With `perIteration`, the prompts of the same seeded "
+        "shuffle that the iterations (slices from its front) leave, the last `limit` of them at most; the run is "
+        "refused before its first stage when fewer than `minPrompts` are left. For a dataset without "
         "`perIteration`, its split `test`, or `splitPattern` with `train` replaced by `test` at n=1 (the recipe's "
         "`test_iteration_1`). A file without `perIteration` has no held-out part: set this.",
     )
-    limit: int = Field(200, ge=1, description="Held-out prompts per evaluation (one response each).")
+    limit: int = Field(
+        200,
+        ge=1,
+        description="Held-out prompts per evaluation (one response each), at most: with `perIteration` and no "
+        "`prompts`, the prompts no iteration trains on, up to this many.",
+    )
+    min_prompts: int = Field(
+        16,
+        ge=1,
+        description="Fewer held-out prompts than this and the run is refused before its first stage (a win rate "
+        "on a handful of prompts says nothing).",
+    )
     temperature: float = Field(
         0.0,
         ge=0,
@@ -502,6 +513,48 @@ class EvaluationSpec(Model):
         return None
 
 
+class MlflowSpec(Model):
+    """An MLflow tracking server the stages report to (docs/tracking.md)."""
+
+    tracking_uri: str = Field(
+        max_length=MAX_URI,
+        pattern=r"^(https?://[^\s/]+|file:///?[^\s]*)",
+        description="The server, as `http(s)://host[:port]` (what the stage pods can reach), or `file:///path` "
+        "for a local run.",
+    )
+    experiment: str = Field("idpo", min_length=1, max_length=256, description="MLflow experiment of the run.")
+    credentials_secret: str | None = Field(
+        None,
+        max_length=MAX_NAME,
+        description="A Secret whose keys the stages get as env: MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN (the cluster's policy must allow the Secret).",
+    )
+
+
+class TrackingSpec(Model):
+    """Experiment tracking, off by default: the stages report to MLflow and/or write TensorBoard files."""
+
+    mlflow: MlflowSpec | None = Field(
+        None,
+        description="One MLflow run per IterativeDPORun, a nested run per iteration: frozen configs as params, "
+        "per-step training metrics, generation and ranking statistics, evaluation metrics (step = iteration), "
+        "the best checkpoint as a tag. A server that is down is a warning, never a failed stage.",
+    )
+    tensorboard: bool = Field(
+        False, description="TensorBoard event files on the claim, under the run's folder: `tensorboard/iter-<n>/`."
+    )
+
+
+class TrackingConfig(TrackingSpec):
+    """What a stage gets of `spec.tracking`: the spec, whose run it is, and the MLflow runs made so far."""
+
+    run: str = Field(max_length=MAX_NAME)
+    namespace: str | None = Field(None, max_length=63)
+    uid: str | None = Field(None, max_length=64)
+    parent_run_id: str | None = Field(None, max_length=64, description="None: this stage creates it.")
+    iteration_run_id: str | None = Field(None, max_length=64, description="None: this stage creates it.")
+
+
 # ---------------------------------------------------------------------------------------------
 # Workspace layout: the one place that names paths on the volume.
 # ---------------------------------------------------------------------------------------------
@@ -556,6 +609,7 @@ class StageConfig(Model):
     input_digests: list[str] | None = Field(
         None, description="The input stage's part digests as reported when it completed; None: not checked."
     )
+    tracking: TrackingConfig | None = Field(None, description="None: no experiment tracking.")
 
     @property
     def stage_dir(self) -> Path:

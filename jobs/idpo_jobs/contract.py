@@ -67,6 +67,17 @@ class StageError(Exception):
     """A failure the user can fix (bad input, missing files); reported without a traceback."""
 
 
+_warnings: list[str] = []
+MAX_WARNINGS = 5
+
+
+def warn(text: str) -> None:
+    """Something the stage's summary should say though the stage succeeds (a tracking server away)."""
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+    if text not in _warnings and len(_warnings) < MAX_WARNINGS:
+        _warnings.append(text[:300])
+
+
 def volume_full_error(err: BaseException) -> BaseException | None:
     """The error in `err`'s chain (itself, its cause or context) that says the volume is full, or None."""
     seen: set[int] = set()
@@ -270,13 +281,17 @@ def run_stage(config: C, compute: Compute[C], inputs: dict[str, str]) -> dict[st
         durable.remove(work_dir(final))  # an attempt that published and was killed before tidying up
         return _report(config, final, done)
 
+    from idpo_jobs import tracking  # it reports through this module
+
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))  # see remove_leftovers
     started = time.time()
+    _warnings.clear()
     try:
         try:
-            metrics = compute(config, tmp, shard)
+            with tracking.session(config, shard) as tracker:
+                metrics = {**compute(config, tmp, shard), **tracker.created}
         except Exception:
             twin = read_success(final)
             if twin is None:
@@ -295,6 +310,8 @@ def run_stage(config: C, compute: Compute[C], inputs: dict[str, str]) -> dict[st
             "inputs": {name: fingerprint(value) for name, value in inputs.items()},
             "versions": versions(),
         }
+        if _warnings:
+            summary["warnings"] = list(_warnings)
         if not durable.publish(tmp, final, summary):
             print(f"{final} was completed by a concurrent run; keeping that one", flush=True)
             summary = read_success(final) or summary

@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import random
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from idpo_jobs import contract, data, generate, rank, winrate
-from idpo_jobs.config import EvaluateConfig, GenerationSpec
+from idpo_jobs import contract, data, generate, rank, tracking, winrate
+from idpo_jobs.config import PVC_CLAIM_ENV, PVC_SCHEME, EvaluateConfig, GenerationSpec, Stage, Workspace, on_volume
 from idpo_jobs.uris import resolve_uri
 
 RESPONSES = "responses.jsonl"
@@ -55,13 +57,14 @@ def heldout_prompts(config: EvaluateConfig) -> list[dict[str, str]]:
     order = list(range(len(rows)))
     random.Random(run.seed).shuffle(order)
     trained = config.iterations * run.per_iteration
-    if trained + ev.limit > len(rows):
+    left = min(ev.limit, len(rows) - trained)  # what no iteration trains on, up to the limit
+    if left < ev.min_prompts:
         raise contract.StageError(
-            f"evaluation.limit={ev.limit} held-out prompts overlap the training slices: {config.iterations} "
-            f"iterations x prompts.perIteration={run.per_iteration} use {trained} of the {len(rows)} prompts; "
-            "lower evaluation.limit or prompts.perIteration, or set evaluation.prompts"
+            f"only {max(left, 0)} held-out prompts are left, fewer than evaluation.minPrompts={ev.min_prompts}: "
+            f"{config.iterations} iterations x prompts.perIteration={run.per_iteration} use {trained} of the "
+            f"{len(rows)} prompts of {run.source}; lower iterations or prompts.perIteration, or set evaluation.prompts"
         )
-    return [rows[i] for i in order[len(rows) - ev.limit :]]
+    return [rows[i] for i in order[len(rows) - left :]]
 
 
 def decoding(config: EvaluateConfig) -> GenerationSpec:
@@ -225,7 +228,43 @@ def compute(config: EvaluateConfig, out: Path, shard: int) -> dict[str, Any]:
         (out / ALPACA_EVAL_BEST_OF_N).write_text(json.dumps(bon, indent=1))
     if judgments:
         data.write_jsonl(out / JUDGMENTS, judgments)
+    track(config, metrics)
     return metrics
+
+
+def track(config: EvaluateConfig, metrics: dict[str, Any]) -> None:
+    """On the run's own MLflow run: this evaluation's metrics (step = iteration), the best checkpoint so
+    far as a tag, and the report of the iterations evaluated so far as an artifact."""
+    tracker = tracking.current()
+    tracker.metrics(metrics, step=config.iteration, prefix="evaluate/", parent=True)
+    if not tracker.enabled or config.iteration == 0:
+        return
+    ws = Workspace(config.workspace)
+    iterations = []
+    for k in range(config.iteration + 1):
+        stages = {s: contract.read_success(on_volume(ws.stage_dir(k, s))) for s in (Stage.RANK, Stage.TRAIN)}
+        evaluated = {"metrics": metrics} if k == config.iteration else contract.read_success(config.evaluation_dir(k))
+        found = {s.value: {"metrics": v.get("metrics", {})} for s, v in stages.items() if v}
+        iterations.append(
+            {"iteration": k, "stages": {**found, "evaluate": {"metrics": (evaluated or {}).get("metrics", {})}}}
+        )
+    rule = config.evaluation.stop_when
+    history = [it["stages"]["evaluate"]["metrics"] for it in iterations[1:]]
+    best = winrate.best_index(history, rule.metric if rule else "lcWinRateVsBase")
+    if best is not None:
+        uri = ws.checkpoint_uri(best + 1)
+        claim = os.environ.get(PVC_CLAIM_ENV)
+        if claim and uri.startswith(PVC_SCHEME):
+            uri = f"{PVC_SCHEME}{claim}/{uri[len(PVC_SCHEME) :]}"  # KServe's form, as status names it
+        tracker.tag("idpo.best_iteration", str(best + 1), parent=True)
+        tracker.tag("idpo.best_checkpoint", uri, parent=True)
+    from idpo_jobs import report
+
+    status = {"iterations": iterations, "bestIteration": best + 1 if best is not None else None}
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "report.md"
+        path.write_text(report.render_markdown(status, config.run))
+        tracker.artifact(path, parent=True)
 
 
 def inputs(config: EvaluateConfig) -> dict[str, str]:

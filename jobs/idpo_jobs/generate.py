@@ -18,7 +18,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from idpo_jobs import contract, data, resume
+from idpo_jobs import contract, data, resume, tracking
 from idpo_jobs.config import GenerateConfig, GenerationSpec
 from idpo_jobs.uris import resolve_uri
 
@@ -178,7 +178,7 @@ def compute(config: GenerateConfig, out: Path, shard: int) -> dict[str, Any]:
     rows = done.rows
     data.write_jsonl(out / OUTPUT, rows)
     lengths = [len(r) for row in rows for r in row["all_generated_responses"]]
-    return {
+    metrics = {
         "prompts": len(rows),
         "responses": len(lengths),
         "mean_response_chars": round(statistics.fmean(lengths), 2) if lengths else 0.0,
@@ -186,6 +186,10 @@ def compute(config: GenerateConfig, out: Path, shard: int) -> dict[str, Any]:
         "engine": spec.engine,
         "resumed_prompts": done.resumed,
     }
+    tracker = tracking.current()
+    tracker.metrics(metrics, step=shard, prefix="generate/")
+    tracker.distribution("generate/response_chars", [float(n) for n in lengths], step=shard)
+    return metrics
 
 
 def inputs(config: GenerateConfig) -> dict[str, str]:

@@ -15,11 +15,12 @@ import importlib
 import math
 import statistics
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from idpo_jobs import contract, data, pairing, resume
+from idpo_jobs import contract, data, pairing, resume, tracking
 from idpo_jobs.config import RankConfig, RankingSpec, Stage, on_volume
 from idpo_jobs.generate import OUTPUT as GENERATIONS
 from idpo_jobs.uris import resolve_uri
@@ -211,7 +212,7 @@ def compute(config: RankConfig, out: Path, shard: int) -> dict[str, Any]:
     def mean(values: list[float]) -> float:
         return round(statistics.fmean(values), 4) if values else 0.0
 
-    return {
+    metrics = {
         "prompts": len(rows),
         "pairs": len(pairs),
         "dropped_ties": ties,
@@ -222,6 +223,25 @@ def compute(config: RankConfig, out: Path, shard: int) -> dict[str, Any]:
         "ranker": spec.ranker,
         "resumed_prompts": done.resumed,
     }
+    track(metrics, pairs, shard, out)
+    return metrics
+
+
+SAMPLE_PAIRS = 20
+
+
+def track(metrics: dict[str, Any], pairs: list[dict[str, Any]], shard: int, out: Path) -> None:
+    """The shard's pairing statistics and score distributions, and a sample of its pairs (artifact)."""
+    tracker = tracking.current()
+    tracker.metrics(metrics, step=shard, prefix="rank/")
+    for side in ("chosen", "rejected"):
+        tracker.distribution(f"rank/{side}_score", [float(p[f"score_{side}"]) for p in pairs], step=shard)
+    tracker.distribution("rank/margin", [float(p["score_chosen"] - p["score_rejected"]) for p in pairs], step=shard)
+    if pairs and tracker.enabled:
+        with tempfile.TemporaryDirectory() as scratch:  # not in `out`: the sample is no part of the output
+            sample = Path(scratch) / f"pairs-sample-{shard:05d}.jsonl"
+            data.write_jsonl(sample, pairs[:SAMPLE_PAIRS])
+            tracker.artifact(sample)
 
 
 def inputs(config: RankConfig) -> dict[str, str]:

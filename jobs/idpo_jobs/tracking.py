@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,9 @@ from idpo_jobs.config import StageConfig, on_volume
 CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 MAX_PARAM = 500  # characters of a param value MLflow keeps (longer: cut, e.g. a chat template)
 TAG = "idpo."
+# The frozen spec sections each stage reports as params of its iteration's run.
+SECTIONS = {"generate": ("prompts", "generation"), "rank": ("ranking",), "train": ("training",)}
+SECTIONS["evaluate"] = ("evaluation",)
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -52,9 +56,9 @@ def numbers(values: Mapping[str, Any]) -> dict[str, float]:
 class Tracker:
     """What one stage process reports to MLflow and TensorBoard; every call is safe to make."""
 
-    def __init__(self, config: StageConfig, shard: int = 0, main: bool = True) -> None:
+    def __init__(self, config: StageConfig | None, shard: int = 0, main: bool = True) -> None:
         self.config, self.shard = config, shard
-        self.spec = config.tracking
+        self.spec = config.tracking if config is not None else None
         self.enabled = self.spec is not None and main
         self.client: Any = None
         self.parent_id = self.spec.parent_run_id if self.spec else None
@@ -91,16 +95,21 @@ class Tracker:
             experiment_id = (
                 experiment.experiment_id if experiment else client.create_experiment(self.spec.mlflow.experiment)
             )
-            tags = {f"{TAG}namespace": self.spec.namespace or "", f"{TAG}name": self.spec.run, f"{TAG}uid": self.spec.uid or ""}
+            tags = {
+                f"{TAG}namespace": self.spec.namespace or "",
+                f"{TAG}name": self.spec.run,
+                f"{TAG}uid": self.spec.uid or "",
+            }
             if self.parent_id is None:
                 self.parent_id = client.create_run(experiment_id, tags=tags, run_name=self.spec.run).info.run_id
                 self.created["mlflow_run_id"] = self.parent_id
             if self.run_id is None:
-                nested = {**tags, "mlflow.parentRunId": self.parent_id, f"{TAG}iteration": str(self.config.iteration)}
-                name = f"{self.spec.run}-iter-{self.config.iteration}"
+                iteration = self.config.iteration if self.config is not None else 0
+                nested = {**tags, "mlflow.parentRunId": self.parent_id, f"{TAG}iteration": str(iteration)}
+                name = f"{self.spec.run}-iter-{iteration}"
                 self.run_id = client.create_run(experiment_id, tags=nested, run_name=name).info.run_id
                 self.created["mlflow_iteration_run_id"] = self.run_id
-        except Exception as err:  # noqa: BLE001  (any error of the client or the server: a warning)
+        except Exception as err:
             self._failed("opening the runs", err)
         return dict(self.created)
 
@@ -112,10 +121,11 @@ class Tracker:
         from mlflow.entities import Param
 
         try:
-            flat = flatten(sections)
+            flat = {k: v for k, v in flatten(sections).items() if v is not None}
             params = [Param(k, str(v)[:MAX_PARAM]) for k, v in flat.items()]
-            client.log_batch(self.run_id, params=params)
-        except Exception as err:  # noqa: BLE001
+            for start in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
+                client.log_batch(self.run_id, params=params[start : start + 100])
+        except Exception as err:
             self._failed("logging params", err)
 
     def metrics(self, values: Mapping[str, Any], step: int = 0, prefix: str = "", parent: bool = False) -> None:
@@ -134,8 +144,27 @@ class Tracker:
         try:
             now = int(time.time() * 1000)
             client.log_batch(run, metrics=[Metric(k, v, now, step) for k, v in found.items()])
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             self._failed("logging metrics", err)
+
+    def distribution(self, name: str, values: list[float], step: int = 0) -> None:
+        """A distribution (response lengths, scores): its mean and deciles as metrics, and a histogram."""
+        found = sorted(v for v in values if math.isfinite(v))
+        if not found:
+            return
+
+        def quantile(q: float) -> float:
+            return found[min(len(found) - 1, round(q * (len(found) - 1)))]
+
+        summary = {"mean": sum(found) / len(found), "p10": quantile(0.1), "p50": quantile(0.5), "p90": quantile(0.9)}
+        self.metrics(summary, step=step, prefix=f"{name}_")
+        if self.enabled and self.spec is not None and self.spec.tensorboard and self.writer is not None:
+            try:
+                import torch
+
+                self.writer.add_histogram(name, torch.tensor(found), step)
+            except Exception as err:
+                contract.warn(f"tracking failed (TensorBoard): {type(err).__name__}: {str(err)[:200]}")
 
     def tag(self, key: str, value: str, parent: bool = False) -> None:
         client = self._mlflow()
@@ -143,7 +172,7 @@ class Tracker:
         if client is not None and run is not None:
             try:
                 client.set_tag(run, key, value)
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 self._failed("tagging", err)
 
     def artifact(self, path: Path, parent: bool = False) -> None:
@@ -152,11 +181,12 @@ class Tracker:
         if client is not None and run is not None:
             try:
                 client.log_artifact(run, str(path))
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 self._failed("logging an artifact", err)
 
     # -- TensorBoard -------------------------------------------------------------------------------
     def tensorboard_dir(self) -> Path:
+        assert self.config is not None
         return on_volume(Path(self.config.workspace) / "tensorboard" / f"iter-{self.config.iteration}")
 
     def _tensorboard_scalars(self, values: Mapping[str, float], step: int) -> None:
@@ -169,7 +199,7 @@ class Tracker:
                 self.writer = SummaryWriter(log_dir=str(self.tensorboard_dir()))
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             contract.warn(f"tracking failed (TensorBoard): {type(err).__name__}: {str(err)[:200]}")
             self.spec = self.spec.model_copy(update={"tensorboard": False})
 
@@ -177,7 +207,7 @@ class Tracker:
         if self.writer is not None:
             try:
                 self.writer.close()
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 contract.warn(f"tracking failed (TensorBoard): {err}")
 
 
@@ -191,3 +221,31 @@ def trainer_callback(tracker: Tracker) -> Any:
                 tracker.metrics(logs, step=state.global_step, prefix="train/")
 
     return Track()
+
+
+_current: Tracker | None = None
+_DISABLED = Tracker(None)
+
+
+def current() -> Tracker:
+    """The tracker of this stage process (a disabled one outside a stage, and on ranks other than 0)."""
+    return _current or _DISABLED
+
+
+@contextmanager
+def session(config: StageConfig, shard: int) -> Iterator[Tracker]:
+    """The stage's tracking: its runs opened (created if it is the first), its sections as params; closed
+    at the end, whatever happened. The first stage of the run or of an iteration runs as one process
+    (evaluate, train) or as shards: only shard 0 opens runs then, the others report to TensorBoard only."""
+    global _current
+    opening = config.tracking is not None and (shard == 0 or config.tracking.iteration_run_id is not None)
+    tracker = Tracker(config, shard, main=opening)
+    if tracker.enabled:
+        tracker.open()
+        tracker.params({name: getattr(config, name).to_wire() for name in SECTIONS.get(config.stage.value, ())})
+    _current = tracker
+    try:
+        yield tracker
+    finally:
+        _current = None
+        tracker.close()

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from idpo_jobs import contract, data, distributed, resume
+from idpo_jobs import contract, data, distributed, resume, tracking
 from idpo_jobs.config import MODEL_DIR, Stage, TrainConfig, TrainingSpec, on_volume
 from idpo_jobs.rank import OUTPUT as PAIRS
 from idpo_jobs.uris import resolve_uri
@@ -286,7 +286,12 @@ def compute(config: TrainConfig, out: Path, shard: int) -> dict[str, Any]:
         train_dataset=training_dataset(pairs, out, ranks, shared=world.size > 1 and t.precompute_ref_log_probs),
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[progress_callback(world), saves, *profile_callbacks(world)],
+        callbacks=[
+            progress_callback(world),
+            saves,
+            *profile_callbacks(world),
+            *([tracking.trainer_callback(tracking.current())] if world.main else []),
+        ],
     )
     result = trainer.train(resume_from_checkpoint=resume_from)
     save(trainer, out / MODEL_DIR, world.main, peft_config is not None, torch.bfloat16 if cuda else torch.float32)
@@ -294,6 +299,8 @@ def compute(config: TrainConfig, out: Path, shard: int) -> dict[str, Any]:
     if not world.main:
         return {}
     tokenizer.save_pretrained(out / MODEL_DIR)
+    # The Trainer's own log, with the checkpoint: `idpo report` draws the curves of every iteration from it.
+    (out / MODEL_DIR / TRAINING_LOG).write_text(json.dumps(trainer.state.log_history))
 
     logs = [e for e in trainer.state.log_history if "rewards/accuracies" in e]
 
@@ -321,7 +328,31 @@ def compute(config: TrainConfig, out: Path, shard: int) -> dict[str, Any]:
         "steps_executed": trainer.state.global_step - resumed_step,
         "checkpoints_saved": len(saves.saved),
         "checkpoint_seconds": round(sum(c.marker.get("seconds", 0.0) for c in saves.saved), 3),
+        **curves(trainer.state.log_history),
     }
+
+
+TRAINING_LOG = "training_log.json"
+CURVES = {"loss": "loss", "reward_margin": "rewards/margins", "reward_accuracy": "rewards/accuracies"}
+CURVE_POINTS = 24  # per curve in the stage's summary (and status): the whole log is in TRAINING_LOG
+
+
+def curves(log_history: list[dict[str, Any]], points: int = CURVE_POINTS) -> dict[str, list[float]]:
+    """The per-step DPO loss, reward margin and accuracy, at most `points` evenly spread steps each."""
+    entries = [e for e in log_history if "loss" in e and "step" in e and "train_loss" not in e]
+    if not entries:
+        return {}
+    picked = (
+        entries
+        if len(entries) <= points
+        else [entries[round(i * (len(entries) - 1) / (points - 1))] for i in range(points)]
+    )
+    out = {"curve_step": [int(e["step"]) for e in picked]}
+    for name, key in CURVES.items():
+        out[f"curve_{name}"] = [
+            round(float(e[key]), 4) if isinstance(e.get(key), int | float) else None for e in picked
+        ]
+    return out
 
 
 def inputs(config: TrainConfig) -> dict[str, str]:

@@ -296,6 +296,7 @@ class Controller:
         # kopf calls the first handler only once every index is filled: before that, a reconcile would
         # see a run without its Jobs and start them again.
         self._indexed = threading.Event()
+        self._jobs: dict[str | None, observe.JobView] = {}  # each Job as its last event showed it
         self.queue = workqueue.WorkQueue(
             self.reconcile, workers=workers, active=lambda: self._indexed.is_set() and self.is_leader()
         )
@@ -337,6 +338,26 @@ class Controller:
     def changed(self, key: RunKey) -> None:
         self._indexed.set()
         self.queue.add(key)
+
+    def run_changed(self, key: RunKey, resource_version: str) -> None:
+        """The run changed, unless the change is our own status write, which has nothing new to decide on."""
+        if self.expectations.written(key, resource_version):
+            self._indexed.set()
+            return
+        self.changed(key)
+
+    def job_changed(self, key: RunKey, job: observe.JobView, deleted: bool) -> None:
+        """A Job event: a reconcile only when what a decision reads of the Job changed (most of a Job's
+        updates are counts of active and ready pods)."""
+        last = self._jobs.pop(job.uid, None) if deleted else self._jobs.get(job.uid)
+        if not deleted:
+            if last == job:
+                self._indexed.set()
+                return
+            self._jobs[job.uid] = job
+        self.changed(key)
+        if job.done and self.settings.max_concurrent_stages:
+            self.job_finished()
 
     def changed_label(self, namespace: str, label: str) -> None:
         """A child that names its run only by the (possibly shortened) run label: a Kueue Workload."""

@@ -80,10 +80,11 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from idpo_operator import report
+    from idpo_jobs import report
 
     status, name = _load_status(args)
-    text = report.render_html(status, name) if args.format == "html" else report.render_markdown(status, name)
+    html = args.format == "html" or (args.format is None and (args.output or "").endswith((".html", ".htm")))
+    text = report.render_html(status, name) if html else report.render_markdown(status, name)
     if args.output:
         Path(args.output).write_text(text)
         print(f"wrote {args.output}", file=sys.stderr)
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("run", nargs="?", help="an IterativeDPORun on the cluster of the current kubeconfig")
     rep.add_argument("-n", "--namespace", help="with RUN; default: the kubeconfig context's namespace")
     rep.add_argument("--workdir", help="a local run's workdir")
-    rep.add_argument("--format", choices=["html", "md"], default="md")
+    rep.add_argument("--format", choices=["html", "md"], help="default: html for an -o ending in .html, else md")
     rep.add_argument("-o", "--output", help="write to this file (an .html page embeds its plots)")
     rep.set_defaults(func=_report)
     crd = sub.add_parser("crd", help="print the CustomResourceDefinition generated from the spec models")

@@ -21,12 +21,14 @@ from idpo_jobs.config import Stage
 BUDGET = 192 * 1024  # bytes of status.iterations and status.frozenSpecs together
 KEEP_WHOLE = 5
 READS = {Stage.RANK.value: Stage.GENERATE.value, Stage.TRAIN.value: Stage.RANK.value}
+# The MLflow runs a stage created stay: later stages report to them.
+TRACKING = ("mlflow_run_id", "mlflow_iteration_run_id")
 HEADLINE = {
-    Stage.GENERATE.value: ("prompts", "responses", "mean_response_chars"),
-    Stage.RANK.value: ("pairs", "dropped_ties", "mean_chosen_score", "mean_rejected_score"),
-    Stage.TRAIN.value: ("pairs", "steps", "loss", "reward_accuracy", "reward_margin", "resumed_from_step"),
+    Stage.GENERATE.value: ("prompts", "responses", "mean_response_chars", *TRACKING),
+    Stage.RANK.value: ("pairs", "dropped_ties", "mean_chosen_score", "mean_rejected_score", *TRACKING),
+    Stage.TRAIN.value: ("pairs", "steps", "loss", "reward_accuracy", "reward_margin", "resumed_from_step", *TRACKING),
     # What early stopping and the best checkpoint are decided on must survive.
-    Stage.EVALUATE.value: ("prompts", "win_rate_vs_base", "lc_win_rate_vs_base", "lc_win_rate_vs_previous"),
+    Stage.EVALUATE.value: ("prompts", "win_rate_vs_base", "lc_win_rate_vs_base", "lc_win_rate_vs_previous", *TRACKING),
 }
 KEPT_FIELDS = ("phase", "attempts", "startTime", "completionTime")
 

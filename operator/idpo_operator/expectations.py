@@ -73,6 +73,11 @@ class Expectations:
         with self._lock:
             self._status[run] = (resource_version, status)
 
+    def written(self, run: Hashable, resource_version: str) -> bool:
+        """Whether `resource_version` of the run is the one our last status write made."""
+        with self._lock:
+            return bool(resource_version) and self._status.get(run, ("",))[0] == resource_version
+
     def status(self, run: Hashable, cached_version: str, cached: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
         """(resourceVersion, status) as a decision must read them: our write's, while the cache is behind it."""
         with self._lock:

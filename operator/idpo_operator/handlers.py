@@ -95,24 +95,37 @@ async def pods(namespace: str, labels: dict[str, str], body: kopf.Body, **_: Any
 
 # -- triggers ----------------------------------------------------------------------------------------
 @kopf.on.event(*RUNS)
-async def run_changed(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
-    memo.controller.changed((namespace, name))
+async def run_changed(name: str, namespace: str, meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+    memo.controller.run_changed((namespace, name), meta.get("resourceVersion", ""))
+
+
+def _run_of(annotations: dict[str, str], labels: dict[str, str]) -> str:
+    """The annotation holds the run's full name; the label is shortened for names over 63 characters."""
+    return annotations.get(ANNOTATION_RUN) or labels[LABEL_RUN]
+
+
+@kopf.on.event(*JOBS, labels=OURS)
+async def job_changed(
+    type: str | None,
+    annotations: dict[str, str],
+    labels: dict[str, str],
+    namespace: str,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    **_: Any,
+) -> None:
+    memo.controller.job_changed((namespace, _run_of(annotations, labels)), observe.job_view(body), type == "DELETED")
 
 
 def _waiting(status: dict[str, Any], **_: Any) -> bool:
     return status.get("phase") == "Pending"
 
 
-@kopf.on.event(*JOBS, labels=OURS)
 @kopf.on.event(*PODS, labels=OURS, when=_waiting)  # why a pod waits; its Job tells the rest
-async def child_changed(
-    annotations: dict[str, str], labels: dict[str, str], namespace: str, body: kopf.Body, memo: kopf.Memo, **_: Any
+async def pod_changed(
+    annotations: dict[str, str], labels: dict[str, str], namespace: str, memo: kopf.Memo, **_: Any
 ) -> None:
-    # The annotation holds the full name; the label is shortened for names over 63 characters.
-    controller: apply.Controller = memo.controller
-    controller.changed((namespace, annotations.get(ANNOTATION_RUN) or labels[LABEL_RUN]))
-    if controller.settings.max_concurrent_stages and body.get("kind") == "Job" and observe.job_view(body).done:
-        controller.job_finished()
+    memo.controller.changed((namespace, _run_of(annotations, labels)))
 
 
 @kopf.on.probe(id="reconciles")

@@ -108,8 +108,25 @@ class LocalRunner:
         return status
 
     # -- execution -------------------------------------------------------------------------
+    def heldout_problem(self) -> str | None:
+        """Why evaluation cannot have a held-out set from the run's prompts: checked on the data before any
+        stage runs (a cluster run learns it from its first stage, the base model's evaluation)."""
+        if not self.spec.evaluation.enabled:
+            return None
+        from idpo_jobs import evaluate
+
+        config = plan.stage_config(self.spec, self.name, self.workspace, StageKey(plan.BASE, Stage.EVALUATE))
+        try:
+            evaluate.heldout_prompts(config)  # type: ignore[arg-type]
+        except contract.StageError as err:
+            return str(err)
+        return None
+
     def run(self) -> int:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if problem := self.heldout_problem():
+            print(f"run refused: {problem}", file=self.out)
+            return 2
         while (step := rules.next_step(self.spec, self.observe())).start is not None:
             self.run_stage(step.start)
         status = self.write_status()
@@ -126,7 +143,9 @@ class LocalRunner:
         """Run one stage to its end; a failure is recorded for `rules.next_step` to stop on."""
         source = plan.input_of(key)
         digests = self.records[source].digests if source in self.records else None
-        config = plan.stage_config(self.spec, self.name, self.workspace, key, input_digests=digests)
+        reported = {k: r.metrics for k, r in self.records.items()}
+        tracking = plan.tracking_config(self.spec, self.name, key, reported)
+        config = plan.stage_config(self.spec, self.name, self.workspace, key, input_digests=digests, tracking=tracking)
         config_path = self.workdir / "configs" / f"iter-{key.iteration}-{key.stage.value}.json"
         config_path.parent.mkdir(parents=True, exist_ok=True)
         config.dump(config_path)

@@ -183,6 +183,8 @@ def parse_summary(text: str) -> Summary:
     if len(metrics) > MAX_METRICS:
         raise ValueError(f"{len(metrics)} metrics, more than {MAX_METRICS}")
     clean = {str(k)[:100]: _metric(str(k), v, warnings) for k, v in metrics.items()}
+    said = doc.get("warnings")  # what the stage itself warns of (a tracking server away)
+    warnings += [str(w)[:200] for w in (said if isinstance(said, list) else [])[:5]]
     digest, error, reason = doc.get("digest"), doc.get("error"), doc.get("reason")
     if digest is not None and (not isinstance(digest, str) or not digest.isalnum() or len(digest) > 64):
         raise ValueError(f"digest {str(digest)[:70]!r} is not a short hex string")

@@ -6,7 +6,7 @@ stages, the hand-off of checkpoints and every stage's config are decided in one 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ from idpo_jobs.config import (
     RankConfig,
     Stage,
     StageConfig,
+    TrackingConfig,
     TrainConfig,
     Workspace,
 )
@@ -79,15 +80,49 @@ def input_of(key: StageKey) -> StageKey | None:
     return StageKey(key.iteration, reads[key.stage]) if key.stage in reads else None
 
 
+def tracking_config(
+    spec: IterativeDPORunSpec,
+    run: str,
+    key: StageKey,
+    reported: Mapping[StageKey, Mapping[str, Any]],
+    namespace: str | None = None,
+    uid: str | None = None,
+) -> TrackingConfig | None:
+    """What a stage gets of `spec.tracking`, with the MLflow runs earlier stages created (`reported`: each
+    stage's metrics, where the creating stage put the ids); None when tracking is off."""
+    if spec.tracking.mlflow is None and not spec.tracking.tensorboard:
+        return None
+
+    def found(name: str, iteration: int | None = None) -> str | None:
+        ids = (m.get(name) for k, m in sorted(reported.items()) if iteration is None or k.iteration == iteration)
+        return next((i for i in ids if isinstance(i, str)), None)
+
+    return TrackingConfig(
+        **spec.tracking.model_dump(),
+        run=run,
+        namespace=namespace,
+        uid=uid,
+        parent_run_id=found("mlflow_run_id"),
+        iteration_run_id=found("mlflow_iteration_run_id", key.iteration),
+    )
+
+
 def stage_config(
     spec: IterativeDPORunSpec,
     run: str,
     workspace: Workspace,
     key: StageKey,
     input_digests: list[str] | None = None,
+    tracking: TrackingConfig | None = None,
 ) -> StageConfig:
-    """`input_digests`: the input stage's part digests (rank and train), so a rebuilt input is refused."""
-    common: dict[str, Any] = {"run": run, "iteration": key.iteration, "workspace": str(workspace.root)}
+    """`input_digests`: the input stage's part digests (rank and train), so a rebuilt input is refused.
+    `tracking`: `tracking_config`'s answer."""
+    common: dict[str, Any] = {
+        "run": run,
+        "iteration": key.iteration,
+        "workspace": str(workspace.root),
+        "tracking": tracking,
+    }
     if input_of(key) is not None:
         common["input_digests"] = input_digests
     i = key.iteration

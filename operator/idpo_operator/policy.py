@@ -118,6 +118,9 @@ def violations(spec: IterativeDPORunSpec, policy: Policy) -> list[str]:
         ref = (source.get("secretRef") or {}).get("name")
         if ref is not None and not _allowed(ref, policy.secrets):
             out.append(f"spec.runtime.envFrom[{n}].secretRef: Secret {ref!r} is not allowed")
+    mlflow = spec.tracking.mlflow
+    if mlflow and mlflow.credentials_secret and not _allowed(mlflow.credentials_secret, policy.secrets):
+        out.append(f"spec.tracking.mlflow.credentialsSecret: Secret {mlflow.credentials_secret!r} is not allowed")
     if rt.service_account_name and not _allowed(rt.service_account_name, policy.service_accounts):
         out.append(f"spec.runtime.serviceAccountName: {rt.service_account_name!r} is not allowed")
     for key, value in rt.node_selector.items():

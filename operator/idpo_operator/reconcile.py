@@ -254,7 +254,9 @@ def _start(
     ws = resources.workspace(spec, owner)
     source = plan.input_of(key)
     digests = records.get(source, StageRecord()).digests if source else None
-    config = plan.stage_config(effective, run.name, ws, key, input_digests=digests)
+    reported = {k: r.metrics for k, r in records.items()}
+    tracking = plan.tracking_config(effective, run.name, key, reported, run.namespace, run.uid)
+    config = plan.stage_config(effective, run.name, ws, key, input_digests=digests, tracking=tracking)
     # The claim is created with the run's first Job only: a create-if-absent at every stage would be
     # a write per hand-off, and one that a ResourceQuota the claim itself fills refuses (403, not 409).
     first = not any(r.job_name for r in (*previous.records.values(), *records.values()))

@@ -298,8 +298,10 @@ def _container(spec: IterativeDPORunSpec, owner: Owner, key: StageKey, image: st
         "securityContext": copy.deepcopy(CONTAINER_SECURITY),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    if rt.env_from:
-        container["envFrom"] = list(rt.env_from)
+    mlflow = spec.tracking.mlflow
+    credentials = [{"secretRef": {"name": mlflow.credentials_secret}}] if mlflow and mlflow.credentials_secret else []
+    if rt.env_from or credentials:
+        container["envFrom"] = [*rt.env_from, *credentials]
     if res.requests or res.limits:
         # Quantities as strings: the API takes `4` or "4", but typed clients (and admission
         # webhooks written with them) accept only strings.

@@ -21,6 +21,7 @@ from idpo_jobs.config import (
     PromptsSpec,
     RankingSpec,
     RelativePath,
+    TrackingSpec,
     TrainingSpec,
 )
 from pydantic import Field, ValidationError, model_validator
@@ -117,6 +118,9 @@ class IterativeDPORunSpec(Model):
     )
     storage: StorageSpec = Field(default_factory=StorageSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec, description="Experiment tracking: MLflow, TensorBoard (docs/tracking.md)."
+    )
     suspend: bool = Field(False, description="Stop starting new stages (running ones finish).")
 
     @model_validator(mode="after")

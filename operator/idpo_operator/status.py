@@ -386,6 +386,7 @@ def build_status(
     best = winrate.best_index(history, rule.metric if rule else "lcWinRateVsBase")
     latest = next((h["lc_win_rate_vs_base"] for h in reversed(history) if "lc_win_rate_vs_base" in h), None)
     started = [r.start_time for r in records.values() if r.start_time]
+    mlflow = next((m for r in records.values() if isinstance(m := r.metrics.get("mlflow_run_id"), str)), None)
     status: dict[str, Any] = {
         "phase": phase,
         "message": message,
@@ -408,6 +409,7 @@ def build_status(
         "bestCheckpoint": evaluated[best].get("checkpoint") if best is not None else None,
         "latestWinRate": round(latest, 3) if latest is not None else None,  # printer column: LC vs base
         "earlyStop": {"iteration": early_stop[0], "reason": early_stop[1]} if early_stop else None,
+        "tracking": {"mlflowRunId": mlflow} if mlflow else None,  # the run's MLflow run, made by its first stage
     }
     if previous.completion_time and status["completionTime"]:
         status["completionTime"] = previous.completion_time

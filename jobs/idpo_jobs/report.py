@@ -3,9 +3,11 @@
 Pure functions over a run's status dict (local `status.json` or the resource's `.status`): each
 iteration's `stages.evaluate.metrics` (win rates against the base model and the previous iteration,
 with 95% intervals; see idpo_jobs.evaluate), `stages.rank.metrics` (chosen/rejected scores) and
-`stages.train.metrics` (DPO loss, reward accuracy), plus `bestIteration` and `bestCheckpoint`. An
-entry with iteration 0 is the base model's evaluation. The operator image has no matplotlib: it is
-imported only to draw the HTML page's plots.
+`stages.train.metrics` (DPO loss, reward accuracy, and the training curves: the per-step loss, reward
+margin and accuracy at up to 24 steps, `curve_*`, from the Trainer's log history), plus `bestIteration`
+and `bestCheckpoint`. An entry with iteration 0 is the base model's evaluation. The operator image has no
+matplotlib: it is imported only to draw the HTML page's plots. The stages render the same report as an
+MLflow artifact.
 """
 
 from __future__ import annotations
@@ -104,26 +106,108 @@ def _summary(status: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+CURVES = (("loss", "DPO loss"), ("reward_margin", "reward margin"), ("reward_accuracy", "reward accuracy"))
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def training_curves(status: dict[str, Any]) -> dict[int, dict[str, list[tuple[int, float]]]]:
+    """Per iteration, each curve as (step, value) points, from the train stage's `curve_*` metrics."""
+    out: dict[int, dict[str, list[tuple[int, float]]]] = {}
+    for it in status.get("iterations", []):
+        metrics = _metrics(it.get("stages") or {}, "train")
+        steps = metrics.get("curve_step")
+        if not isinstance(steps, list) or not steps:
+            continue
+        out[it["iteration"]] = {
+            name: [(s, v) for s, v in zip(steps, metrics.get(f"curve_{name}") or [], strict=False) if _is_number(v)]
+            for name, _ in CURVES
+        }
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _spark(points: list[tuple[int, float]]) -> str:
+    values = [v for _, v in points]
+    if not values:
+        return NONE
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    return "".join(SPARKS[round((v - low) / span * (len(SPARKS) - 1))] for v in values)
+
+
+def _curve_cell(points: list[tuple[int, float]]) -> str:
+    if not points:
+        return NONE
+    return f"{points[0][1]:.3f} → {points[-1][1]:.3f} {_spark(points)}"
+
+
+def curves_markdown(status: dict[str, Any]) -> list[str]:
+    """Per iteration: each curve from its first to its last logged step, and its shape."""
+    found = training_curves(status)
+    if not found:
+        return []
+    lines = ["## Training", "", "| iteration | steps | " + " | ".join(t for _, t in CURVES) + " |"]
+    lines.append("|---:|---:|" + "|".join("---" for _ in CURVES) + "|")
+    for iteration, curves in sorted(found.items()):
+        steps = max((p[-1][0] for p in curves.values() if p), default=0)
+        lines.append(f"| {iteration} | {steps} | " + " | ".join(_curve_cell(curves[n]) for n, _ in CURVES) + " |")
+    return ["", *lines]
+
+
 def render_markdown(status: dict[str, Any], name: str = "") -> str:
-    """A per-iteration Markdown table of win rates (with intervals), length, scores and DPO training metrics."""
+    """A per-iteration Markdown table of win rates (with intervals), length, scores and DPO training metrics,
+    and the training curves of each iteration."""
     rows = iteration_rows(status)
     cols = columns(rows, status.get("bestIteration"))
     lines = [f"# Evaluation{': ' + name if name else ''}", ""]
     lines.append("| " + " | ".join(title for title, _ in cols) + " |")
     lines.append("|" + "|".join("---:" for _ in cols) + "|")
     lines += ["| " + " | ".join(cell(r) for _, cell in cols) + " |" for r in rows]
-    return "\n".join([*lines, "", *_summary(status, rows)]).rstrip() + "\n"
+    return "\n".join([*lines, "", *_summary(status, rows), *curves_markdown(status)]).rstrip() + "\n"
+
+
+def _figure() -> Any:
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global backend state, no display needed
+    except ImportError:
+        raise ImportError("the HTML report needs matplotlib: pip install 'matplotlib>=3.8'") from None
+    return Figure
+
+
+def _integer_ticks() -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
+def _png(fig: Any) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def _plot_curves(status: dict[str, Any]) -> bytes | None:
+    """The training curves of every iteration, one line per iteration, a panel per curve; None without any."""
+    found = training_curves(status)
+    if not found:
+        return None
+    fig = _figure()(figsize=(11, 3.4), layout="constrained")
+    for ax, (name, title) in zip(fig.subplots(1, len(CURVES)), CURVES, strict=True):
+        for iteration, curves in sorted(found.items()):
+            if curves[name]:
+                ax.plot(*zip(*curves[name], strict=True), ".-", label=f"iteration {iteration}")
+        ax.set(title=f"Training: {title}", xlabel="step")
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend(fontsize=8)
+    return _png(fig)
 
 
 def _plot(rows: list[dict[str, Any]]) -> bytes:
     """Four panels as one PNG: win rates with intervals, mean length, DPO loss, reward accuracy."""
-    try:
-        from matplotlib.figure import Figure  # no pyplot: no global backend state, no display needed
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:
-        raise ImportError("the HTML report needs matplotlib: pip install 'matplotlib>=3.8'") from None
-
-    fig = Figure(figsize=(11, 7.5), layout="constrained")
+    fig = _figure()(figsize=(11, 7.5), layout="constrained")
     (rates, length), (loss, accuracy) = fig.subplots(2, 2, sharex=True)
     for key, label, style in (
         ("win_rate_vs_base", "win rate vs base", "o-"),
@@ -155,11 +239,9 @@ def _plot(rows: list[dict[str, Any]]) -> bytes:
         ax.set_title(title)
     for ax in (rates, length, loss, accuracy):
         ax.set_xlabel("iteration")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(_integer_ticks())
         ax.grid(alpha=0.3)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
+    return _png(fig)
 
 
 STYLE = (
@@ -175,6 +257,13 @@ def render_html(status: dict[str, Any], name: str = "") -> str:
     cols = columns(rows, status.get("bestIteration"))
     title = html.escape(f"Evaluation{': ' + name if name else ''}")
     image = base64.b64encode(_plot(rows)).decode()
+    trained = _plot_curves(status)
+    curves = (
+        f'<h2>Training</h2>\n<img src="data:image/png;base64,{base64.b64encode(trained).decode()}" '
+        'alt="per-step DPO loss, reward margin and reward accuracy of each iteration">\n'
+        if trained
+        else ""
+    )
     head = "".join(f"<th>{html.escape(t)}</th>" for t, _ in cols)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(cell(r))}</td>" for _, cell in cols) + "</tr>" for r in rows)
     notes = "".join(f"<p>{html.escape(line).replace('`', '')}</p>" for line in _summary(status, rows))
@@ -183,5 +272,5 @@ def render_html(status: dict[str, Any], name: str = "") -> str:
         f"<style>{STYLE}</style></head><body>\n<h1>{title}</h1>\n"
         f'<img src="data:image/png;base64,{image}" alt="win rates, mean length, DPO loss and reward accuracy '
         f'per iteration">\n<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>\n{notes}\n'
-        "</body></html>\n"
+        f"{curves}</body></html>\n"
     )
