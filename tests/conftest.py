@@ -105,6 +105,50 @@ def kueue(kube: Target) -> Target:
 
 
 @pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real MLflow tracking server on 127.0.0.1 (tests/harness/tracking.py), started once."""
+    from tests.harness.tracking import TrackingServer
+
+    server = TrackingServer(tmp_path_factory.mktemp("mlflow")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# An evaluated local run that plateaus: no iteration can beat the best before it by 0.5, so it stops
+# after iteration 2 of 3 (patience 1), Succeeded with reason EarlyStopped. It reports to MLflow and
+# TensorBoard; two pairs a step give each train stage several steps, points of the training curves.
+PLATEAU = manifest(
+    "plateau",
+    iterations=3,
+    evaluation={
+        "enabled": True,
+        "limit": 16,
+        "stopWhen": {"metric": "lcWinRateVsBase", "minDelta": 0.5, "patience": 1},
+    },
+    ranking={"ranker": "function", "function": "rewards:starts_with_s", "model": None},
+    training={"perDeviceBatchSize": 2},
+)
+
+
+@pytest.fixture(scope="session")
+def evaluated_run(mlflow_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`idpo run` of PLATEAU, tracked in `mlflow_server`'s experiment `local`: its workdir, read by the
+    local-run tests (early stop, report) and the tracking tests (MLflow, TensorBoard)."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("evaluated")
+    tracking = {"mlflow": {"trackingUri": mlflow_server.uri, "experiment": "local"}, "tensorboard": True}
+    path = root / "plateau.yaml"
+    path.write_text(yaml.safe_dump(merge(PLATEAU, {"spec": {"tracking": tracking}})))
+    command = [sys.executable, "-m", "idpo_operator.cli", "run", str(path), "--workdir", str(root / "w")]
+    ran = subprocess.run(command, env=env_with_tests(), capture_output=True, text=True, timeout=900)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    return root / "w"
+
+
+@pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from idpo_jobs.tiny import build_tiny
 

@@ -1,17 +1,14 @@
 """Programmatic rewards for the `function` ranker in tests (importable by stage subprocesses).
 
-The e2e suite copies this file onto the cluster's volume, so it imports nothing from the project."""
+The e2e suite copies this file onto the cluster's volume; the stage image has `idpo_jobs`, whose demo
+reward the tests rank with too."""
 
 import os
 from pathlib import Path
 
-TARGET_LETTER = "s"
+from idpo_jobs.rewards import starts_with_s
 
-
-def starts_with_s(prompt: str, response: str) -> float:
-    """Fraction of words starting with 's': a smooth signal a tiny random model can climb."""
-    words = response.lower().split()
-    return sum(w.startswith(TARGET_LETTER) for w in words) / len(words) if words else 0.0
+__all__ = ["flaky", "not_a_number", "starts_with_s", "stub_summary"]
 
 
 def not_a_number(prompt: str, response: str) -> str:

@@ -42,7 +42,7 @@ def evaluate_config(
         iterations=spec.iterations,
         generation=spec.generation,
         ranking=spec.ranking,
-        evaluation=EvaluationSpec(limit=HELD_OUT, max_new_tokens=12, **evaluation),
+        evaluation=EvaluationSpec(**{"limit": HELD_OUT, "max_new_tokens": 12, **evaluation}),
         base_iteration=base,
         previous_iteration=previous,
     )
@@ -143,6 +143,15 @@ def test_the_base_model_against_itself_ties_every_prompt(tiny, spec, base: Path,
     assert metrics["win_rate_vs_base"] == 0.5 and metrics["lc_win_rate_vs_base"] == pytest.approx(0.5, abs=1e-6)
 
 
+def test_by_default_a_small_prompt_file_is_evaluated_on_the_prompts_the_iterations_leave(tiny, tmp_path) -> None:
+    """248 prompts, 3 iterations of 48: the default held-out set is the 104 prompts left (its limit is 200)."""
+    spec = tiny_spec(tiny, ranking=FUNCTION_RANKER, iterations=3, prompts={"perIteration": 48})
+    ok(run_cli("evaluate", evaluate_config(spec, tmp_path, 0, tiny["policy"], limit=EvaluationSpec().limit)))
+    ids = {json.loads(line)["prompt_id"] for line in (tmp_path / "iter-0/evaluate/responses.jsonl").open()}
+    trained = {p["prompt_id"] for n in (1, 2, 3) for p in load_prompts(spec.prompts, n)}
+    assert metrics_of(tmp_path, 0)["prompts"] == len(ids) == 248 - 3 * 48 and not ids & trained
+
+
 def test_pairrm_judges_a_whole_evaluation_in_both_orders(tiny, base: Path, better: Path, tmp_path: Path) -> None:
     shutil.copytree(base / "iter-0", tmp_path / "iter-0")
     spec = tiny_spec(tiny)  # ranking: the tiny PairRM
@@ -158,7 +167,7 @@ def test_pairrm_judges_a_whole_evaluation_in_both_orders(tiny, base: Path, bette
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"iterations": 29}, "overlap the training slices"),  # 29 x 8 + 24 > the 248 tiny prompts
+        ({"iterations": 30}, "fewer than evaluation.minPrompts=16"),  # 30 x 8 leave 8 of the 248 tiny prompts
         ({"base": 0}, "no _SUCCESS.json"),  # the base evaluation has not run in this workspace
     ],
     ids=["held-out-overlaps-training", "missing-baseline"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -111,30 +112,36 @@ def test_an_invalid_manifest_is_rejected_before_anything_runs(tmp_path: Path) ->
     assert not (tmp_path / "w").exists()
 
 
-def test_an_evaluated_run_stops_early_on_a_plateau_and_reports_its_best_iteration(tmp_path: Path) -> None:
-    # No iteration can beat the best before it by 0.5: the run plateaus by construction, so it stops
-    # after iteration 2 of 3 (patience 1), Succeeded with reason EarlyStopped.
-    evaluation = {
-        "enabled": True,
-        "limit": 16,
-        "stopWhen": {"metric": "lcWinRateVsBase", "minDelta": 0.5, "patience": 1},
-    }
-    ranking = {"ranker": "function", "function": "rewards:starts_with_s", "model": None}
-    doc = manifest("plateau", iterations=3, evaluation=evaluation, ranking=ranking)
-    ran = idpo("run", str(write(tmp_path, doc)), "--workdir", str(tmp_path / "w"))
-    assert ran.returncode == 0, ran.stdout + ran.stderr
-    status = json.loads((tmp_path / "w" / "status.json").read_text())
+def test_an_evaluated_run_stops_early_on_a_plateau_and_reports_its_best_iteration(evaluated_run: Path) -> None:
+    status = json.loads((evaluated_run / "status.json").read_text())  # tests.conftest.PLATEAU
     assert status["phase"] == "Succeeded" and status["earlyStop"]["iteration"] == 2
     assert {c["type"]: c["reason"] for c in status["conditions"]}["Ready"] == "EarlyStopped"
     assert [it["iteration"] for it in status["iterations"]] == [0, 1, 2]  # iteration 3 never started
-    assert not (tmp_path / "w" / "workspace" / "iter-3").exists()
+    assert not (evaluated_run / "workspace" / "iter-3").exists()
     evaluated = [it["stages"]["evaluate"]["metrics"] for it in status["iterations"][1:]]
     assert all(0 <= m["win_rate_vs_base"] <= 1 and len(m["win_rate_vs_base_ci"]) == 2 for m in evaluated)
     assert status["bestIteration"] in (1, 2) and status["bestCheckpoint"].endswith(
         f"iter-{status['bestIteration']}/train/model"
     )
-    report = idpo("report", "--workdir", str(tmp_path / "w"))
+    report = idpo("report", "--workdir", str(evaluated_run))
     assert report.returncode == 0 and "| 2 |" in report.stdout, report.stdout + report.stderr
+    assert re.search(r"\n\| 2 \| \d+ \| 0\.\d+ → 0\.\d+ ", report.stdout)  # iteration 2's training curves
+
+    page = evaluated_run.parent / "report.html"  # the format follows the extension
+    assert idpo("report", "--workdir", str(evaluated_run), "-o", str(page)).returncode == 0
+    html = page.read_text()
+    assert html.startswith("<!doctype html>") and "<h2>Training</h2>" in html
+    assert html.count("data:image/png;base64,") == 2  # the evaluation plots, and the training curves
+
+
+def test_a_prompt_file_too_small_for_a_held_out_set_is_refused_before_the_first_stage(tmp_path: Path) -> None:
+    doc = manifest("small", iterations=5, prompts={"perIteration": 48}, evaluation={"enabled": True})
+    ran = idpo("run", str(write(tmp_path, doc)), "--workdir", str(tmp_path / "w"))
+    assert ran.returncode == 2, ran.stdout + ran.stderr
+    message = ran.stderr.splitlines()[-1]
+    assert "only 8 held-out prompts are left, fewer than evaluation.minPrompts=16" in message
+    assert all(field in message for field in ("iterations", "prompts.perIteration", "evaluation.prompts"))
+    assert not (tmp_path / "w" / "logs").exists() and not (tmp_path / "w" / "workspace").exists()
 
 
 def test_idpo_run_trains_on_two_local_processes_through_the_jobs_torchrun_launcher(tmp_path: Path) -> None:

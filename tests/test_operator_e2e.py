@@ -18,9 +18,11 @@ import uuid
 from typing import Any
 
 import pytest
+from idpo_operator import resources
 
 from tests.conftest import TINY_SPEC, merge
 from tests.harness.cluster import FUNCTIONS_DIR, VOLUME_MOUNT, Cluster, Target
+from tests.harness.tracking import check_tracked
 
 pytestmark = pytest.mark.slow
 CLAIM = "models"  # an existingClaim the tests seed with the tiny models
@@ -98,11 +100,32 @@ def pods_per_job(cluster: Cluster, run: str) -> dict[str, int]:
     return {j["metadata"]["name"]: len(cluster.pods(j["metadata"]["name"])) for j in cluster.jobs(run)}
 
 
-def test_an_applied_run_goes_through_every_stage_and_reports_it(cluster: Cluster) -> None:
-    applied = cluster.apply(run_manifest("happy", evaluation={"enabled": True}))
+def stage_configs(cluster: Cluster, run: str) -> dict[int, dict[str, Any]]:
+    """Iteration -> stage -> the config its Job handed the stage (the pod template's annotation)."""
+    found: dict[int, dict[str, Any]] = {}
+    for job in cluster.jobs(run):
+        labels, template = job["metadata"]["labels"], job["spec"]["template"]["metadata"]
+        if (iteration := int(labels[resources.LABEL_ITERATION])) > 0:
+            config = json.loads(template["annotations"][resources.ANNOTATION_CONFIG])
+            found.setdefault(iteration, {})[labels[resources.LABEL_STAGE]] = config
+    return found
+
+
+def test_an_applied_run_goes_through_every_stage_and_reports_it(cluster: Cluster, mlflow_server) -> None:
+    # The stage pods report to the test's MLflow server, which they reach on loopback on our control
+    # plane only: the pods are processes of this machine (another cluster's pods would not reach it).
+    local = cluster.target.plane is not None
+    tracking = {"mlflow": {"trackingUri": mlflow_server.uri, "experiment": "e2e"}} if local else {}
+    # Two pairs a step: the train stages take several steps, each a point of the tracked curves.
+    doc = run_manifest("happy", evaluation={"enabled": True}, training={"perDeviceBatchSize": 2}, tracking=tracking)
+    applied = cluster.apply(doc)
     assert applied.returncode == 0, applied.stderr
     status = cluster.wait_phase("happy", "Succeeded", "Failed")
     assert status["phase"] == "Succeeded", status.get("message")
+    if local:
+        found = check_tracked(mlflow_server, "e2e", "happy", stage_configs(cluster, "happy"), status["bestCheckpoint"])
+        assert found["parent"].data.tags["idpo.namespace"] == cluster.namespace
+        assert status["tracking"]["mlflowRunId"] == found["parent"].info.run_id
 
     gen, rank, train = (stage(status, 2, s) for s in ("generate", "rank", "train"))
     assert gen["metrics"]["prompts"] == 8 and gen["metrics"]["responses"] == 24

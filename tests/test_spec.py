@@ -51,6 +51,11 @@ def test_every_example_manifest_is_valid(example: Path) -> None:
             "spec.ranking.function",
             "match pattern",
         ),
+        (
+            {"tracking": {"mlflow": {"trackingUri": "mlflow.example.com:5000"}}},
+            "spec.tracking.mlflow.trackingUri",
+            "match pattern",
+        ),
     ],
     ids=[
         "iterations-0",
@@ -63,6 +68,7 @@ def test_every_example_manifest_is_valid(example: Path) -> None:
         "pattern-without-n",
         "function-missing",
         "function-malformed",
+        "tracking-uri-without-scheme",
     ],
 )
 def test_invalid_manifest_names_the_field_and_the_rule(override: dict, field: str, rule: str) -> None:

@@ -187,8 +187,8 @@ def compute(config: GenerateConfig, out: Path, shard: int) -> dict[str, Any]:
         "resumed_prompts": done.resumed,
     }
     tracker = tracking.current()
-    tracker.metrics(metrics, step=shard, prefix="generate/")
-    tracker.distribution("generate/response_chars", [float(n) for n in lengths], step=shard)
+    tracker.metrics(metrics, step=config.iteration, prefix="generate/")
+    tracker.distribution("generate/response_chars", [float(n) for n in lengths], step=config.iteration)
     return metrics
 
 

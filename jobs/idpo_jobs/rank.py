@@ -223,23 +223,23 @@ def compute(config: RankConfig, out: Path, shard: int) -> dict[str, Any]:
         "ranker": spec.ranker,
         "resumed_prompts": done.resumed,
     }
-    track(metrics, pairs, shard, out)
+    track(config.iteration, metrics, pairs)
     return metrics
 
 
 SAMPLE_PAIRS = 20
 
 
-def track(metrics: dict[str, Any], pairs: list[dict[str, Any]], shard: int, out: Path) -> None:
-    """The shard's pairing statistics and score distributions, and a sample of its pairs (artifact)."""
+def track(iteration: int, metrics: dict[str, Any], pairs: list[dict[str, Any]]) -> None:
+    """The pairing statistics and score distributions, and a sample of the pairs (an artifact)."""
     tracker = tracking.current()
-    tracker.metrics(metrics, step=shard, prefix="rank/")
+    tracker.metrics(metrics, step=iteration, prefix="rank/")
     for side in ("chosen", "rejected"):
-        tracker.distribution(f"rank/{side}_score", [float(p[f"score_{side}"]) for p in pairs], step=shard)
-    tracker.distribution("rank/margin", [float(p["score_chosen"] - p["score_rejected"]) for p in pairs], step=shard)
+        tracker.distribution(f"rank/{side}_score", [float(p[f"score_{side}"]) for p in pairs], step=iteration)
+    tracker.distribution("rank/margin", [float(p["score_chosen"] - p["score_rejected"]) for p in pairs], step=iteration)
     if pairs and tracker.enabled:
         with tempfile.TemporaryDirectory() as scratch:  # not in `out`: the sample is no part of the output
-            sample = Path(scratch) / f"pairs-sample-{shard:05d}.jsonl"
+            sample = Path(scratch) / "pairs-sample.jsonl"
             data.write_jsonl(sample, pairs[:SAMPLE_PAIRS])
             tracker.artifact(sample)
 

@@ -95,16 +95,13 @@ class Tracker:
             experiment_id = (
                 experiment.experiment_id if experiment else client.create_experiment(self.spec.mlflow.experiment)
             )
-            tags = {
-                f"{TAG}namespace": self.spec.namespace or "",
-                f"{TAG}name": self.spec.run,
-                f"{TAG}uid": self.spec.uid or "",
-            }
+            named = {"namespace": self.spec.namespace, "name": self.spec.run, "uid": self.spec.uid}
+            tags = {f"{TAG}{k}": v for k, v in named.items() if v}  # a local run has no namespace or uid
             if self.parent_id is None:
                 self.parent_id = client.create_run(experiment_id, tags=tags, run_name=self.spec.run).info.run_id
                 self.created["mlflow_run_id"] = self.parent_id
-            if self.run_id is None:
-                iteration = self.config.iteration if self.config is not None else 0
+            iteration = self.config.iteration if self.config is not None else 0
+            if self.run_id is None and iteration > 0:  # the base model's evaluation reports to the run's own
                 nested = {**tags, "mlflow.parentRunId": self.parent_id, f"{TAG}iteration": str(iteration)}
                 name = f"{self.spec.run}-iter-{iteration}"
                 self.run_id = client.create_run(experiment_id, tags=nested, run_name=name).info.run_id
@@ -114,9 +111,10 @@ class Tracker:
         return dict(self.created)
 
     def params(self, sections: Mapping[str, Any]) -> None:
-        """The stage's frozen spec sections, as params of the iteration's run."""
+        """The stage's frozen spec sections, as params of the iteration's run (iteration 0: the run's own)."""
         client = self._mlflow()
-        if client is None or self.run_id is None:
+        run = self.run_id or self.parent_id
+        if client is None or run is None:
             return
         from mlflow.entities import Param
 
@@ -124,7 +122,7 @@ class Tracker:
             flat = {k: v for k, v in flatten(sections).items() if v is not None}
             params = [Param(k, str(v)[:MAX_PARAM]) for k, v in flat.items()]
             for start in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
-                client.log_batch(self.run_id, params=params[start : start + 100])
+                client.log_batch(run, params=params[start : start + 100])
         except Exception as err:
             self._failed("logging params", err)
 
@@ -235,11 +233,11 @@ def current() -> Tracker:
 @contextmanager
 def session(config: StageConfig, shard: int) -> Iterator[Tracker]:
     """The stage's tracking: its runs opened (created if it is the first), its sections as params; closed
-    at the end, whatever happened. The first stage of the run or of an iteration runs as one process
-    (evaluate, train) or as shards: only shard 0 opens runs then, the others report to TensorBoard only."""
+    at the end, whatever happened. Only one process of a stage reports: shard 0 of a sharded stage (its
+    statistics stand for the stage's; the totals are in status) and rank 0 of a train gang."""
     global _current
-    opening = config.tracking is not None and (shard == 0 or config.tracking.iteration_run_id is not None)
-    tracker = Tracker(config, shard, main=opening)
+    main = config.tracking is not None and shard == 0 and os.environ.get("RANK", "0") == "0"
+    tracker = Tracker(config, shard, main=main)
     if tracker.enabled:
         tracker.open()
         tracker.params({name: getattr(config, name).to_wire() for name in SECTIONS.get(config.stage.value, ())})

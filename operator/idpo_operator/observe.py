@@ -22,11 +22,10 @@ from idpo_jobs.config import Stage
 
 from idpo_operator import resources
 from idpo_operator.plan import StageKey
-from idpo_operator.status import Phase, StageRecord, digests_of, merge_metrics
+from idpo_operator.status import MAX_TEXT, Phase, StageRecord, digests_of, merge_metrics, warned
 
 CONTROLLER_UID = "batch.kubernetes.io/controller-uid"  # the Job controller's label on its pods
 MAX_METRICS = 64  # keys of one summary's metrics
-MAX_TEXT = 500  # characters of a string metric, or of a stage's error in status
 MAX_LIST = 64  # items of a list metric (e.g. rank_steps: one per process)
 # Waiting reasons that no amount of waiting fixes: the stage fails at once, not at its start deadline.
 FATAL_WAITING = frozenset({"InvalidImageName", "ErrImageNeverPull"})
@@ -263,9 +262,7 @@ def _succeeded(job: JobView, pods: list[PodView], record: StageRecord) -> StageR
         return record
     record.phase = Phase.SUCCEEDED
     record.digests = digests_of([{"shard": s.shard, "shards": s.shards, "digest": s.digest} for s in summaries])
-    warnings = [w for s in summaries for w in s.warnings]
-    if warnings:
-        record.message = "; ".join(dict.fromkeys(warnings))[:MAX_TEXT]
+    record.message = warned([{"warnings": list(s.warnings)} for s in summaries])
     return record
 
 

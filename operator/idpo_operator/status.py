@@ -27,6 +27,8 @@ from idpo_operator import frozen as frozen_specs
 from idpo_operator.plan import StageKey, all_stages, iteration_stages
 from idpo_operator.spec import IterativeDPORunSpec
 
+MAX_TEXT = 500  # characters of a string metric, or of a stage's message in status
+
 
 class Phase:
     PENDING = "Pending"
@@ -242,7 +244,14 @@ def record_from_summaries(stage: Stage, summaries: list[dict[str, Any]], attempt
         start_time=timestamp(min(s["startTime"] for s in summaries)),
         completion_time=timestamp(max(s["completionTime"] for s in summaries)),
         metrics=merge_metrics(stage, [s["metrics"] for s in summaries]),
+        message=warned(summaries),
     )
+
+
+def warned(summaries: list[dict[str, Any]]) -> str | None:
+    """What the stage's parts warned of (a tracking server away), as a succeeded record's message."""
+    said = [w for s in summaries for w in s.get("warnings") or [] if isinstance(w, str)]
+    return "; ".join(dict.fromkeys(said))[:MAX_TEXT] if said else None
 
 
 def _phase(spec: IterativeDPORunSpec, records: dict[StageKey, StageRecord]) -> str:
