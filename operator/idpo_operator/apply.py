@@ -193,14 +193,22 @@ class Writer:
             create(ns, obj, _preload_content=False, _request_timeout=TIMEOUT)
             log.info("created %s %s/%s", kind, ns, name)
         except ApiException as err:
-            if err.status != 409:
+            # ResourceQuota admission comes before the name is checked: a claim that is there already and
+            # fills the namespace's quota is answered 403 "exceeded quota", not 409. Reading it tells which.
+            quota = err.status == 403 and read is not None and "exceeded quota" in api_message(err)
+            if err.status != 409 and not quota:
                 raise
-            # Already there: ours (a restarted operator, a cache a moment behind), or someone else's. A
-            # Job's owner is checked in the decision (from the cache); other kinds are read here, once.
-            if read is not None:
+            if read is None:
+                return  # a Job: its owner is checked in the decision, from the cache
+            # There already: ours (a restarted operator, a cache a moment behind), or someone else's.
+            try:
                 found = json.loads(read(name, ns, _preload_content=False, _request_timeout=TIMEOUT).data)
-                if not resources.owned_by({**found, "kind": kind}, owner_uid):
-                    raise ForeignChild(f"{kind} {name} belongs to another object; not using it") from None
+            except ApiException as missing:
+                if quota and missing.status == 404:
+                    raise err from None  # not there: the quota refused it
+                raise
+            if not resources.owned_by({**found, "kind": kind}, owner_uid):
+                raise ForeignChild(f"{kind} {name} belongs to another object; not using it") from None
 
     def fail_job(self, namespace: str, name: str, why: str) -> None:
         # The Job controller fails a Job past its deadline and removes its pods: the GPUs go back.
