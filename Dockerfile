@@ -38,7 +38,7 @@ COPY pyproject.toml README.md ./
 COPY operator ./operator
 COPY jobs ./jobs
 # hadolint ignore=DL3013
-RUN pip install ".[jobs]" \
+RUN pip install ".[jobs,tracking]" \
     && useradd --uid 1000 --create-home --shell /usr/sbin/nologin idpo
 USER 1000:1000
 # The operator supplies the command (python -m idpo_jobs.<stage> --config ...).

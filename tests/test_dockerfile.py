@@ -34,7 +34,7 @@ def test_dockerfile_passes_hadolint() -> None:
 def test_targets_install_existing_extras_and_the_pinned_versions() -> None:
     extras = PYPROJECT["project"]["optional-dependencies"]
     used = re.findall(r'pip install "\.\[([\w,]+)\]"', DOCKERFILE)
-    assert used == ["operator", "jobs"]
+    assert used == ["operator", "jobs,tracking"]
     assert all(e in extras for group in used for e in group.split(","))
     installed = dict(re.findall(r"pip install ([\w-]+)==([\w.]+)", DOCKERFILE))
     declared = pins(extras["jobs"]) | pins(extras["vllm"])
