@@ -35,6 +35,7 @@ from idpo_operator.status import Reason, conditions, timestamp
 
 log = logging.getLogger("idpo.operator")
 WORKERS = 16  # reconciles at once; they mostly wait on API writes
+EVENT_POSTERS = 2  # events go out off the reconcile's path
 TIMEOUT = (5, 30)  # seconds: connect, read. A hung apiserver must not hang a reconcile forever.
 SAFETY_NET_SECONDS = 120.0  # an active run is looked at this often even without events (a missed one)
 LEGACY_FINALIZER = "kopf.zalando.org/KopfFinalizerMarker"  # set by operators before 0.2 (their kopf timer)
@@ -103,10 +104,18 @@ def connect() -> client.ApiClient:
         config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
         config.load_kube_config(client_configuration=configuration)
-    # One pooled client for every write (kopf has its own for watches), with as many kept-alive
-    # connections as workers: a connection dropped from a full pool is a TLS handshake later.
-    configuration.connection_pool_maxsize = WORKERS
+    # One pooled client for every write (kopf has its own for watches), with a kept-alive connection for
+    # each thread that writes (reconcile workers, event posters, the elector): a connection dropped from
+    # a full pool is a TLS handshake later.
+    configuration.connection_pool_maxsize = WORKERS + EVENT_POSTERS + 1
     return client.ApiClient(configuration)
+
+
+def drain(response: Any) -> None:
+    """Read an unparsed response to its end: only then does urllib3 put its connection back in the pool.
+    Left unread, every such write costs a new connection and its TLS handshake."""
+    response.read()
+    response.release_conn()
 
 
 def api_message(err: Exception) -> str:
@@ -190,7 +199,7 @@ class Writer:
             "Job": (self.batch.create_namespaced_job, None),
         }[kind]
         try:
-            create(ns, obj, _preload_content=False, _request_timeout=TIMEOUT)
+            drain(create(ns, obj, _preload_content=False, _request_timeout=TIMEOUT))
             log.info("created %s %s/%s", kind, ns, name)
         except ApiException as err:
             # ResourceQuota admission comes before the name is checked: a claim that is there already and
@@ -286,7 +295,10 @@ class Writer:
             "reportingComponent": "idpo-operator",
         }
         try:
-            self.core.create_namespaced_event(run.namespace, body, _preload_content=False, _request_timeout=TIMEOUT)
+            posted = self.core.create_namespaced_event(
+                run.namespace, body, _preload_content=False, _request_timeout=TIMEOUT
+            )
+            drain(posted)
         except ApiException as err:  # events are best effort; status already holds the record
             log.warning("could not post event %s: %s", event.reason, err.reason)
 
@@ -309,7 +321,7 @@ class Controller:
             self.reconcile, workers=workers, active=lambda: self._indexed.is_set() and self.is_leader()
         )
         self._capacity = threading.Lock()  # the count and the create, as one step across runs
-        self._events = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="events")
+        self._events = concurrent.futures.ThreadPoolExecutor(EVENT_POSTERS, thread_name_prefix="events")
         self._stop = threading.Event()
         self.reconciles = 0  # reported by the liveness probe
 
