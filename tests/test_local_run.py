@@ -53,7 +53,7 @@ def temp_dirs(workdir: Path) -> list[Path]:
 
 
 def test_a_killed_run_resumes_without_redoing_finished_stages(tmp_path: Path) -> None:
-    path, workdir = write(tmp_path, manifest("resume")), tmp_path / "w"
+    path, workdir = write(tmp_path, manifest("resume", iterations=1)), tmp_path / "w"
     proc = idpo("run", str(path), "--workdir", str(workdir), wait=False)
     deadline = time.monotonic() + 240
     rank_log = workdir / "logs" / "iter-1-rank-0.log"
@@ -66,16 +66,16 @@ def test_a_killed_run_resumes_without_redoing_finished_stages(tmp_path: Path) ->
     again = idpo("run", str(path), "--workdir", str(workdir))
     assert again.returncode == 0, again.stdout + again.stderr
     final = status(workdir)
-    assert final["phase"] == "Succeeded" and final["latestCheckpoint"].endswith("iter-2/train/model")
+    assert final["phase"] == "Succeeded" and final["latestCheckpoint"].endswith("iter-1/train/model")
     assert starts(workdir, "iter-1-generate") == 1  # finished before the kill: not redone
     assert starts(workdir, "iter-1-rank") == 2 and final["iterations"][0]["stages"]["rank"]["attempts"] == 2
     assert temp_dirs(workdir) == []
-    rank = final["iterations"][1]["stages"]["rank"]["metrics"]
-    assert rank["pairs"] + rank["dropped_ties"] == 8 and final["iterations"][1]["stages"]["train"]["metrics"]["steps"]
+    rank = final["iterations"][0]["stages"]["rank"]["metrics"]
+    assert rank["pairs"] + rank["dropped_ties"] == 8 and final["iterations"][0]["stages"]["train"]["metrics"]["steps"]
 
     table = idpo("status", "--workdir", str(workdir))
-    assert table.returncode == 0 and "Succeeded — completed 2 iterations" in table.stdout
-    assert "iter-2/train/model" in table.stdout.splitlines()[-1]
+    assert table.returncode == 0 and "Succeeded — completed 1 iteration" in table.stdout
+    assert "iter-1/train/model" in table.stdout.splitlines()[-1]
 
     from transformers import AutoModelForCausalLM
 

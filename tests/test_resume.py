@@ -93,17 +93,17 @@ def rerun_uninterrupted(
     return json.loads(message)
 
 
+def slowed_run(name: str, log: str, **spec: Any) -> dict[str, Any]:
+    """One iteration on 16 prompts whose stages the test hooks slow down (0.5 s a step), logging to `log`."""
+    return run_manifest(
+        name, iterations=1, prompts={"perIteration": 16}, runtime=slowed(0.5, log, SPEC["runtime"]["env"]), **spec
+    )
+
+
 def test_a_train_pod_lost_after_its_second_checkpoint_resumes_there(cluster: Cluster) -> None:
     log = f"{VOLUME_MOUNT}/markers/{uuid.uuid4().hex}.log"
     training = {"perDeviceBatchSize": 1, "checkpointEverySteps": 2}  # 16 pairs: 16 steps, 7 checkpoints
-    manifest = run_manifest(
-        "resumed",
-        iterations=1,
-        prompts={"perIteration": 16},
-        training=training,
-        runtime=slowed(0.5, log, SPEC["runtime"]["env"]),
-    )
-    assert cluster.apply(manifest).returncode == 0
+    assert cluster.apply(slowed_run("resumed", log, training=training)).returncode == 0
     deleted = delete_pod_when_logged(cluster, "resumed-i1-train", "idpo-checkpoint step 4/16")
 
     status = cluster.wait_phase("resumed", "Succeeded", "Failed")
@@ -128,14 +128,7 @@ def test_a_train_pod_lost_after_its_second_checkpoint_resumes_there(cluster: Clu
 def test_a_generate_pod_lost_mid_way_generates_only_its_unfinished_chunks_again(cluster: Cluster) -> None:
     log = f"{VOLUME_MOUNT}/markers/{uuid.uuid4().hex}.log"
     generation = {"batchSize": 2, "chunkPrompts": 2}  # 16 prompts: 8 chunks of one batch each
-    manifest = run_manifest(
-        "regenerated",
-        iterations=1,
-        prompts={"perIteration": 16},
-        generation=generation,
-        runtime=slowed(0.5, log, SPEC["runtime"]["env"]),
-    )
-    assert cluster.apply(manifest).returncode == 0
+    assert cluster.apply(slowed_run("regenerated", log, generation=generation)).returncode == 0
     delete_pod_when_logged(cluster, "regenerated-i1-generate", "idpo-chunk 3/8")
 
     status = cluster.wait("regenerated", lambda s: generate_phase(s) in ("Succeeded", "Failed"))

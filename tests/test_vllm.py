@@ -21,7 +21,7 @@ VLLM = {
     "engine": "vllm",
     "responsesPerPrompt": 3,
     "maxNewTokens": 8,
-    "gpuMemoryUtilization": 0.2,
+    "gpuMemoryUtilization": 0.1,
     "maxModelLength": 256,
 }
 

@@ -352,7 +352,7 @@ def build_status(
     if phase == Phase.SUCCEEDED and early_stop is not None:
         reason, message = Reason.EARLY_STOPPED, f"stopped early after iteration {early_stop[0]}: {early_stop[1]}"
     elif phase == Phase.SUCCEEDED:
-        reason, message = Reason.SUCCEEDED, f"completed {spec.iterations} iterations"
+        reason, message = Reason.SUCCEEDED, f"completed {spec.iterations} iteration{'s' * (spec.iterations != 1)}"
     elif failed is not None:
         detail = records[failed].message or "failed"
         reason = Reason.VOLUME_FULL if records[failed].reason == Reason.VOLUME_FULL else Reason.STAGE_FAILED

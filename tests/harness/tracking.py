@@ -6,6 +6,8 @@ this machine) reach it on loopback. The checks read it back through `MlflowClien
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -45,12 +47,13 @@ class TrackingServer:
             time.sleep(0.25)
 
     def stop(self) -> None:
+        """The whole server: `mlflow server` runs uvicorn and a job runner as children, in its session."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
 
     def client(self) -> Any:
