@@ -65,6 +65,42 @@ def manifest(name: str = "tiny-test", **spec: Any) -> dict[str, Any]:
     }
 
 
+# -- parallel runs -------------------------------------------------------------------------------
+# Under pytest-xdist (`-n N --dist loadgroup`, docs/testing.md) each worker is a process with its own
+# session fixtures: its own control plane, MLflow server and tiny models. Tests that share a costlier
+# fixture go to one worker so that it is built once: a module's tests when it has module-scoped
+# fixtures (its cluster namespace with operator and seeded claim, its stage outputs), and the users of
+# the session fixtures below. A module may set XDIST_SPLIT = K: its tests then form K groups, each of
+# which builds the module's fixtures on its own worker.
+SHARED_SESSION_FIXTURES = ("evaluated_run", "kueue")
+
+
+def xdist_group(item: pytest.Item) -> str | None:
+    """The group of a test that shares an expensive fixture with others, or None."""
+    names = item.fixturenames
+    shared = next((n for n in SHARED_SESSION_FIXTURES if n in names), None)
+    if shared:
+        return shared
+    definitions = item._fixtureinfo.name2fixturedefs  # type: ignore[attr-defined]
+    if any(defs[-1].scope == "module" for defs in definitions.values()):
+        return item.module.__name__  # type: ignore[attr-defined]
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    seen: dict[str, int] = {}
+    for item in items:
+        group = xdist_group(item)
+        if group is None or item.get_closest_marker("xdist_group"):
+            continue
+        split = getattr(item.module, "XDIST_SPLIT", 1) if group == item.module.__name__ else 1  # type: ignore[attr-defined]
+        if split > 1:
+            seen[group] = seen.get(group, -1) + 1
+            group = f"{group}-{seen[group] % split}"
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def env_with_tests() -> dict[str, str]:
     """Stage subprocesses import test reward functions from tests/."""
     path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)

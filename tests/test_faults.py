@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.harness.cluster import Cluster, Target
+from tests.harness.cluster import Cluster, Target, free_port
 from tests.test_operator_e2e import (
     CLAIM,
     FAULT_PATH_GRANTS,
@@ -119,8 +119,6 @@ def test_lowering_iterations_mid_run_stops_after_the_new_last_and_raising_contin
 
 
 def test_a_two_node_train_runs_as_one_gang_and_a_killed_pod_restarts_it_whole(cluster: Cluster) -> None:
-    from tests.harness.cluster import free_port
-
     gang = {"distributed": {"nodes": 2, "masterPort": free_port()}}
     assert cluster.apply(run_manifest("gang", iterations=1, training=gang)).returncode == 0
     job = "gang-i1-train"
@@ -172,8 +170,6 @@ def test_a_two_node_train_runs_as_one_gang_and_a_killed_pod_restarts_it_whole(cl
 def test_a_second_operator_stays_passive_until_the_leader_hands_over(cluster: Cluster, tmp_path) -> None:
     import json
     import urllib.request
-
-    from tests.harness.cluster import free_port
 
     liveness = f"http://127.0.0.1:{free_port()}/healthz"
     second = cluster.spawn_operator(tmp_path / "second.log", liveness, free_port())
@@ -334,8 +330,6 @@ def test_a_leader_paused_past_its_lease_writes_nothing_once_another_took_over(cl
     import signal
     import urllib.request
 
-    from tests.harness.cluster import free_port
-
     if cluster.target.plane is None:
         pytest.skip("reads the apiserver's audit log, which only the local control plane shares")
     first, first_log = cluster.operator, cluster.operator_log
@@ -384,8 +378,6 @@ def test_a_leader_paused_past_its_lease_writes_nothing_once_another_took_over(cl
 
 
 def test_with_two_replicas_every_edit_of_a_succeeded_run_is_acted_on(cluster: Cluster, tmp_path) -> None:
-    from tests.harness.cluster import free_port
-
     second = cluster.spawn_operator(tmp_path / "follower.log", f"http://127.0.0.1:{free_port()}/healthz", free_port())
     try:
         assert cluster.apply(run_manifest("edited", iterations=1)).returncode == 0
@@ -434,6 +426,48 @@ def test_a_planted_claim_of_the_predicted_name_stalls_the_run_and_is_never_used(
 
 
 def test_the_operator_used_the_grants_only_fault_paths_need(cluster: Cluster) -> None:
+    """Every grant beyond the happy path's is used, on this test's own objects, by the fault path it is
+    there for: a Job that cannot start is failed (patch) and, retried, deleted; a gang's Service of a
+    taken name is created and read; a claim of a taken name is read; an older operator's finalizer goes."""
     if cluster.target.plane is None:
         pytest.skip("reads the apiserver's audit log, which only the local control plane shares")
-    assert cluster.operator_calls() >= FAULT_PATH_GRANTS
+    planted = [
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "grants-claim-workspace"},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "grants-gang-i1-train"},
+            "spec": {"clusterIP": "None", "selector": {"app": "someone-else"}},
+        },
+    ]
+    assert cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(planted)).returncode == 0
+
+    def used() -> bool:
+        return cluster.operator_calls("grants-") >= FAULT_PATH_GRANTS
+
+    try:
+        stuck = {"image": "registry.invalid/idpo/missing:0", "startTimeoutSeconds": 30}
+        assert cluster.apply(run_manifest("grants-stuck", iterations=1, runtime=stuck)).returncode == 0
+        claim = run_manifest("grants-claim", iterations=1)
+        claim["spec"].pop("storage")  # the run would create `grants-claim-workspace`: taken
+        assert cluster.apply(claim).returncode == 0
+        finalized = run_manifest("grants-final", iterations=1, suspend=True)
+        finalized["metadata"]["finalizers"] = ["kopf.zalando.org/KopfFinalizerMarker"]
+        assert cluster.apply(finalized).returncode == 0
+        gang = {"distributed": {"nodes": 2, "masterPort": free_port()}}
+        ranking = {"ranker": "function", "function": "rewards:starts_with_s", "model": None}
+        assert cluster.apply(run_manifest("grants-gang", iterations=1, training=gang, ranking=ranking)).returncode == 0
+
+        cluster.wait_phase("grants-stuck", "Failed", timeout=180)  # the Job failed by a patch
+        retry = ("annotate", "idpo", "grants-stuck", "idpo.dev/retry=1", "--overwrite")
+        assert cluster.kubectl(*retry).returncode == 0  # the failed Job is deleted, and created again
+        wait_for(used, "the fault paths' grants were not all used", 600 * cluster.patience)
+    finally:
+        cluster.kubectl("delete", "idpo", "grants-stuck", "grants-claim", "grants-final", "grants-gang", "--wait=false")
+        cluster.kubectl("delete", "pvc/grants-claim-workspace", "service/grants-gang-i1-train", "--wait=false")
+    assert cluster.operator_calls("grants-") >= FAULT_PATH_GRANTS, FAULT_PATH_GRANTS - cluster.operator_calls("grants-")

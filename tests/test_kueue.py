@@ -5,13 +5,13 @@ from its last checkpoint, and a gang is admitted as one workload."""
 from __future__ import annotations
 
 import json
-import uuid
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.harness.cluster import Cluster, Target, slowed
+from tests.harness.cluster import Cluster, Target, hooked
 from tests.harness.kueue import GROUP, VERSION, Queues, queues_for
 from tests.test_operator_e2e import (
     CLAIM,
@@ -58,17 +58,22 @@ def test_a_train_waiting_for_quota_is_queued_with_kueues_reason_and_never_failed
     cluster: Cluster, queues: Queues
 ) -> None:
     runtime = {"startTimeoutSeconds": 30}
-    # The first train holds the 8 GPUs about a minute: 40 steps of 1.2 s (the test hooks' delay).
-    holding = {**runtime, **slowed(1.2, f"/workspace/markers/{uuid.uuid4().hex}.log", SPEC["runtime"]["env"])}
-    first = queued("first", queues, training={**EIGHT_GPUS, "epochs": 20}, runtime=holding)
+    # The first train holds the 8 GPUs, at its first step, until the test lets it go on (the test hooks).
+    hold = cluster.hold("train", 1)
+    holding = {**runtime, **hooked(SPEC["runtime"]["env"], **hold.env)}
+    first = queued("first", queues, training=EIGHT_GPUS, runtime=holding)
     assert cluster.apply(first).returncode == 0
-    cluster.wait("first", lambda s: train(s).get("admission") == "Admitted", timeout=300)
+    cluster.pod_that_logged("first-i1-train", hold.line, timeout=300)
     assert cluster.apply(queued("second", queues, training=EIGHT_GPUS, runtime=runtime)).returncode == 0
     where = f"Pending: queued in ClusterQueue {queues.cluster_queue} (LocalQueue {queues.local_queue}): "
     # Queued at once; Kueue's reason a moment later, when it has tried to admit the Job's Workload.
     waiting = cluster.wait("second", lambda s: "insufficient unused quota" in s.get("message", ""), timeout=300)
     assert train(waiting)["admission"] == "Queued" and waiting["phase"] == "Running"
     assert waiting["message"].startswith(f"iteration 1 train: {where}"), waiting["message"]
+    # Queued past its start deadline, held there by the first: the deadline counts from admission.
+    time.sleep(runtime["startTimeoutSeconds"] + 5)
+    assert cluster.run("second")["status"]["phase"] == "Running"
+    cluster.release(hold, CLAIM)
     for name in ("first", "second"):
         status = cluster.wait_phase(name, "Succeeded", "Failed", timeout=600)
         assert status["phase"] == "Succeeded", status.get("message")
@@ -88,13 +93,15 @@ def dt_seconds(stamp: str) -> float:
 
 def test_a_preempted_train_costs_no_attempt_and_resumes_from_its_checkpoint(cluster: Cluster, queues: Queues) -> None:
     training = {**EIGHT_GPUS, "epochs": 10, "checkpointEverySteps": 2}
-    runtime = slowed(1.0, f"/workspace/markers/{uuid.uuid4().hex}.log", SPEC["runtime"]["env"])
+    hold = cluster.hold("train", 5)  # two checkpoints in (steps 2 and 4), held until preempted
+    runtime = hooked(SPEC["runtime"]["env"], **hold.env)
     assert cluster.apply(queued("preempted", queues, training=training, runtime=runtime)).returncode == 0
-    cluster.pod_that_logged("preempted-i1-train", "idpo-checkpoint step 4/", timeout=300)  # two checkpoints in
+    cluster.pod_that_logged("preempted-i1-train", hold.line, timeout=300)
     urgent = queues.job(10, priority=queues.high)  # a higher-priority workload wants the 8 GPUs
     status = cluster.wait("preempted", lambda s: train(s).get("admission") == "Preempted", timeout=120)
     assert train(status)["message"].startswith("Preempted: waiting for re-admission")
     assert train(status)["attempts"] == 1 and status["phase"] == "Running"
+    cluster.release(hold, CLAIM)
     queues.until("the urgent Job done", lambda: queues.read_job(urgent["metadata"]["name"])["status"].get("succeeded"))
     status = cluster.wait_phase("preempted", "Succeeded", "Failed", timeout=600)
     assert status["phase"] == "Succeeded", status.get("message")

@@ -15,22 +15,22 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import env_with_tests, manifest
+from tests.conftest import TESTS, env_with_tests, manifest
 
 pytestmark = pytest.mark.slow
 
 
-def idpo(*args: str, wait: bool = True) -> Any:
+def idpo(*args: str, wait: bool = True, **env: str) -> Any:
     cmd = [sys.executable, "-m", "idpo_operator.cli", *args]
     if not wait:
         return subprocess.Popen(
             cmd,
-            env=env_with_tests(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            env={**env_with_tests(), **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-    return subprocess.run(cmd, env=env_with_tests(), capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, env={**env_with_tests(), **env}, capture_output=True, text=True, timeout=600)
 
 
 def write(tmp_path: Path, doc: dict) -> Path:
@@ -54,11 +54,15 @@ def temp_dirs(workdir: Path) -> list[Path]:
 
 def test_a_killed_run_resumes_without_redoing_finished_stages(tmp_path: Path) -> None:
     path, workdir = write(tmp_path, manifest("resume", iterations=1)), tmp_path / "w"
-    proc = idpo("run", str(path), "--workdir", str(workdir), wait=False)
-    deadline = time.monotonic() + 240
+    # The test hooks hold rank 1 with its 8 prompts scored and nothing written; it is killed there.
+    hooks = {"PYTHONPATH": f"{TESTS / 'hooks'}:{env_with_tests()['PYTHONPATH']}"}
+    hold = {"IDPO_TEST_HOLD_AT": "rank:8", "IDPO_TEST_HOLD_UNTIL": str(tmp_path / "never")}
+    proc = idpo("run", str(path), "--workdir", str(workdir), wait=False, **hooks, **hold)
+    deadline = time.monotonic() + 600
     rank_log = workdir / "logs" / "iter-1-rank-0.log"
-    while time.monotonic() < deadline and not rank_log.exists():  # rank 1 has just started
-        time.sleep(0.05)
+    while not (rank_log.exists() and "idpo-test-hold rank 8" in rank_log.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, "rank 1 was never held"
+        time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the runner and its stage process, mid-stage
     proc.wait()
     assert status(workdir)["phase"] == "Running"

@@ -6,8 +6,10 @@ import base64
 from typing import Any
 
 import pytest
+from idpo_operator.spec import DEFAULT_STAGE_IMAGE
 
-from tests.controlplane import podspec
+from tests.controlplane import images, podspec
+from tests.controlplane.images import ImageConfig
 from tests.controlplane.podspec import Waiting
 
 POD: dict[str, Any] = {
@@ -95,3 +97,56 @@ def test_the_termination_message_falls_back_to_the_log_tail_only_on_error() -> N
     assert podspec.termination_message(fallback, "", log, 0) == ""
     assert podspec.termination_message({}, "", log, 1) == ""
     assert podspec.termination_message(fallback, "x" * 5000, log, 1) == "x" * 4096
+
+
+def test_the_command_and_args_replace_the_images_entrypoint_and_cmd_as_a_kubelet_does() -> None:
+    image = ImageConfig(entrypoint=["idpo", "operator"], cmd=["--all-namespaces"])
+    env = {"NS": "ml"}
+    assert podspec.command({}, env, image) == ["idpo", "operator", "--all-namespaces"]
+    assert podspec.command({"args": ["-n", "$(NS)"]}, env, image) == ["idpo", "operator", "-n", "ml"]  # CMD replaced
+    assert podspec.command({"command": ["python"]}, env, image) == ["python"]  # ENTRYPOINT and CMD dropped
+    assert podspec.command({"command": ["echo"], "args": ["$(NS)"]}, env, image) == ["echo", "ml"]
+    cmd_only = ImageConfig(cmd=["python", "-m", "idpo_jobs.generate", "--help"])
+    assert podspec.command({}, env, cmd_only) == ["python", "-m", "idpo_jobs.generate", "--help"]
+    assert podspec.command({"args": ["python", "-V"]}, env, cmd_only) == ["python", "-V"]
+    with pytest.raises(Waiting, match="no command specified") as waiting:
+        podspec.command({}, env, ImageConfig())
+    assert waiting.value.reason == "CreateContainerError"
+
+
+def test_the_images_defaults_are_read_from_their_dockerfile_targets() -> None:
+    text = """
+# syntax=docker/dockerfile:1.7
+FROM python:3.11-slim AS base
+ENV A=1 PATH=/opt/venv/bin:$PATH \\
+    B="two words"
+WORKDIR /app
+USER 1000:1000
+ENTRYPOINT ["idpo", "operator"]
+CMD ["--all-namespaces"]
+
+FROM base AS child
+WORKDIR sub
+CMD exec python -V
+ENV C=${A}3
+
+FROM base AS reset
+ENTRYPOINT ["tini", "--"]
+"""
+    targets = images.dockerfile_targets(text)
+    base, child, reset = targets["base"], targets["child"], targets["reset"]
+    assert (base.entrypoint, base.cmd, base.workdir, base.uid_gid()) == (
+        ["idpo", "operator"],
+        ["--all-namespaces"],
+        "/app",
+        (1000, 1000),
+    )
+    assert base.env == {"A": "1", "PATH": "/opt/venv/bin:", "B": "two words"}
+    assert child.cmd == ["/bin/sh", "-c", "exec python -V"] and child.workdir == "/app/sub"  # shell form
+    assert child.entrypoint == ["idpo", "operator"] and child.env["C"] == "13"  # inherited from base
+    assert reset.entrypoint == ["tini", "--"] and reset.cmd == []  # a new ENTRYPOINT clears the CMD
+    # This checkout's images: the stage image runs its CMD, the operator image its ENTRYPOINT.
+    ours = images.load(images.default_images())
+    stage, operator = ours[DEFAULT_STAGE_IMAGE], next(c for i, c in ours.items() if "idpo-operator" in i)
+    assert stage.argv(None, None)[:3] == ["python", "-m", "idpo_jobs.generate"] and stage.uid_gid() == (1000, 1000)
+    assert operator.argv(None, ["--help"]) == ["idpo", "operator", "--help"] and operator.workdir == "/app"

@@ -2,7 +2,9 @@
 is retried by the Job controller, and the new pod goes on from what the first one finished, on the claim.
 
 The stages run with `tests/hooks/sitecustomize.py` on their PYTHONPATH (copied onto the claim), which
-slows each step down so that the deletion lands mid-stage, and logs the work every attempt did."""
+holds the stage where the test deletes its pod (a checkpoint or chunk written, the next one not) until
+the test releases the next attempt, and logs the work every attempt did: how fast the machine is
+decides nothing."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any
 import pytest
 from idpo_operator.resources import ANNOTATION_CONFIG, VOLUME_MOUNT
 
-from tests.harness.cluster import FUNCTIONS_DIR, HOOKS_DIR, Cluster, Target, slowed
+from tests.harness.cluster import FUNCTIONS_DIR, HOOKS_DIR, MARKERS_DIR, Cluster, Hold, Target, hooked
 from tests.test_operator_e2e import (
     CLAIM,
     SPEC,
@@ -93,25 +95,26 @@ def rerun_uninterrupted(
     return json.loads(message)
 
 
-def slowed_run(name: str, log: str, **spec: Any) -> dict[str, Any]:
-    """One iteration on 16 prompts whose stages the test hooks slow down (0.5 s a step), logging to `log`."""
-    return run_manifest(
-        name, iterations=1, prompts={"perIteration": 16}, runtime=slowed(0.5, log, SPEC["runtime"]["env"]), **spec
-    )
+def held_run(name: str, log: str, hold: Hold, **spec: Any) -> dict[str, Any]:
+    """One iteration on 16 prompts whose stages log their progress to `log` (the test hooks), one of them
+    held by `hold`."""
+    runtime = hooked(SPEC["runtime"]["env"], IDPO_TEST_PROGRESS_LOG=log, **hold.env)
+    return run_manifest(name, iterations=1, prompts={"perIteration": 16}, runtime=runtime, **spec)
 
 
 def test_a_train_pod_lost_after_its_second_checkpoint_resumes_there(cluster: Cluster) -> None:
-    log = f"{VOLUME_MOUNT}/markers/{uuid.uuid4().hex}.log"
+    log = f"{MARKERS_DIR}/{uuid.uuid4().hex}.log"
+    hold = cluster.hold("train", 5)  # step 4's checkpoint is published before step 5 reports
     training = {"perDeviceBatchSize": 1, "checkpointEverySteps": 2}  # 16 pairs: 16 steps, 7 checkpoints
-    assert cluster.apply(slowed_run("resumed", log, training=training)).returncode == 0
-    deleted = delete_pod_when_logged(cluster, "resumed-i1-train", "idpo-checkpoint step 4/16")
+    assert cluster.apply(held_run("resumed", log, hold, training=training)).returncode == 0
+    deleted = delete_pod_when_logged(cluster, "resumed-i1-train", hold.line)
+    cluster.release(hold, CLAIM)
 
     status = cluster.wait_phase("resumed", "Succeeded", "Failed")
     assert status["phase"] == "Succeeded", status.get("message")
     train = stage(status, 1, "train")
     metrics = train["metrics"]
-    # The second checkpoint, or the third if it was written while the pod was being deleted.
-    assert metrics["resumed_from_step"] in (4, 6) and metrics["steps"] == 16, metrics
+    assert metrics["resumed_from_step"] == 4 and metrics["steps"] == 16, metrics  # the second checkpoint
     assert metrics["steps_executed"] == 16 - metrics["resumed_from_step"]
     # The Job controller's replacement pod: the deleted one is gone from the API.
     assert train["attempts"] == 2 and deleted not in {p["metadata"]["name"] for p in cluster.pods("resumed-i1-train")}
@@ -126,16 +129,19 @@ def test_a_train_pod_lost_after_its_second_checkpoint_resumes_there(cluster: Clu
 
 
 def test_a_generate_pod_lost_mid_way_generates_only_its_unfinished_chunks_again(cluster: Cluster) -> None:
-    log = f"{VOLUME_MOUNT}/markers/{uuid.uuid4().hex}.log"
-    generation = {"batchSize": 2, "chunkPrompts": 2}  # 16 prompts: 8 chunks of one batch each
-    assert cluster.apply(slowed_run("regenerated", log, generation=generation)).returncode == 0
-    delete_pod_when_logged(cluster, "regenerated-i1-generate", "idpo-chunk 3/8")
+    log = f"{MARKERS_DIR}/{uuid.uuid4().hex}.log"
+    # 16 prompts: 8 chunks of one batch each. Held at 8 done: 3 chunks written, the 4th generated, not written.
+    hold = cluster.hold("generate", 8)
+    generation = {"batchSize": 2, "chunkPrompts": 2}
+    assert cluster.apply(held_run("regenerated", log, hold, generation=generation)).returncode == 0
+    delete_pod_when_logged(cluster, "regenerated-i1-generate", hold.line)
+    cluster.release(hold, CLAIM)
 
     status = cluster.wait("regenerated", lambda s: generate_phase(s) in ("Succeeded", "Failed"))
     generate = stage(status, 1, "generate")
     assert generate["phase"] == "Succeeded" and generate["attempts"] == 2, generate
     metrics = generate["metrics"]
-    assert metrics["prompts"] == 16 and metrics["resumed_prompts"] >= 6, metrics
+    assert metrics["prompts"] == 16 and metrics["resumed_prompts"] == 6, metrics
 
     uid = cluster.run("regenerated")["metadata"]["uid"]
     ours = f"{VOLUME_MOUNT}/idpo/regenerated-{uid[:8]}/iter-1/generate/part-00000"

@@ -15,6 +15,7 @@ with no network (the tiny test ranker and air-gapped PVC copies of PairRM rely o
 from __future__ import annotations
 
 import json
+import sys
 import types
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,18 @@ def _restore_transformers_cache() -> None:
 
 
 def import_llm_blender() -> types.ModuleType:
+    """llm_blender, imported without vLLM: its package imports vLLM when installed (the jobs image has it)
+    only for its generation fuser, which nothing here uses, and that import costs a rank stage seconds of
+    its start-up. vLLM stays importable afterwards (the evaluate stage may generate with it)."""
     _restore_transformers_cache()
-    import llm_blender
-
+    hidden = "vllm" not in sys.modules
+    if hidden:
+        sys.modules["vllm"] = None  # type: ignore[assignment]  # `import vllm` raises ImportError meanwhile
+    try:
+        import llm_blender
+    finally:
+        if hidden and sys.modules.get("vllm", 0) is None:
+            del sys.modules["vllm"]
     return llm_blender
 
 

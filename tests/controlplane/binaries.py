@@ -13,6 +13,7 @@ so a start needs no Go tooling.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -21,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 MODULE = Path(__file__).parent
@@ -87,12 +90,29 @@ def _ldflags(version: str) -> str:
     )
 
 
+@contextmanager
+def _building(target: Path) -> Iterator[None]:
+    """One build of a cache folder at a time on this machine: a parallel test run's workers (or two
+    checkouts) that find it cold wait for the first one's build instead of building it again."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def build(log: bool = True) -> Path:
     """Build the binaries the cache lacks (minutes, once per machine); return the cache folder."""
     target = cache_dir()
+    if all((target / name).is_file() for name in PACKAGES):
+        return target
+    with _building(target):
+        return _build(target, log)
+
+
+def _build(target: Path, log: bool) -> Path:
     missing = [name for name in PACKAGES if not (target / name).is_file()]
     if not missing:
-        return target
+        return target  # built meanwhile, by whoever held the lock
     if shutil.which("go") is None:
         raise RuntimeError("building the control plane needs Go (1.26 or newer) on PATH")
     target.mkdir(parents=True, exist_ok=True)
@@ -128,8 +148,19 @@ def build_kueue(log: bool = True) -> Path:
     """Build Kueue's manager and copy its manifests if the cache lacks them (minutes, once per
     machine); return the folder: `kueue` and `config/components/{crd,webhook,rbac}/`."""
     target = kueue_cache_dir()
-    if (target / "kueue").is_file() and all((target / folder).is_dir() for folder in KUEUE_MANIFESTS):
+    if _kueue_built(target):
         return target
+    with _building(target):
+        return _build_kueue(target, log)
+
+
+def _kueue_built(target: Path) -> bool:
+    return (target / "kueue").is_file() and all((target / folder).is_dir() for folder in KUEUE_MANIFESTS)
+
+
+def _build_kueue(target: Path, log: bool) -> Path:
+    if _kueue_built(target):
+        return target  # built meanwhile, by whoever held the lock
     if shutil.which("go") is None:
         raise RuntimeError("building Kueue needs Go (1.26 or newer) on PATH")
     target.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 a container runtime and a storage provisioner.
 
     python -m tests.controlplane.nodeagent --kubeconfig F --root DIR [--nodes K] [--gpus N]
-        [--fast-pods SECONDS] [--image IMAGE ...]
+        [--fast-pods SECONDS] [--image IMAGE[=TARGET] ...]
 
 - Registers K Nodes with the given capacity (cpu, memory, `nvidia.com/gpu`) and keeps them Ready
   (a status at start, then Lease heartbeats, as kubelets do).
@@ -10,7 +10,8 @@ a container runtime and a storage provisioner.
   local-path-provisioner does): a directory per claim, deleted when the claim is released.
 - Runs each Pod scheduled to its Nodes (pods.py): the container command as a local process.
   Images: the node "has" the configured images, all of them this checkout's code on this
-  interpreter; any other image waits in ErrImagePull / ImagePullBackOff.
+  interpreter, each with its Dockerfile target's ENTRYPOINT, CMD, USER, WORKDIR and ENV (images.py);
+  any other image waits in ErrImagePull / ImagePullBackOff.
 
 Everything a Job needs beyond that (indexes, retries, failure policies, garbage collection) is the
 real controller-manager's. All addresses are 127.0.0.1: pods resolve every pod name to loopback.
@@ -31,9 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from idpo_operator.spec import DEFAULT_STAGE_IMAGE
-
-from tests.controlplane import binaries, logserver, podspec
+from tests.controlplane import binaries, images, logserver, podspec
 from tests.controlplane.pods import PodWorker
 from tests.controlplane.rest import MERGE, ApiException, Rest
 
@@ -51,17 +50,19 @@ def micro_now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def image_mounts(paths: list[Path]) -> list[dict[str, Any]]:
-    """Read-only binds of the interpreter, its virtualenv and this checkout, bound in place last, as
-    an image's own files are always there: a volume at /tmp must not hide a checkout below /tmp,
-    and a directory only root may enter (/root is 0700) is masked with an empty one (`mask`)."""
+def image_mounts(paths: list[Path], target: str | None = None) -> list[dict[str, Any]]:
+    """Read-only binds of the interpreter, its virtualenv and this checkout, bound in place (or at
+    `target`) last, as an image's own files are always there: a volume at /tmp must not hide a
+    checkout below /tmp, and a directory only root may enter (/root is 0700) is masked with an empty
+    one (`mask`)."""
     out: list[dict[str, Any]] = []
     for path in sorted({p.resolve() for p in paths}):
         if any(path.is_relative_to(m["source"]) for m in out):
             continue
-        hidden = next((a for a in reversed(path.parents) if not os.stat(a).st_mode & stat.S_IXOTH), None)
+        where = Path(target) if target else path
+        hidden = next((a for a in reversed(where.parents) if not os.stat(a).st_mode & stat.S_IXOTH), None)
         out.append(
-            {"source": str(path), "target": str(path), "readOnly": True, "mask": str(hidden) if hidden else None}
+            {"source": str(path), "target": str(where), "readOnly": True, "mask": str(hidden) if hidden else None}
         )
     return out
 
@@ -74,14 +75,21 @@ class Agent:
         self.capacity = {"cpu": args.cpu, "memory": args.memory, "pods": "250", "nvidia.com/gpu": str(args.gpus)}
         self.free_gpus = {n: set(range(args.gpus)) for n in self.nodes}
         self.fast_pods: float | None = args.fast_pods
-        self.images: list[str] = args.image or [DEFAULT_STAGE_IMAGE]  # the operator's default stage image
-        self.image_user = (1000, 1000)  # USER 1000:1000, as in the Dockerfile
+        # Image -> its config from the Dockerfile (ENTRYPOINT, CMD, USER, WORKDIR, ENV): images.py.
+        self.images: dict[str, images.ImageConfig] = images.load(images.parse_images(args.image))
         venv_bin = Path(sys.executable).parent
-        self.image_env = {
+        # The image's interpreter and virtualenv are this machine's: PATH and VIRTUAL_ENV say so.
+        self.machine_env = {
             "PATH": f"{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             **{k: os.environ[k] for k in IMAGE_ENV_PASSTHROUGH if k in os.environ},
         }
-        self.image_mounts = image_mounts([Path(sys.prefix), Path(sys.base_prefix), REPO])
+        self.venv = sys.prefix
+        shared = [Path(sys.prefix), Path(sys.base_prefix), REPO]
+        # What the Dockerfile copies into WORKDIR is this checkout: it is there, read-only.
+        self.image_mounts = {
+            image: image_mounts(shared) + (image_mounts([REPO], config.workdir) if config.workdir.strip("/") else [])
+            for image, config in self.images.items()
+        }
         # In-cluster clients reach the apiserver on loopback, never through the Service's ClusterIP.
         port = str(args.apiserver_port)
         self.service_env = {
@@ -356,7 +364,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpu", default="32", help="cpu capacity per node")
     parser.add_argument("--memory", default="128Gi", help="memory capacity per node")
     parser.add_argument("--fast-pods", type=float, help="complete pods after this many seconds, without running them")
-    parser.add_argument("--image", action="append", help="an image the nodes have (repeatable)")
+    parser.add_argument(
+        "--image",
+        action="append",
+        help="an image the nodes have, built by the Dockerfile's TARGET (default jobs); repeatable "
+        "(default: the stage image and the chart's operator image)",
+    )
     parser.add_argument("--apiserver-port", type=int, required=True)
     parser.add_argument("--tls-cert", required=True, help="serving certificate for the log endpoint")
     parser.add_argument("--tls-key", required=True)

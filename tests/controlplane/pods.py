@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tests.controlplane import podspec
+from tests.controlplane import images, podspec
 from tests.controlplane.podspec import Waiting
 from tests.controlplane.rest import STRATEGIC
 
@@ -288,11 +288,13 @@ class PodWorker(threading.Thread):
 
     # -- containers --------------------------------------------------------------------------------
     def _plan(self, container: dict[str, Any], volumes: dict[str, Path]) -> dict[str, Any]:
+        image = self.agent.images[container["image"]]
+
         def build() -> dict[str, Any]:
-            uid, gid, groups = podspec.identity(self.pod, container, self.agent.image_user)
-            env = podspec.container_env(self.pod, container, self._image_env(container, uid), self._fetch)
+            uid, gid, groups = podspec.identity(self.pod, container, image.uid_gid())
+            env = podspec.container_env(self.pod, container, self._image_env(container, image, uid), self._fetch)
             return {
-                "argv": podspec.command(container, env),
+                "argv": podspec.command(container, env, image),
                 "env": env,
                 "uid": uid,
                 "gid": gid,
@@ -316,21 +318,23 @@ class PodWorker(threading.Thread):
         mounts += [
             {"source": str(self.hosts), "target": "/etc/hosts", "readOnly": True},
             {"source": str(termination), "target": container.get("terminationMessagePath", podspec.TERMINATION_LOG)},
-            *self.agent.image_mounts,
+            *self.agent.image_mounts[container["image"]],
         ]
         security = container.get("securityContext") or {}
         return plan | {
             "hostname": podspec.hostname(self.pod),
             "mounts": mounts,
             "readOnlyRoot": bool(security.get("readOnlyRootFilesystem")),
-            "workingDir": container.get("workingDir", "/"),
+            "workingDir": container.get("workingDir") or image.workdir or "/",
             "startError": str(home / "start-error"),
             "termination": str(termination),
             "log": str(home / "log"),
         }
 
-    def _image_env(self, container: dict[str, Any], uid: int) -> dict[str, str]:
-        env = dict(self.agent.image_env)
+    def _image_env(self, container: dict[str, Any], image: images.ImageConfig, uid: int) -> dict[str, str]:
+        env = image.env | self.agent.machine_env
+        if "VIRTUAL_ENV" in env:
+            env["VIRTUAL_ENV"] = self.agent.venv
         env |= {"HOSTNAME": podspec.hostname(self.pod), "HOME": "/root" if uid == 0 else "/"}
         env |= self.agent.service_env
         gpus = int((container.get("resources", {}).get("limits") or {}).get("nvidia.com/gpu", 0))

@@ -12,6 +12,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from tests.controlplane.images import ImageConfig
+
 TERMINATION_LOG = "/dev/termination-log"
 MESSAGE_LIMIT = 4096  # the kubelet's cap on a termination message
 LOG_FALLBACK_LINES, LOG_FALLBACK_BYTES = 80, 2048  # FallbackToLogsOnError: the log's tail, so capped
@@ -115,10 +117,14 @@ def container_env(pod: dict[str, Any], container: dict[str, Any], base: dict[str
     return env
 
 
-def command(container: dict[str, Any], env: dict[str, str]) -> list[str]:
-    argv = [expand(a, env) for a in (container.get("command") or []) + (container.get("args") or [])]
+def command(container: dict[str, Any], env: dict[str, str], image: ImageConfig) -> list[str]:
+    """The image's ENTRYPOINT and CMD unless the container's `command` and `args` replace them, with
+    `$(VAR)` expansion in the container's own words only (a kubelet leaves the image's alone)."""
+    words = [expand(a, env) for a in container.get("command") or []]
+    args = [expand(a, env) for a in container.get("args") or []]
+    argv = image.argv(words, args)
     if not argv:
-        raise Waiting("CreateContainerError", "no command specified (the node agent's images have no entrypoint)")
+        raise Waiting("CreateContainerError", "Error: no command specified")
     return argv
 
 

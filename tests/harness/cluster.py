@@ -18,6 +18,7 @@ paths, and count pods through the API.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -44,9 +45,12 @@ HARNESS_AGENT = "idpo-test-harness"
 TESTS = Path(__file__).parents[1]
 FUNCTIONS_DIR = f"{VOLUME_MOUNT}/fns"  # where `seed` puts tests/rewards.py; stages get it on PYTHONPATH
 HOOKS_DIR = f"{VOLUME_MOUNT}/hooks"  # where `install_hooks` puts tests/hooks/sitecustomize.py
+MARKERS_DIR = f"{VOLUME_MOUNT}/markers"  # tests' own files on the claim (logs, releases of holds)
+HOLD_PREFIX = "idpo-test-hold"  # what tests/hooks/sitecustomize.py logs where it holds a stage
 SEED_MOUNT = "/etc/idpo-e2e"
 JOB_NAME = "batch.kubernetes.io/job-name"
 LOCAL_GPUS = 8  # nvidia.com/gpu on the local plane's node: what Kueue's quota tests count against
+LOCAL_PATIENCE = 3.0  # the local plane's factor on every wait (IDPO_E2E_PATIENCE elsewhere)
 RESTRICTED = {
     "pod-security.kubernetes.io/enforce": "restricted",
     "pod-security.kubernetes.io/enforce-version": "latest",
@@ -60,18 +64,48 @@ directory.mkdir(parents=True, exist_ok=True)
 """
 
 
-def slowed(delay: float, log: str, env: list[dict[str, Any]]) -> dict[str, Any]:
-    """A run's `runtime` whose stages report progress slowly (tests/hooks/sitecustomize.py, installed by
-    `Cluster.install_hooks`) and log it to `log` on the claim; `env`: the run's other variables."""
+def hooked(env: list[dict[str, Any]], **variables: str) -> dict[str, Any]:
+    """A run's `runtime` whose stages import the test hooks (tests/hooks/sitecustomize.py, installed by
+    `Cluster.install_hooks`) with `variables` (IDPO_TEST_*) set; `env`: the run's other variables."""
     return {
         "env": [
-            *(e for e in env if e["name"] != "PYTHONPATH"),
+            *(e for e in env if e["name"] != "PYTHONPATH" and e["name"] not in variables),
             {"name": "PYTHONPATH", "value": f"{HOOKS_DIR}:{FUNCTIONS_DIR}"},
-            {"name": "IDPO_TEST_PROGRESS_DELAY", "value": str(delay)},
-            {"name": "IDPO_TEST_PROGRESS_LOG", "value": log},
+            *({"name": name, "value": value} for name, value in variables.items()),
         ]
     }
 
+
+def slowed(delay: float, log: str, env: list[dict[str, Any]]) -> dict[str, Any]:
+    """A run's `runtime` whose stages report progress slowly and log it to `log` on the claim."""
+    return hooked(env, IDPO_TEST_PROGRESS_DELAY=str(delay), IDPO_TEST_PROGRESS_LOG=log)
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A stage held at its report of `at` done (tests/hooks/sitecustomize.py) until `release` exists on
+    the claim: `Cluster.hold` makes one, `Cluster.release` lets every later attempt through."""
+
+    stage: str
+    at: int
+    release: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"IDPO_TEST_HOLD_AT": f"{self.stage}:{self.at}", "IDPO_TEST_HOLD_UNTIL": self.release}
+
+    @property
+    def line(self) -> str:
+        """What the held stage logs."""
+        return f"{HOLD_PREFIX} {self.stage} {self.at}"
+
+
+TOUCH = """
+import pathlib, sys
+path = pathlib.Path(sys.argv[1])
+path.parent.mkdir(parents=True, exist_ok=True)
+path.touch()
+"""
 
 # Builds the tiny models on the claim and copies the test reward functions beside them.
 SEED_SCRIPT = """
@@ -88,6 +122,11 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def audit_stamp() -> str:
+    """Now, as the audit log writes its timestamps (UTC, microseconds): such strings sort by time."""
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def kubectl_binary() -> str:
@@ -111,12 +150,20 @@ class Target:
 
 
 def local_target(root: Path) -> Target:
-    """Starts a control plane of our own; the caller stops it (`target.plane.stop()`)."""
-    from tests.controlplane.plane import ControlPlane
+    """Starts a control plane of our own; the caller stops it (`target.plane.stop()`). Its waits are three
+    times the nominal ones: workers of a parallel run share the machine's cores."""
+    from tests.controlplane.plane import ControlPlane, StartError
 
     image = DEFAULT_STAGE_IMAGE  # what the node agent "has" (this checkout's code) and the operator's default
-    plane = ControlPlane(root / "admin.kubeconfig", images=[image], gpus=LOCAL_GPUS, log=lambda *_: None).__enter__()
-    return Target(plane.kubeconfig, image, patience=1.0, plane=plane)
+    for attempt in range(3):
+        try:
+            plane = ControlPlane(root / "admin.kubeconfig", gpus=LOCAL_GPUS, log=lambda *_: None).__enter__()
+            return Target(plane.kubeconfig, image, patience=LOCAL_PATIENCE, plane=plane)
+        except StartError as err:
+            # A free port is free when probed: another worker's plane may take it before ours binds it.
+            if "address already in use" not in str(err) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def open_target(root: Path) -> Target:
@@ -143,7 +190,9 @@ class Cluster:
         self.target, self.root = target, root
         self.kubeconfig, self.image, self.patience = target.kubeconfig, target.image, target.patience
         self.storage_class = target.storage_class
-        self.namespace = target.namespace or namespace
+        # A parallel run's workers each have a namespace of their own, on a shared cluster too.
+        worker = os.environ.get("PYTEST_XDIST_WORKER")
+        self.namespace = target.namespace or (f"{namespace}-{worker}" if worker else namespace)
         self.owns_namespace = target.namespace is None
         self.operator: subprocess.Popen[bytes] | None = None
         self.operator_log = root / "operator.log"
@@ -165,6 +214,7 @@ class Cluster:
         )
         if self.target.plane is not None:
             self.operator_kubeconfig = self._operator_identity()
+        self.since = audit_stamp()
         self.install_crd()
         self._wait_for(self._crd_established, "Established CRD")
         self.start_operator()
@@ -187,24 +237,36 @@ class Cluster:
         return self.target.plane.token_kubeconfig(self.root / "operator.kubeconfig", token.stdout.strip())
 
     def operator_audit(self) -> list[dict[str, Any]]:
-        """The apiserver's audit events of the requests the operator's identity made."""
+        """The apiserver's audit events of the requests this cluster's operators made: by the chart's
+        ServiceAccount, since this namespace's operator started (one plane serves a worker's modules one
+        after another), and not through kubectl (a test's own calls with the operator's token)."""
         namespace, account = chart.service_account(chart.render())
         user = f"system:serviceaccount:{namespace}:{account}"
         # Complete lines only: the apiserver may be half-way through writing the last one.
         events = [json.loads(line) for line in self.target.plane.audit_log.read_text().split("\n")[:-1]]
-        return [e for e in events if e["user"]["username"] == user and e.get("objectRef")]
+        return [
+            e
+            for e in events
+            if e["user"]["username"] == user
+            and e.get("objectRef")
+            and e["requestReceivedTimestamp"] >= self.since
+            and "kubectl" not in e.get("userAgent", "")
+        ]
 
-    def operator_requests(self) -> list[tuple[str, str, str]]:
-        """(verb, group, resource) of each request the operator's identity made, from the audit log."""
+    def operator_requests(self, prefix: str = "") -> list[tuple[str, str, str]]:
+        """(verb, group, resource) of each request the operator's identity made, from the audit log; with
+        `prefix`, only those on objects whose name starts with it (a test's own runs and children)."""
         calls = []
         for event in self.operator_audit():
+            if not event["objectRef"].get("name", "").startswith(prefix):
+                continue
             ref = event["objectRef"]
             resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
             calls.append((event["verb"], ref.get("apiGroup", ""), resource))
         return calls
 
-    def operator_calls(self) -> set[tuple[str, str, str]]:
-        return set(self.operator_requests())
+    def operator_calls(self, prefix: str = "") -> set[tuple[str, str, str]]:
+        return set(self.operator_requests(prefix))
 
     # -- the operator process ---------------------------------------------------------------------
     def start_operator(self) -> None:
@@ -395,6 +457,15 @@ class Cluster:
                 return "Complete" in done, "\n".join(messages)
             time.sleep(0.5)
         raise AssertionError(f"Job {name} ({args[:2]}) did not finish in time")
+
+    def hold(self, stage: str, at: int) -> Hold:
+        """A hold of `stage` at its report of `at` done, released by a file of its own on the claim."""
+        return Hold(stage, at, f"{MARKERS_DIR}/{uuid.uuid4().hex}.release")
+
+    def release(self, hold: Hold, claim: str) -> None:
+        """Let the held stage (and every later attempt) through: create the hold's file on `claim`."""
+        released, message = self.run_job(["-c", TOUCH, hold.release], claim=claim)
+        assert released, message
 
     def install_hooks(self, claim: str) -> None:
         """Put tests/hooks/sitecustomize.py under `hooks/` on `claim` (see `slowed`)."""

@@ -8,7 +8,11 @@
 - IDPO_TEST_KILL_AT=WHERE: SIGKILL this process at WHERE: `marker:<name>` just before the completeness
   marker of a directory named <name> is written (after its rename), `save:<name>` inside the Trainer's
   save of <name> (the weights written, the optimizer not yet), `progress:<n>` at the report of n done;
-- IDPO_TEST_ENOSPC=NAME: writing a JSONL file named NAME fails with ENOSPC, as on a full volume.
+- IDPO_TEST_ENOSPC=NAME: writing a JSONL file named NAME fails with ENOSPC, as on a full volume;
+- IDPO_TEST_HOLD_AT=<stage>:<n> with IDPO_TEST_HOLD_UNTIL=FILE: at the report of n done, the stage
+  prints `idpo-test-hold <stage> <n>` and waits until FILE exists. A test holds a stage exactly where it
+  wants it (a checkpoint written, a chunk not), kills or preempts it there, and releases the next
+  attempt by creating FILE: the machine's speed decides nothing.
 """
 
 import os
@@ -17,6 +21,9 @@ _DELAY = float(os.environ.get("IDPO_TEST_PROGRESS_DELAY") or 0)
 _LOG = os.environ.get("IDPO_TEST_PROGRESS_LOG")
 _KILL = os.environ.get("IDPO_TEST_KILL_AT", "")
 _ENOSPC = os.environ.get("IDPO_TEST_ENOSPC")
+_HOLD = os.environ.get("IDPO_TEST_HOLD_AT", "")
+_RELEASE = os.environ.get("IDPO_TEST_HOLD_UNTIL", "")
+HOLD_PREFIX = "idpo-test-hold"
 
 
 def _die() -> None:
@@ -25,8 +32,24 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-if _DELAY or _LOG or _KILL.startswith("progress:"):
+def _stage() -> str:
+    """`python -m idpo_jobs.<stage>`, or the train launcher's `python -m idpo_jobs.train` in-process."""
     import sys
+
+    return next((s for s in ("generate", "rank", "train", "evaluate") if s in sys.argv[0]), "?")
+
+
+def _hold(done: int) -> None:
+    import time
+
+    if f"{_stage()}:{done}" != _HOLD or not _RELEASE:
+        return
+    print(f"{HOLD_PREFIX} {_HOLD.replace(':', ' ')}", flush=True)
+    while not os.path.exists(_RELEASE):
+        time.sleep(0.2)
+
+
+if _DELAY or _LOG or _KILL.startswith("progress:") or _HOLD:
     import time
 
     from idpo_jobs import contract
@@ -35,8 +58,7 @@ if _DELAY or _LOG or _KILL.startswith("progress:"):
 
     def _slow_report(done: int, total: int) -> None:
         if _LOG:
-            # `python -m idpo_jobs.<stage>`, or the train launcher's `python -m idpo_jobs.train` in-process
-            stage = next((s for s in ("generate", "rank", "train", "evaluate") if s in sys.argv[0]), "?")
+            stage = _stage()
             os.makedirs(os.path.dirname(_LOG) or ".", exist_ok=True)
             with open(_LOG, "a") as log:
                 log.write(f"{stage} {os.getpid()} {done} {total}\n")
@@ -45,6 +67,7 @@ if _DELAY or _LOG or _KILL.startswith("progress:"):
         _report(done, total)
         if f"progress:{done}" == _KILL:
             _die()
+        _hold(done)
         time.sleep(_DELAY)
 
     contract.report_progress = _slow_report
