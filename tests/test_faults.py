@@ -81,9 +81,12 @@ def test_a_missing_secret_waits_and_the_stage_starts_once_it_exists(cluster: Clu
     assert 'secret "hub-token" not found' in waiting["message"]
     created = cluster.kubectl("create", "secret", "generic", "hub-token", "--from-literal=token=hf_x")
     assert created.returncode == 0, created.stderr
-    status = cluster.wait_phase("secretive", "Succeeded", "Failed")
-    assert status["phase"] == "Succeeded", status.get("message")
-    no_stage_ran_twice(cluster, "secretive")
+    try:
+        status = cluster.wait_phase("secretive", "Succeeded", "Failed")
+        assert status["phase"] == "Succeeded", status.get("message")
+        no_stage_ran_twice(cluster, "secretive")
+    finally:
+        cluster.kubectl("delete", "secret", "hub-token")  # missing again for the next test that needs it so
 
 
 def test_a_run_recreated_with_the_same_name_never_uses_its_predecessors_jobs(cluster: Cluster) -> None:

@@ -162,3 +162,19 @@ def test_idpo_run_trains_on_two_local_processes_through_the_jobs_torchrun_launch
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(final["latestCheckpoint"]).config.model_type == "mistral"
+
+
+def test_runs_in_different_directories_share_one_build_of_the_tiny_models(tmp_path: Path, monkeypatch) -> None:
+    from idpo_jobs.tiny import tiny_cache
+    from idpo_operator.local import LocalRunner
+    from idpo_operator.spec import parse_manifest
+
+    monkeypatch.setenv("IDPO_TINY_CACHE", str(tmp_path / "cache"))
+    built = tiny_cache()
+    assert built.parent == tmp_path / "cache" and len(built.name) == 12  # named after the builder's version
+    built.mkdir(parents=True)
+    (built / "_SUCCESS").touch()  # as a first run leaves it: nothing is built again
+    specs = [LocalRunner(parse_manifest(manifest("cached")), tmp_path / w).spec for w in ("a", "b")]
+    assert {s.model.name for s in specs} == {str(built / "policy")}
+    assert {s.ranking.model for s in specs} == {str(built / "pairrm")}
+    assert not any((tmp_path / w / "tiny").exists() for w in ("a", "b"))

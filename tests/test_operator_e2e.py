@@ -301,8 +301,13 @@ def test_the_liveness_endpoint_reports_reconciles(cluster: Cluster) -> None:
     import json
     import urllib.request
 
-    probe = json.loads(urllib.request.urlopen(cluster.liveness, timeout=10).read())
-    assert probe["reconciles"] > 0
+    def reconciles() -> int:
+        return json.loads(urllib.request.urlopen(cluster.liveness, timeout=10).read())["reconciles"]
+
+    before = reconciles()
+    assert cluster.apply(run_manifest("probed", iterations=1, suspend=True)).returncode == 0
+    cluster.wait_phase("probed", "Suspended", timeout=60)  # a reconcile wrote that
+    assert reconciles() > before
 
 
 def test_the_chart_rbac_allows_exactly_the_calls_the_operator_makes(cluster: Cluster) -> None:

@@ -249,6 +249,18 @@ def build_tiny(out: str | Path, seed: int = 0) -> dict[str, Path]:
     }
 
 
+def tiny_cache() -> Path:
+    """Where `idpo run` keeps the tiny models: built once per machine (not once per run directory), in a
+    folder named after this builder's code and the libraries that write the files, so a change of either
+    builds afresh. `IDPO_TINY_CACHE` moves it from ~/.cache/idpo/tiny."""
+    import hashlib
+    from importlib import metadata
+
+    versions = "|".join(metadata.version(name) for name in ("torch", "transformers", "tokenizers", "llm-blender"))
+    key = hashlib.sha256(Path(__file__).read_bytes() + versions.encode()).hexdigest()[:12]
+    return Path(os.environ.get("IDPO_TINY_CACHE") or Path.home() / ".cache" / "idpo" / "tiny") / key
+
+
 def ensure_tiny(root: Path) -> Path:
     """The tiny models under `root`, built there if absent. Built aside and renamed into place, so
     shards that race on first use never read half a model (the builds are seeded: any winner will do)."""

@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 from idpo_jobs import contract
 from idpo_jobs.config import TINY_SCHEME, Stage, Workspace
-from idpo_jobs.tiny import ensure_tiny
+from idpo_jobs.tiny import ensure_tiny, tiny_cache
 from tqdm import tqdm
 
 from idpo_operator import plan, resources, rules
@@ -60,7 +60,7 @@ class LocalRunner:
     def __init__(self, manifest: Manifest, workdir: Path, out: TextIO = sys.stderr) -> None:
         self.name = manifest.metadata.name
         self.workdir = workdir.resolve()
-        self.spec = resolve_tiny(manifest.spec, self.workdir / "tiny")
+        self.spec = resolve_tiny(manifest.spec, tiny_cache())
         self.workspace = Workspace(self.workdir / "workspace")
         self.out = out
         self.previous = self._load_status()
