@@ -101,6 +101,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(pytest.mark.xdist_group(group))
 
 
+@pytest.hookimpl(trylast=True)  # after xdist's, which names each grouped test `<id>@<group>` for its scheduler
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    lost = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+    if lost:
+        raise pytest.UsageError(
+            f"pytest-xdist would not keep {lost[0]}'s group on one worker with pytest {pytest.__version__} "
+            "(pytest-dev/pytest-xdist#1386): install the dev extra's pytest"
+        )
+
+
 def env_with_tests() -> dict[str, str]:
     """Stage subprocesses import test reward functions from tests/."""
     path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
