@@ -206,10 +206,15 @@ def test_a_run_costs_its_own_writes_only_and_reads_nothing_but_its_watches(clust
     def reads() -> int:
         return sum(verb in ("list", "get") for verb, _, res in cluster.operator_requests() if res in reconciled)
 
+    def reasons() -> list[str]:
+        listed = cluster.kubectl("get", "events", "--field-selector", "involvedObject.name=cached", "-o", "json")
+        return sorted(e["reason"] for e in json.loads(listed.stdout)["items"])
+
     before = reads()
     assert cluster.apply(run_manifest("cached", iterations=1)).returncode == 0
     assert cluster.wait_phase("cached", "Succeeded", "Failed")["phase"] == "Succeeded"
-    time.sleep(1)  # events are posted just after the last status write
+    # The run's last event is posted just after its last status write.
+    wait_for(lambda: "RunSucceeded" in reasons(), "no RunSucceeded event", 60 * cluster.patience)
     # Three stages, dozens of Job and Pod events and reconciles, and no read of their own: what reads
     # there are, are kopf's re-lists when a watch ends (every 5 minutes), at most one per kind.
     assert reads() - before <= len(reconciled)
@@ -225,9 +230,7 @@ def test_a_run_costs_its_own_writes_only_and_reads_nothing_but_its_watches(clust
     # stage, its config inside: nothing of kopf's own (no annotations, no finalizer) and no ConfigMaps.
     assert writes == {("patch", "iterativedporuns", "status"): 4, ("create", "jobs", None): 3}, writes
     # An event per stage start and end, and one for the run's end: a hand-off is 4 writes in all.
-    listed = cluster.kubectl("get", "events", "--field-selector", "involvedObject.name=cached", "-o", "json")
-    reasons = sorted(e["reason"] for e in json.loads(listed.stdout)["items"])
-    assert reasons == ["RunSucceeded", *["StageStarted"] * 3, *["StageSucceeded"] * 3], reasons
+    assert reasons() == ["RunSucceeded", *["StageStarted"] * 3, *["StageSucceeded"] * 3], reasons()
     # Jobs and Pods come only from watches with the run label as a server-side selector.
     queries = [
         urllib.parse.parse_qs(urllib.parse.urlsplit(e["requestURI"]).query)

@@ -9,6 +9,7 @@ priorities within itself, one LocalQueue, two WorkloadPriorityClasses (tests/har
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -49,7 +50,8 @@ def test_a_job_without_a_queue_name_is_left_alone(queues: Queues) -> None:
 
 
 def test_a_job_is_held_suspended_until_admitted_and_the_next_waits_for_quota(queues: Queues) -> None:
-    first = queues.job(3)
+    release = f"release-{uuid.uuid4().hex[:6]}"
+    first = queues.job(1, starts_after=release)  # admitted, it holds the quota until released
     assert first["spec"]["suspend"] is True, "Kueue's webhook suspends a Job that names a queue"
     second = queues.job(1)
     name, other = first["metadata"]["name"], second["metadata"]["name"]
@@ -68,6 +70,7 @@ def test_a_job_is_held_suspended_until_admitted_and_the_next_waits_for_quota(que
     assert "insufficient unused quota" in reserved["message"] and GPU in reserved["message"], reserved
     queues.record("queued", second)
 
+    queues.release(release)
     queues.until("the first complete", lambda: holds(queues.read_job(name), "Complete"))
     assert holds(queues.workload(first), "Finished")
     queues.until("the second admitted", lambda: admitted(queues.read_job(other)))
@@ -76,7 +79,8 @@ def test_a_job_is_held_suspended_until_admitted_and_the_next_waits_for_quota(que
 
 
 def test_a_high_priority_job_preempts_a_low_one_which_runs_again_after(queues: Queues) -> None:
-    low = queues.job(10, priority=queues.low, until=True)  # its second pod sleeps what is left
+    release = f"release-{uuid.uuid4().hex[:6]}"
+    low = queues.job(1, priority=queues.low, runs_until=release)  # its first pod runs until preempted
     name = low["metadata"]["name"]
     pod = queues.until(
         "running", lambda: next((p for p in queues.pods(name) if p["status"].get("phase") == "Running"), None)
@@ -106,6 +110,7 @@ def test_a_high_priority_job_preempts_a_low_one_which_runs_again_after(queues: Q
     )
     queues.record("preempted", suspended)
     queues.until("its pods gone", lambda: not queues.pods(name))
+    queues.release(release)  # the next pod, once re-admitted, sleeps its second and completes
     running_high = queues.until(
         "the high one admitted", lambda: admitted(job := queues.read_job(high["metadata"]["name"])) and job
     )

@@ -26,6 +26,7 @@ GROUP, VERSION = "kueue.x-k8s.io", "v1beta2"
 QUEUE_NAME = "kueue.x-k8s.io/queue-name"
 PRIORITY_CLASS = "kueue.x-k8s.io/priority-class"
 GPU = "nvidia.com/gpu"
+RELEASED = "released"  # the key of a release ConfigMap (`Queues.release`)
 
 
 @dataclass
@@ -45,17 +46,38 @@ class Queues:
 
     # -- Jobs ----------------------------------------------------------------------------------------
     def job(
-        self, seconds: float, *, gpus: int = 8, pods: int = 1, priority: str | None = None, until: bool = False
+        self,
+        seconds: float,
+        *,
+        gpus: int = 8,
+        pods: int = 1,
+        priority: str | None = None,
+        starts_after: str | None = None,
+        runs_until: str | None = None,
     ) -> dict[str, Any]:
-        """Create a Job of `pods` pods sleeping `seconds` (with `until`: until `seconds` from now,
-        however often a pod starts), each with `gpus` GPUs, in the LocalQueue; returns it as the
-        apiserver stored it (after Kueue's mutating webhook)."""
-        sleep = f"max(0.5, {time.time() + seconds:.1f} - time.time())" if until else f"{seconds}"
+        """Create a Job of `pods` pods sleeping `seconds`, each with `gpus` GPUs, in the LocalQueue; returns
+        it as the apiserver stored it (after Kueue's mutating webhook). Explicit holds, by ConfigMaps that
+        `release` creates: with `starts_after`, no pod starts before that one exists (the kubelet waits on
+        a missing ConfigMap, CreateContainerConfigError) while the admitted Job holds its quota; with
+        `runs_until`, a pod that starts before that one exists runs until it is deleted (a preemption ends
+        it), and a pod that starts after sleeps `seconds`."""
         labels = {QUEUE_NAME: self.local_queue, **({PRIORITY_CLASS: priority} if priority else {})}
+        env = [
+            {"name": "STARTED", "valueFrom": {"configMapKeyRef": {"name": name, "key": RELEASED}}}
+            for name in [starts_after]
+            if name
+        ]
+        sleep = f"{seconds}"
+        if runs_until:
+            env.append(
+                {"name": "RELEASED", "valueFrom": {"configMapKeyRef": {"name": runs_until, "key": RELEASED, "optional": True}}}
+            )
+            sleep = f"{seconds} if os.environ.get('RELEASED') else 86400"
         container = {
             "name": "main",
             "image": self.target.image,
-            "command": ["python", "-c", f"import time; time.sleep({sleep})"],
+            "command": ["python", "-c", f"import os, time; time.sleep({sleep})"],
+            "env": env,
             "securityContext": CONTAINER_SECURITY,
             "resources": {"limits": {GPU: str(gpus)}},
         }
@@ -72,6 +94,11 @@ class Queues:
         body |= {"spec": spec}
         body["metadata"]["labels"] = labels
         return self._read(self.batch.create_namespaced_job(self.namespace, body, _preload_content=False))
+
+    def release(self, name: str) -> None:
+        """Create the ConfigMap `name` that held Jobs wait for (`job`'s `starts_after` and `runs_until`)."""
+        body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": {RELEASED: "yes"}}
+        self.core.create_namespaced_config_map(self.namespace, body, _preload_content=False)
 
     def read_job(self, name: str) -> dict[str, Any]:
         return self._read(self.batch.read_namespaced_job(name, self.namespace, _preload_content=False))
