@@ -62,16 +62,12 @@ class Queues:
         `runs_until`, a pod that starts before that one exists runs until it is deleted (a preemption ends
         it), and a pod that starts after sleeps `seconds`."""
         labels = {QUEUE_NAME: self.local_queue, **({PRIORITY_CLASS: priority} if priority else {})}
-        env = [
-            {"name": "STARTED", "valueFrom": {"configMapKeyRef": {"name": name, "key": RELEASED}}}
-            for name in [starts_after]
-            if name
-        ]
-        sleep = f"{seconds}"
+        env, sleep = [], f"{seconds}"
+        if starts_after:
+            env.append({"name": "STARTED", "valueFrom": {"configMapKeyRef": {"name": starts_after, "key": RELEASED}}})
         if runs_until:
-            env.append(
-                {"name": "RELEASED", "valueFrom": {"configMapKeyRef": {"name": runs_until, "key": RELEASED, "optional": True}}}
-            )
+            ref = {"name": runs_until, "key": RELEASED, "optional": True}
+            env.append({"name": "RELEASED", "valueFrom": {"configMapKeyRef": ref}})
             sleep = f"{seconds} if os.environ.get('RELEASED') else 86400"
         container = {
             "name": "main",
