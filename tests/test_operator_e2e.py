@@ -349,7 +349,7 @@ def test_metrics_and_idpo_status_tell_the_same_story(cluster: Cluster) -> None:
         return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("idpo_")}
 
     # Metrics follow the status write (so a retried write is not counted twice): poll, as Prometheus would.
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 10 * cluster.patience
     while (samples := scrape()).get('idpo_runs{phase="Succeeded"}', 0) < 1 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert samples['idpo_runs{phase="Succeeded"}'] >= 1

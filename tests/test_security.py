@@ -52,7 +52,8 @@ def test_the_chart_admission_policy_refuses_a_run_naming_the_field(cluster: Clus
     applied = cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(docs))
     assert applied.returncode == 0, applied.stderr
     try:
-        deadline = time.monotonic() + 30  # the apiserver compiles and starts enforcing it in a moment
+        # The apiserver compiles the policy and starts enforcing it in a moment.
+        deadline = time.monotonic() + 30 * cluster.patience
         while (refused := cluster.apply(run_manifest("reader", iterations=1, **SECRET_READER))).returncode == 0:
             cluster.kubectl("delete", "idpo", "reader", "--wait=false")
             assert time.monotonic() < deadline, "the admission policy was never enforced"
@@ -77,7 +78,7 @@ def test_the_chart_admission_policy_refuses_a_run_naming_the_field(cluster: Clus
         cluster.kubectl("delete", "-f", "-", stdin=yaml.safe_dump_all(docs))
         reader = run_manifest("reader", iterations=1, **SECRET_READER)
         reader["spec"]["runtime"]["image"] = cluster.image
-        deadline = time.monotonic() + 30  # and the apiserver stops enforcing it a moment later
+        deadline = time.monotonic() + 30 * cluster.patience  # and the apiserver stops enforcing it a moment later
         while cluster.kubectl("apply", "--dry-run=server", "-f", "-", stdin=yaml.safe_dump(reader)).returncode:
             assert time.monotonic() < deadline, "the admission policy stayed in force"
             time.sleep(0.5)

@@ -228,8 +228,8 @@ def test_bad_input_exits_2_through_torchrun_and_rank_zero_reports_it(tiny, tmp_p
 
 def test_a_world_of_one_runs_in_the_launcher_process_without_torchrun(tiny, ranked, tmp_path) -> None:
     config, _ = write_config(tiny_spec(tiny), ranked, T1, out_dir=tmp_path)
-    # torchrun would retry this address for minutes; a plain process never looks it up.
-    proc = launch(config, processes=1, timeout=120, PET_MASTER_ADDR="no-such-host.invalid")
+    # torchrun would retry this address for many minutes; a plain process never looks it up (`single`).
+    proc = launch(config, processes=1, timeout=600, PET_MASTER_ADDR="no-such-host.invalid")
     ok(proc)
     assert read_json(tmp_path / "iter-1" / "train" / "_SUCCESS.json")["metrics"]["strategy"] == "single"
 

@@ -197,8 +197,7 @@ class Cluster:
         self.operator: subprocess.Popen[bytes] | None = None
         self.operator_log = root / "operator.log"
         self.operator_kubeconfig = self.kubeconfig
-        self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
-        self.metrics_port = free_port()
+        self.liveness, self.metrics_port = "", 0  # each operator start takes free ports (start_operator)
         self.kubectl_bin = kubectl_binary()
 
     def __enter__(self) -> Cluster:
@@ -270,6 +269,8 @@ class Cluster:
 
     # -- the operator process ---------------------------------------------------------------------
     def start_operator(self) -> None:
+        # Ports free now: one probed when the cluster began may have gone to another process since.
+        self.liveness, self.metrics_port = f"http://127.0.0.1:{free_port()}/healthz", free_port()
         self.operator = self.spawn_operator(self.operator_log, self.liveness, self.metrics_port)
 
     def write_policy(self) -> Path:
