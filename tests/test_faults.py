@@ -30,6 +30,7 @@ from tests.test_operator_e2e import (
 )
 
 pytestmark = pytest.mark.slow
+XDIST_SPLIT = 2  # its tests in two groups, each with its own namespace, on two workers (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from tests.harness.cluster import FUNCTIONS_DIR, VOLUME_MOUNT, Cluster, Target
 from tests.harness.tracking import check_tracked
 
 pytestmark = pytest.mark.slow
+XDIST_SPLIT = 2  # its tests in two groups, each with its own namespace, on two workers (conftest)
 CLAIM = "models"  # an existingClaim the tests seed with the tiny models
 # Grants only the fault suite's stories use: failing a Job that cannot start, deleting out-of-range
 # and failed gang Jobs, the headless Service of a train stage on several nodes, reading a child whose
