@@ -27,7 +27,7 @@ class TrackingServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 90) -> TrackingServer:
+    def start(self, timeout: float = 300) -> TrackingServer:  # a minute on a machine that runs the suite in parallel
         self.root.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port)]
         command += ["--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--workers", "1"]
