@@ -18,6 +18,8 @@ import io
 from collections.abc import Callable
 from typing import Any
 
+from idpo_jobs.display import code, html_text, interval, iteration_number, listing, mapping, markdown, number
+
 NONE = "–"
 # Evaluate metrics the report reads; `<key>_ci` holds [low, high] for the rates.
 RATES = (
@@ -30,41 +32,51 @@ RATES = (
 
 
 def _metrics(stages: dict[str, Any], name: str) -> dict[str, Any]:
-    return (stages.get(name) or {}).get("metrics") or {}
+    return mapping(mapping(stages.get(name)).get("metrics"))
+
+
+def _entries(status: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """The well-formed `iterations[]` entries, by number: one of another shape is left out, not a crash."""
+    found = [(n, e) for e in listing(mapping(status).get("iterations")) if (n := iteration_number(e)) is not None]
+    return sorted(found, key=lambda pair: pair[0])
 
 
 def iteration_rows(status: dict[str, Any]) -> list[dict[str, Any]]:
-    """One flat record per iteration (base model first): the numbers the report shows, None where unknown."""
+    """One flat record per iteration (base model first): the numbers the report shows, None where unknown
+    (a metric that is not a finite number, an interval that is not a pair of them)."""
     rows = []
-    for it in sorted(status.get("iterations", []), key=lambda e: e["iteration"]):
-        stages = it.get("stages") or {}
+    for n, it in _entries(status):
+        stages = mapping(it.get("stages"))
         evaluate, rank, train = (_metrics(stages, name) for name in ("evaluate", "rank", "train"))
         row: dict[str, Any] = {
-            "iteration": it["iteration"],
+            "iteration": n,
             "checkpoint": it.get("checkpoint"),
-            "prompts": evaluate.get("prompts"),
-            "mean_response_chars": evaluate.get("mean_response_chars"),
-            "best_of_n": evaluate.get("best_of_n"),
-            "mean_chosen_score": rank.get("mean_chosen_score"),
-            "mean_rejected_score": rank.get("mean_rejected_score"),
-            "loss": train.get("loss"),
-            "reward_accuracy": train.get("reward_accuracy"),
+            "prompts": number(evaluate.get("prompts")),
+            "mean_response_chars": number(evaluate.get("mean_response_chars")),
+            "best_of_n": number(evaluate.get("best_of_n")),
+            "mean_chosen_score": number(rank.get("mean_chosen_score")),
+            "mean_rejected_score": number(rank.get("mean_rejected_score")),
+            "loss": number(train.get("loss")),
+            "reward_accuracy": number(train.get("reward_accuracy")),
         }
         for key in RATES:
-            row[key], row[f"{key}_ci"] = evaluate.get(key), evaluate.get(f"{key}_ci")
+            row[key], row[f"{key}_ci"] = number(evaluate.get(key)), interval(evaluate.get(f"{key}_ci"))
         rows.append(row)
     return rows
 
 
-def _number(value: Any, digits: int) -> str:
-    return NONE if not isinstance(value, int | float) or isinstance(value, bool) else f"{value:.{digits}f}"
+def _number(value: float | None, digits: int) -> str:
+    """Fixed-point, or in exponent form past a billion (a stage may report any finite number)."""
+    if value is None:
+        return NONE
+    return f"{value:.{digits}f}" if abs(value) < 1e9 else f"{value:.{digits}g}"
 
 
 def _rate(row: dict[str, Any], key: str) -> str:
     value, ci = row.get(key), row.get(f"{key}_ci")
     if value is None:
         return NONE
-    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{value:.3f}"
+    return f"{_number(value, 3)} [{_number(ci[0], 3)}, {_number(ci[1], 3)}]" if ci else _number(value, 3)
 
 
 def _scores(row: dict[str, Any]) -> str:
@@ -95,14 +107,17 @@ def columns(rows: list[dict[str, Any]], best: int | None) -> list[Column]:
     ]
 
 
-def _summary(status: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+def _summary(
+    status: dict[str, Any], rows: list[dict[str, Any]], text: Callable[[Any], str], path: Callable[[Any], str]
+) -> list[str]:
+    """The lines under the table; `text` and `path` render a value from status as literal text of the format."""
     lines = []
     prompts = next((r["prompts"] for r in reversed(rows) if r["prompts"] is not None), None)
     if prompts is not None:
-        lines.append(f"Held-out prompts: {prompts}. Intervals are 95% (Wilson; Wald on the logit scale for LC).")
-    if status.get("bestIteration") is not None:
-        where = status.get("bestCheckpoint")
-        lines.append(f"Best iteration: {status['bestIteration']}" + (f" — checkpoint `{where}`" if where else ""))
+        lines.append(f"Held-out prompts: {prompts:g}. Intervals are 95% (Wilson; Wald on the logit scale for LC).")
+    best, where = mapping(status).get("bestIteration"), mapping(status).get("bestCheckpoint")
+    if best is not None:
+        lines.append(f"Best iteration: {text(best)}" + (f" — checkpoint {path(where)}" if where else ""))
     return lines
 
 
@@ -110,27 +125,28 @@ CURVES = (("loss", "DPO loss"), ("reward_margin", "reward margin"), ("reward_acc
 SPARKS = "▁▂▃▄▅▆▇█"
 
 
-def training_curves(status: dict[str, Any]) -> dict[int, dict[str, list[tuple[int, float]]]]:
-    """Per iteration, each curve as (step, value) points, from the train stage's `curve_*` metrics."""
-    out: dict[int, dict[str, list[tuple[int, float]]]] = {}
-    for it in status.get("iterations", []):
-        metrics = _metrics(it.get("stages") or {}, "train")
-        steps = metrics.get("curve_step")
-        if not isinstance(steps, list) or not steps:
+def training_curves(status: dict[str, Any]) -> dict[int, dict[str, list[tuple[float, float]]]]:
+    """Per iteration, each curve as (step, value) points, from the train stage's `curve_*` metrics; a point
+    whose step or value is not a finite number is left out."""
+    out: dict[int, dict[str, list[tuple[float, float]]]] = {}
+    for n, it in _entries(status):
+        metrics = _metrics(mapping(it.get("stages")), "train")
+        steps = listing(metrics.get("curve_step"))
+        if not steps:
             continue
-        out[it["iteration"]] = {
-            name: [(s, v) for s, v in zip(steps, metrics.get(f"curve_{name}") or [], strict=False) if _is_number(v)]
+        out[n] = {
+            name: [
+                (s, v)
+                for s, v in zip(map(number, steps), map(number, listing(metrics.get(f"curve_{name}"))), strict=False)
+                if s is not None and v is not None
+            ]
             for name, _ in CURVES
         }
     return out
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _spark(points: list[tuple[int, float]]) -> str:
-    values = [v for _, v in points]
+def _spark(points: list[tuple[float, float]]) -> str:
+    values = [v / 2 for _, v in points]  # halved: the span of any two finite floats stays finite
     if not values:
         return NONE
     low, high = min(values), max(values)
@@ -138,10 +154,10 @@ def _spark(points: list[tuple[int, float]]) -> str:
     return "".join(SPARKS[round((v - low) / span * (len(SPARKS) - 1))] for v in values)
 
 
-def _curve_cell(points: list[tuple[int, float]]) -> str:
+def _curve_cell(points: list[tuple[float, float]]) -> str:
     if not points:
         return NONE
-    return f"{points[0][1]:.3f} → {points[-1][1]:.3f} {_spark(points)}"
+    return f"{_number(points[0][1], 3)} → {_number(points[-1][1], 3)} {_spark(points)}"
 
 
 def curves_markdown(status: dict[str, Any]) -> list[str]:
@@ -153,7 +169,7 @@ def curves_markdown(status: dict[str, Any]) -> list[str]:
     lines.append("|---:|---:|" + "|".join("---" for _ in CURVES) + "|")
     for iteration, curves in sorted(found.items()):
         steps = max((p[-1][0] for p in curves.values() if p), default=0)
-        lines.append(f"| {iteration} | {steps} | " + " | ".join(_curve_cell(curves[n]) for n, _ in CURVES) + " |")
+        lines.append(f"| {iteration} | {steps:g} | " + " | ".join(_curve_cell(curves[n]) for n, _ in CURVES) + " |")
     return ["", *lines]
 
 
@@ -161,12 +177,12 @@ def render_markdown(status: dict[str, Any], name: str = "") -> str:
     """A per-iteration Markdown table of win rates (with intervals), length, scores and DPO training metrics,
     and the training curves of each iteration."""
     rows = iteration_rows(status)
-    cols = columns(rows, status.get("bestIteration"))
-    lines = [f"# Evaluation{': ' + name if name else ''}", ""]
+    cols = columns(rows, mapping(status).get("bestIteration"))
+    lines = [f"# Evaluation{': ' + markdown(name) if name else ''}", ""]
     lines.append("| " + " | ".join(title for title, _ in cols) + " |")
     lines.append("|" + "|".join("---:" for _ in cols) + "|")
     lines += ["| " + " | ".join(cell(r) for _, cell in cols) + " |" for r in rows]
-    return "\n".join([*lines, "", *_summary(status, rows), *curves_markdown(status)]).rstrip() + "\n"
+    return "\n".join([*lines, "", *_summary(status, rows, markdown, code), *curves_markdown(status)]).rstrip() + "\n"
 
 
 def _figure() -> Any:
@@ -251,11 +267,15 @@ STYLE = (
 )
 
 
+def _html_code(value: Any) -> str:
+    return f"<code>{html_text(value)}</code>"
+
+
 def render_html(status: dict[str, Any], name: str = "") -> str:
     """A self-contained HTML page: the plots as an embedded base64 PNG, then the table of render_markdown."""
     rows = iteration_rows(status)
-    cols = columns(rows, status.get("bestIteration"))
-    title = html.escape(f"Evaluation{': ' + name if name else ''}")
+    cols = columns(rows, mapping(status).get("bestIteration"))
+    title = f"Evaluation{': ' + html_text(name) if name else ''}"
     image = base64.b64encode(_plot(rows)).decode()
     trained = _plot_curves(status)
     curves = (
@@ -266,7 +286,7 @@ def render_html(status: dict[str, Any], name: str = "") -> str:
     )
     head = "".join(f"<th>{html.escape(t)}</th>" for t, _ in cols)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(cell(r))}</td>" for _, cell in cols) + "</tr>" for r in rows)
-    notes = "".join(f"<p>{html.escape(line).replace('`', '')}</p>" for line in _summary(status, rows))
+    notes = "".join(f"<p>{line}</p>" for line in _summary(status, rows, html_text, _html_code))
     return (
         f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
         f"<style>{STYLE}</style></head><body>\n<h1>{title}</h1>\n"
