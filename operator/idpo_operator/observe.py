@@ -22,10 +22,18 @@ from idpo_jobs.config import Stage
 
 from idpo_operator import resources
 from idpo_operator.plan import StageKey
-from idpo_operator.status import MAX_TEXT, Phase, StageRecord, digests_of, merge_metrics, warned
+from idpo_operator.status import (
+    MAX_METRICS,
+    MAX_TEXT,
+    Phase,
+    StageRecord,
+    cut_note,
+    digests_of,
+    merge_metrics,
+    warned,
+)
 
 CONTROLLER_UID = "batch.kubernetes.io/controller-uid"  # the Job controller's label on its pods
-MAX_METRICS = 64  # keys of one summary's metrics
 MAX_LIST = 64  # items of a list metric (e.g. rank_steps: one per process)
 # Waiting reasons that no amount of waiting fixes: the stage fails at once, not at its start deadline.
 FATAL_WAITING = frozenset({"InvalidImageName", "ErrImageNeverPull"})
@@ -247,7 +255,9 @@ def _succeeded(job: JobView, pods: list[PodView], record: StageRecord) -> StageR
     problems += [
         f"malformed stage summary: not JSON: {p.summary.error}" for p in pods if p.summary and p.summary.log_tail
     ]
-    summaries = [p.summary for p in pods if p.summary is not None and not p.summary.log_tail]
+    summaries = sorted(
+        (p.summary for p in pods if p.summary is not None and not p.summary.log_tail), key=lambda s: s.shard
+    )  # in shard order: a value that only the first shard's counts is the same at every reconcile
     shards = job.completions if stage in (Stage.GENERATE, Stage.RANK) else 1
     for s in summaries:
         if not 0 <= s.shard < shards or s.shards != shards:
@@ -255,14 +265,15 @@ def _succeeded(job: JobView, pods: list[PodView], record: StageRecord) -> StageR
     if problems:
         record.phase, record.message = Phase.FAILED, problems[0][:MAX_TEXT]
         return record
+    parts = [dict(s.metrics) for s in summaries]
     try:
-        record.metrics = merge_metrics(stage, [dict(s.metrics) for s in summaries]) if summaries else {}
+        record.metrics = merge_metrics(stage, parts) if summaries else {}
     except (TypeError, ValueError) as err:
         record.phase, record.message = Phase.FAILED, f"malformed stage summary: {err}"[:MAX_TEXT]
         return record
     record.phase = Phase.SUCCEEDED
     record.digests = digests_of([{"shard": s.shard, "shards": s.shards, "digest": s.digest} for s in summaries])
-    record.message = warned([{"warnings": list(s.warnings)} for s in summaries])
+    record.message = warned([{"warnings": list(s.warnings)} for s in summaries], cut_note(parts, record.metrics))
     return record
 
 
