@@ -18,7 +18,7 @@ from typing import Any
 import kopf
 
 from idpo_operator import apply, observe, queueing
-from idpo_operator.reconcile import RETRY_ANNOTATION, RunView
+from idpo_operator.reconcile import RETRY_ANNOTATION, RunView, cached_spec
 from idpo_operator.resources import ANNOTATION_RUN, LABEL_RUN
 from idpo_operator.spec import GROUP, PLURAL, VERSION
 
@@ -84,12 +84,14 @@ async def hand_over(memo: kopf.Memo, **_: Any) -> None:
 @kopf.index(*RUNS)
 async def runs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
     meta = body["metadata"]
+    spec, size = cached_spec(body.get("spec"))
     view = RunView(
         name=name,
         namespace=namespace,
         uid=meta["uid"],
         generation=meta.get("generation", 1),
-        spec=body.get("spec") or {},
+        spec=spec,
+        spec_bytes=size,
         status=body.get("status") or {},
         resource_version=meta.get("resourceVersion", ""),
         deleting=bool(meta.get("deletionTimestamp")),

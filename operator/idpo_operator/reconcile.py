@@ -37,28 +37,44 @@ from idpo_operator.status import (
 from idpo_operator.status import current as status_current
 
 WAITING_FOR_CAPACITY = "Pending: waiting for capacity"
+# Bytes of a run's spec (compact JSON) the operator runs and keeps in memory. The apiserver bounds an
+# object only by its request size (3 MiB) and etcd's (1.5 MiB), and a CEL rule cannot measure a whole
+# spec; real specs are a few KiB (a long chat template and a page of env included), and a stage's
+# config, which holds most of the spec, travels in a pod-template annotation (256 KiB for them all).
+MAX_SPEC_BYTES = 64 * 1024
 RETRY = "Retry"  # StageRecord.restarting: a failed stage started again after the spec changed (a new attempt)
 RETRY_ANNOTATION = "idpo.dev/retry"  # a new value starts a failed stage again without a spec change
 
 
 @dataclass(frozen=True)
 class RunView:
-    """What the operator read of the run itself."""
+    """What the operator read of the run itself. `spec` is as the cache keeps it (`cached_spec`): its
+    compact JSON, or "" for one over MAX_SPEC_BYTES (`spec_bytes` says how big it was); or a mapping."""
 
     name: str
     namespace: str
     uid: str
     generation: int
-    spec: Mapping[str, Any]
+    spec: Mapping[str, Any] | str
     status: Mapping[str, Any] = field(default_factory=dict)
     resource_version: str = ""
     deleting: bool = False
     retry: str | None = None  # RETRY_ANNOTATION's value
     finalizers: tuple[str, ...] = ()
+    spec_bytes: int = 0  # of the spec as compact JSON, when the cache measured it
 
     @property
     def owner(self) -> resources.Owner:
         return resources.Owner(self.name, self.namespace, self.uid)
+
+
+def cached_spec(spec: Mapping[str, Any] | None) -> tuple[str, int]:
+    """What the operator keeps of a run's spec between events, and its size in bytes: its compact JSON
+    text, not the parsed objects (many short env entries take eight times their JSON's size as dicts),
+    and nothing at all past MAX_SPEC_BYTES: memory per run is bounded whatever the spec holds."""
+    text = json.dumps(spec or {}, separators=(",", ":"), ensure_ascii=False)
+    size = len(text.encode())
+    return (text if size <= MAX_SPEC_BYTES else ""), size
 
 
 @dataclass(frozen=True)
@@ -320,8 +336,12 @@ def decide(
     `queues`: what Kueue says of the run's Jobs, when the operator watches it."""
     now = now or timestamp()
     settings = settings or Settings()
+    if run.spec_bytes > MAX_SPEC_BYTES:
+        message = f"spec: {run.spec_bytes} bytes of JSON, over the {MAX_SPEC_BYTES} this operator runs"
+        return _refused(run, message, now)
     try:
-        spec = IterativeDPORunSpec.model_validate(run.spec)
+        raw = json.loads(run.spec) if isinstance(run.spec, str) else run.spec
+        spec = IterativeDPORunSpec.model_validate(raw)
     except ValidationError as err:
         return _refused(run, format_validation_error(err, prefix="spec.").strip().replace("\n  ", "; "), now)
     if settings.policy is not None and (denied := violations(spec, settings.policy)):
