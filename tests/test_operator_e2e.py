@@ -32,6 +32,7 @@ CLAIM = "models"  # an existingClaim the tests seed with the tiny models
 FAULT_PATH_GRANTS = {
     ("patch", "batch", "jobs"),
     ("delete", "batch", "jobs"),
+    ("get", "batch", "jobs"),
     ("create", "", "services"),
     ("get", "", "services"),
     ("get", "", "persistentvolumeclaims"),

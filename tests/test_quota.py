@@ -70,3 +70,22 @@ def test_a_run_fills_its_storage_quota_exactly_and_a_job_the_quota_refuses_is_re
     finally:
         cluster.kubectl("delete", "resourcequota", "storage", "jobs")
         cluster.kubectl("delete", "idpo", "quota", "--wait=false")
+
+
+def test_a_quota_that_refuses_every_pod_stalls_the_run_with_its_reason_at_the_start_deadline(cluster: Cluster) -> None:
+    # The Job is admitted; its pods are not (`pods: 0`). The Job controller's only report of it is a
+    # FailedCreate Event on the Job: the run says why while it waits, and fails at its start deadline.
+    assert cluster.kubectl("apply", "-f", "-", stdin=quota("no-pods", {"pods": "0"})).returncode == 0
+    try:
+        runtime = {"startTimeoutSeconds": 30}
+        assert cluster.apply(run_manifest("podless", iterations=1, runtime=runtime)).returncode == 0
+        waiting = cluster.wait("podless", lambda s: "FailedCreate" in s.get("message", ""), timeout=90)
+        assert waiting["phase"] == "Running" and stalled(waiting).get("status") != "True"
+        assert waiting["message"].startswith("iteration 1 generate: Pending: FailedCreate: Error creating: ")
+        assert "exceeded quota: no-pods" in waiting["message"]
+        status = cluster.wait_phase("podless", "Failed", timeout=120)
+        assert "did not start within 30s: Pending: FailedCreate: " in status["message"], status["message"]
+        assert stalled(status)["status"] == "True" and cluster.pods("podless-i1-generate") == []
+    finally:
+        cluster.kubectl("delete", "resourcequota", "no-pods")
+        cluster.kubectl("delete", "idpo", "podless", "--wait=false")

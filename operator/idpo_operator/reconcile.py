@@ -20,7 +20,16 @@ from pydantic import ValidationError
 
 from idpo_operator import frozen as frozen_specs
 from idpo_operator import memory, plan, queueing, resources, rules
-from idpo_operator.observe import DISRUPTED, FATAL_WAITING, POD_FAILED, JobView, PodView, gang_failure, job_record
+from idpo_operator.observe import (
+    DISRUPTED,
+    FATAL_WAITING,
+    POD_FAILED,
+    CreateFailure,
+    JobView,
+    PodView,
+    gang_failure,
+    job_record,
+)
 from idpo_operator.plan import StageKey
 from idpo_operator.policy import Policy, violations
 from idpo_operator.spec import DEFAULT_STAGE_IMAGE, IterativeDPORunSpec, format_validation_error
@@ -117,15 +126,24 @@ class Queues:
 
 @dataclass
 class Children:
-    """The run's Jobs (owned by its uid, by stage) and their pods; names of Jobs another owner holds."""
+    """The run's Jobs (owned by its uid, by stage) and their pods; names of Jobs another owner holds;
+    the latest refusal of each Job's pods (observe.refused)."""
 
     jobs: dict[StageKey, JobView]
     pods: dict[StageKey, list[PodView]]
     foreign: set[str]
     workloads: dict[str, queueing.WorkloadView] = field(default_factory=dict)  # by Job uid
+    failures: Mapping[str, CreateFailure] = field(default_factory=dict)  # by Job uid
 
     @classmethod
-    def of(cls, uid: str, jobs: list[JobView], pods: list[PodView], queues: Queues | None = None) -> Children:
+    def of(
+        cls,
+        uid: str,
+        jobs: list[JobView],
+        pods: list[PodView],
+        queues: Queues | None = None,
+        failures: Mapping[str, CreateFailure] | None = None,
+    ) -> Children:
         # Ownership is by uid: a Job of a deleted run of the same name is never used (the garbage
         # collector is removing it), and blocks its name until it is gone.
         owned = [j for j in jobs if j.controller == uid]
@@ -139,6 +157,7 @@ class Children:
             by_key,
             {j.name for j in jobs if j.controller != uid},
             {w.job_uid: w for w in (queues.workloads if queues else []) if w.job_uid in uids},
+            {k: f for k, f in (failures or {}).items() if k in uids},
         )
 
 
@@ -192,7 +211,7 @@ def _observed(
         if not job.deleting:
             actions.restart.append(job.name)
         return before
-    record = job_record(job, pods)
+    record = job_record(job, pods, children.failures.get(job.uid or ""))
     if before.phase == Phase.RUNNING and before.job_name == job.name and before.start_time:
         record.start_time = before.start_time  # the operator's own clock, when it created the Job: said once
     if record.phase == Phase.RUNNING:
@@ -331,9 +350,11 @@ def decide(
     settings: Settings | None = None,
     capacity: bool = True,
     queues: Queues | None = None,
+    failures: Mapping[str, CreateFailure] | None = None,
 ) -> Decision:
     """`capacity`: whether the operator's cap on concurrent stage Jobs lets this run start one now.
-    `queues`: what Kueue says of the run's Jobs, when the operator watches it."""
+    `queues`: what Kueue says of the run's Jobs, when the operator watches it. `failures`: the latest
+    `FailedCreate` Event of each Job (by uid): the apiserver refused its pods."""
     now = now or timestamp()
     settings = settings or Settings()
     if run.spec_bytes > MAX_SPEC_BYTES:
@@ -348,7 +369,7 @@ def decide(
         return _refused(run, "; ".join(denied), now, Reason.POLICY_DENIED)
     previous = parse_previous(run.status)
     queues = queues or Queues()
-    children = Children.of(run.uid, jobs, pods, queues)
+    children = Children.of(run.uid, jobs, pods, queues, failures)
     records, actions = _records(spec, run, previous, children, queues, now)
     step = rules.next_step(spec, records)
     frozen = dict(previous.frozen)

@@ -71,13 +71,19 @@ def _digest(text: str) -> str:
 
 
 def child_name(run: str, suffix: str, limit: int = MAX_NAME, dots: bool = True) -> str:
-    """`<run>-<suffix>` when that is valid, else shortened (and dots replaced) with a hash of the
-    full name, so different runs never share a child name and every run name Kubernetes accepts works."""
+    """`<run>-<suffix>` when that is valid, else shortened (and dots replaced) as
+    `<stem>-<hash>--<suffix>`, with a hash of the full name, so that every run name Kubernetes accepts works.
+
+    No two runs compute the same child name. A shortened name is never another run's plain name: the
+    part before `-<suffix>` ends with a hyphen, which no run name can (a DNS subdomain ends with a letter
+    or a digit), and a suffix (`i<n>-<stage>`, `workspace`) is read back from the end in one way only.
+    Two shortened names differ by the hash of the full names (a crafted collision of its 32 bits meets
+    the ownership check: a child of another uid is never used)."""
     full = f"{run}-{suffix}"
     if len(full) <= limit and (dots or "." not in full):
         return full
     stem = run if dots else run.replace(".", "-")
-    return f"{stem[: limit - len(suffix) - 10].rstrip('-.')}-{_digest(full)}-{suffix}"
+    return f"{stem[: limit - len(suffix) - 11].rstrip('-.')}-{_digest(full)}--{suffix}"
 
 
 def job_name(run: str, key: StageKey) -> str:
@@ -117,6 +123,14 @@ def labels(owner: Owner, key: StageKey | None = None) -> dict[str, str]:
     if key is not None:
         out |= {LABEL_ITERATION: str(key.iteration), LABEL_STAGE: key.stage.value}
     return out
+
+
+def watched(obj: dict[str, Any], expected: dict[str, Any]) -> bool:
+    """Whether `obj` carries the identifying labels of `expected` (the child the operator would create):
+    those its watches select on. A Job without them would never be seen, its stage never observed."""
+    have = (obj.get("metadata") or {}).get("labels") or {}
+    want = expected["metadata"]["labels"]
+    return all(have.get(k) == want[k] for k in (LABEL_RUN, LABEL_ITERATION, LABEL_STAGE) if k in want)
 
 
 def owned_by(obj: dict[str, Any], uid: str) -> bool:

@@ -92,7 +92,8 @@ class RuntimeSpec(Model):
         600,
         ge=30,
         description="A stage pod that has not started after this long (image pull, scheduling, a missing "
-        "Secret) fails the stage with the reason it was waiting for.",
+        "Secret), or a stage Job whose pods the apiserver refuses (Pod Security, a quota, a webhook) for this "
+        "long, fails the stage with the reason it was waiting for.",
     )
     pod_security_context: dict[str, Any] = Field(
         default_factory=dict,
