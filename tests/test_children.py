@@ -16,6 +16,7 @@ from idpo_operator.observe import CreateFailure, create_failure, job_view, pod_v
 from idpo_operator.plan import StageKey
 from idpo_operator.reconcile import decide
 
+from tests.test_operator_e2e import run_manifest
 from tests.test_reconcile import NOW, job_raw, pod_raw, run
 
 G1 = StageKey(1, Stage.GENERATE)
@@ -64,6 +65,25 @@ def test_long_names_stay_valid_and_distinct_from_the_plain_names_they_resemble()
     stem = claim.removesuffix("-workspace")
     assert stem.endswith("-")  # no run is named so: a DNS subdomain ends with a letter or a digit
     assert resources.child_name(stem.rstrip("-"), "workspace") != claim  # the run named as the old form was
+
+
+def refused_pods_stall_the_run(cluster: Any, name: str, because: str) -> None:
+    """The real control plane's half (tests/test_faults.py, tests/test_quota.py): run `name` in a namespace
+    whose apiserver refuses its pods, `because` being in the refusal. Status says why while the stage waits,
+    then the stage fails at its start deadline (30 s), with no pod ever created."""
+    runtime = {"startTimeoutSeconds": 30}
+    assert cluster.apply(run_manifest(name, iterations=1, runtime=runtime)).returncode == 0
+    waiting = cluster.wait(name, lambda s: "FailedCreate" in s.get("message", ""), timeout=90)
+    assert waiting["phase"] == "Running" and stalled(waiting).get("status") != "True"
+    assert waiting["message"].startswith("iteration 1 generate: Pending: FailedCreate: Error creating: ")
+    assert because in waiting["message"], waiting["message"]
+    status = cluster.wait_phase(name, "Failed", timeout=120)
+    assert "did not start within 30s: Pending: FailedCreate: " in status["message"], status["message"]
+    assert stalled(status)["status"] == "True" and cluster.pods(f"{name}-i1-generate") == []
+
+
+def stalled(status: dict[str, Any]) -> dict[str, Any]:
+    return {c["type"]: c for c in status.get("conditions") or []}.get("Stalled") or {}
 
 
 def failure(uid: str = "job-1-generate", first: str = NOW, last: str = NOW, message: str = REFUSED) -> CreateFailure:

@@ -21,7 +21,7 @@ from idpo_jobs.config import Stage
 from idpo_operator.plan import StageKey
 
 from tests.harness.cluster import Cluster, Target
-from tests.test_children import legacy_job_name
+from tests.test_children import legacy_job_name, refused_pods_stall_the_run, stalled
 from tests.test_operator_e2e import (
     CLAIM,
     FAULT_PATH_GRANTS,
@@ -436,10 +436,6 @@ def test_a_planted_claim_of_the_predicted_name_stalls_the_run_and_is_never_used(
     cluster.kubectl("delete", "pvc", "victim-workspace", "--wait=false")
 
 
-def stalled_by(status: dict[str, Any]) -> dict[str, Any]:
-    return {c["type"]: c for c in status.get("conditions") or []}.get("Stalled") or {}
-
-
 def owned_jobs(cluster: Cluster, run: str) -> list[str]:
     uid = cluster.run(run)["metadata"]["uid"]
     return [j["metadata"]["name"] for j in cluster.jobs(run) if uid in json.dumps(j["metadata"]["ownerReferences"])]
@@ -461,8 +457,8 @@ def test_a_plain_job_of_the_predicted_name_stalls_the_run_until_it_is_deleted(cl
     try:
         manifest = run_manifest("squatted", iterations=1, storage={"existingClaim": "absent"})  # no pod will run
         assert cluster.apply(manifest).returncode == 0
-        status = cluster.wait("squatted", lambda s: stalled_by(s).get("reason") == "ForeignChild", timeout=60)
-        assert "Job squatted-i1-generate belongs to another object" in stalled_by(status)["message"]
+        status = cluster.wait("squatted", lambda s: stalled(s).get("reason") == "ForeignChild", timeout=60)
+        assert "Job squatted-i1-generate belongs to another object" in stalled(status)["message"]
         assert status.get("phase") != "Running" and owned_jobs(cluster, "squatted") == []
         left = json.loads(cluster.kubectl("get", "job", "squatted-i1-generate", "-o", "json").stdout)
         assert "ownerReferences" not in left["metadata"] and left["spec"]["suspend"] is True  # never touched
@@ -470,7 +466,7 @@ def test_a_plain_job_of_the_predicted_name_stalls_the_run_until_it_is_deleted(cl
         cluster.kubectl("delete", "job", "squatted-i1-generate", "--wait=true")
     # Once it is gone, the run's next attempt (its backoff) creates its own.
     cluster.wait("squatted", lambda s: owned_jobs(cluster, "squatted") == ["squatted-i1-generate"], timeout=120)
-    cluster.wait("squatted", lambda s: stalled_by(s).get("status") == "False", timeout=30)
+    cluster.wait("squatted", lambda s: stalled(s).get("status") == "False", timeout=30)
 
 
 def test_two_runs_whose_names_once_shortened_alike_each_get_their_own_jobs(cluster: Cluster) -> None:
@@ -480,7 +476,7 @@ def test_two_runs_whose_names_once_shortened_alike_each_get_their_own_jobs(clust
         assert cluster.apply(run_manifest(name, iterations=1, storage={"existingClaim": "absent"})).returncode == 0
     for name in (dotted, other):
         status = cluster.wait(name, lambda s, n=name: len(owned_jobs(cluster, n)) == 1, timeout=60)
-        assert stalled_by(status).get("status") != "True", status.get("message")
+        assert stalled(status).get("status") != "True", status.get("message")
     assert owned_jobs(cluster, other) == [f"{other}-i1-generate"]
     assert owned_jobs(cluster, dotted) != owned_jobs(cluster, other)
 
@@ -522,15 +518,7 @@ def test_pods_the_pod_security_admission_refuses_stall_the_run_with_its_reason(c
     created = cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([policy, binding]))
     assert created.returncode == 0, created.stderr
     try:
-        runtime = {"startTimeoutSeconds": 30}
-        assert cluster.apply(run_manifest("refused", iterations=1, runtime=runtime)).returncode == 0
-        waiting = cluster.wait("refused", lambda s: "FailedCreate" in s.get("message", ""), timeout=90)
-        assert waiting["phase"] == "Running" and stalled_by(waiting).get("status") != "True"
-        assert waiting["message"].startswith("iteration 1 generate: Pending: FailedCreate: Error creating: ")
-        assert "violates PodSecurity" in waiting["message"] and "hostNetwork" in waiting["message"]
-        status = cluster.wait_phase("refused", "Failed", timeout=120)
-        assert "did not start within 30s: Pending: FailedCreate: " in status["message"], status["message"]
-        assert stalled_by(status)["status"] == "True" and cluster.pods("refused-i1-generate") == []
+        refused_pods_stall_the_run(cluster, "refused", 'violates PodSecurity "restricted:latest": host namespaces')
     finally:
         cluster.kubectl("delete", "mutatingadmissionpolicybinding,mutatingadmissionpolicy", name)
 

@@ -1,5 +1,6 @@
 """A namespace under ResourceQuota, on the real control plane: a run whose claim fills the storage quota
-exactly reaches Succeeded, and a Job the quota refuses is a stalled write retried, not a failed run."""
+exactly reaches Succeeded, a Job the quota refuses is a stalled write retried, not a failed run, and a Job
+whose pods the quota refuses fails its stage at the start deadline, saying why."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from tests.harness.cluster import Cluster, Target
+from tests.test_children import refused_pods_stall_the_run
 from tests.test_operator_e2e import run_manifest
 
 pytestmark = pytest.mark.slow
@@ -77,15 +79,7 @@ def test_a_quota_that_refuses_every_pod_stalls_the_run_with_its_reason_at_the_st
     # FailedCreate Event on the Job: the run says why while it waits, and fails at its start deadline.
     assert cluster.kubectl("apply", "-f", "-", stdin=quota("no-pods", {"pods": "0"})).returncode == 0
     try:
-        runtime = {"startTimeoutSeconds": 30}
-        assert cluster.apply(run_manifest("podless", iterations=1, runtime=runtime)).returncode == 0
-        waiting = cluster.wait("podless", lambda s: "FailedCreate" in s.get("message", ""), timeout=90)
-        assert waiting["phase"] == "Running" and stalled(waiting).get("status") != "True"
-        assert waiting["message"].startswith("iteration 1 generate: Pending: FailedCreate: Error creating: ")
-        assert "exceeded quota: no-pods" in waiting["message"]
-        status = cluster.wait_phase("podless", "Failed", timeout=120)
-        assert "did not start within 30s: Pending: FailedCreate: " in status["message"], status["message"]
-        assert stalled(status)["status"] == "True" and cluster.pods("podless-i1-generate") == []
+        refused_pods_stall_the_run(cluster, "podless", "exceeded quota: no-pods")
     finally:
         cluster.kubectl("delete", "resourcequota", "no-pods")
         cluster.kubectl("delete", "idpo", "podless", "--wait=false")
