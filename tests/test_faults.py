@@ -517,6 +517,17 @@ def test_pods_the_pod_security_admission_refuses_stall_the_run_with_its_reason(c
     }
     created = cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([policy, binding]))
     assert created.returncode == 0, created.stderr
+    probe = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "probe", "labels": {"idpo.dev/run": "refused"}},
+        "spec": {"containers": [{"name": "x", "image": cluster.image}]},
+    }
+    deadline = time.monotonic() + 60 * cluster.patience
+    # The apiserver loads a new admission policy a moment later: a run's first pod must meet it.
+    while "hostNetwork" not in cluster.kubectl("create", "--dry-run=server", "-f", "-", stdin=json.dumps(probe)).stderr:
+        assert time.monotonic() < deadline, "the mutating admission policy never took effect"
+        time.sleep(0.5)
     try:
         refused_pods_stall_the_run(cluster, "refused", 'violates PodSecurity "restricted:latest": host namespaces')
     finally:
