@@ -6,7 +6,10 @@
 # ".[extra]"` installs this package, whose dependencies pyproject.toml pins (hence the DL3013 ignores).
 
 FROM python:3.11.11-slim-bookworm AS operator
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# MALLOC_MMAP_THRESHOLD_: glibc's default threshold, fixed. Dynamic, it rises after a large watch event (a run
+# near etcd's 1.5 MiB) is parsed and freed, and later such buffers stay in the heap: docs/operator-scale.md.
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    MALLOC_MMAP_THRESHOLD_=131072
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY operator ./operator
