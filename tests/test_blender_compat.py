@@ -101,7 +101,7 @@ def test_a_ranker_checkpoint_llm_blender_would_trust_never_runs_its_code(tiny, t
     assert not marker.exists()
     # The same checkpoint with the run's (and the policy's) consent: its code runs, so the test above
     # refused a checkpoint that would have executed.
-    with pytest.raises(Exception):  # noqa: B017, PT011  (what the hostile classes do after import is no matter)
+    with pytest.raises(Exception):  # noqa: B017  (what the hostile classes do after import is no matter)
         blender_compat.load_blender(str(ranker), "cpu", trust_remote_code=True)
     assert marker.read_text() == "ran"
     from llm_blender.pair_ranker import model_util

@@ -169,8 +169,8 @@ def compute(config: GenerateConfig, out: Path, shard: int) -> dict[str, Any]:
         from idpo_jobs.models import render_prompt_ids
 
         if not engines:
-            engine = ENGINES[spec.engine](model, spec, seed, config.revision, config.chat_template, config.trust_remote_code)
-            engines.append(engine)
+            trust = config.trust_remote_code
+            engines.append(ENGINES[spec.engine](model, spec, seed, config.revision, config.chat_template, trust))
         engine = engines[0]
         prompt_ids = render_prompt_ids(engine.tokenizer, [p["prompt"] for p in chunk])
         responses = engine.generate(prompt_ids, spec.responses_per_prompt, start, len(prompts))
