@@ -31,8 +31,8 @@ PROMPTS_AS_CODE = {"ranking": {"ranker": "function", "function": "timeit:timeit"
 # (spec override, policy, the fields refused: [] when it is allowed)
 CASES: dict[str, tuple[dict[str, Any], Policy, list[str]]] = {
     "a-plain-run": ({}, DEFAULT, []),
-    "secret-reader": (SECRET_READER, DEFAULT,
-                      ["spec.ranking.function", "spec.runtime.env[0].name", "spec.runtime.env[0].valueFrom.secretKeyRef"]),
+    "secret-reader": (SECRET_READER, DEFAULT, ["spec.ranking.function", "spec.runtime.env[0].name",
+                                               "spec.runtime.env[0].valueFrom.secretKeyRef"]),
     "prompts-as-code": (PROMPTS_AS_CODE, DEFAULT, ["spec.ranking.function"]),
     "shipped-ranker": ({"ranking": {"ranker": "function", "function": "idpo_jobs.rewards:length", "model": None}},
                        DEFAULT, []),
