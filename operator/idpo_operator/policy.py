@@ -251,22 +251,21 @@ def env_problems(spec: IterativeDPORunSpec, policy: Policy) -> list[str]:
             out.append(
                 f"spec.runtime.env[{n}].name: {env.name!r} is not an allowed variable (allowed: {_listed(policy.env)})"
             )
-        ref = ((env.value_from or {}).get("secretKeyRef") or {}).get("name")
-        if ref is not None and not _allowed(ref, policy.secrets):
-            out.append(f"spec.runtime.env[{n}].valueFrom.secretKeyRef: Secret {ref!r} is not allowed")
+        ref = env.value_from.secret_key_ref if env.value_from else None
+        if ref is not None and not _allowed(ref.name, policy.secrets):
+            out.append(f"spec.runtime.env[{n}].valueFrom.secretKeyRef: Secret {ref.name!r} is not allowed")
     for n, source in enumerate(spec.runtime.env_from):
         field = f"spec.runtime.envFrom[{n}]"
         if source.prefix:
             out.append(f"{field}.prefix: not allowed: it renames every key of the source")
         for kind, ref in (("Secret", source.secret_ref), ("ConfigMap", source.config_map_ref)):
-            name = (ref or {}).get("name")
-            if name is None:
+            if ref is None:
                 continue
-            if kind == "Secret" and not _allowed(name, policy.secrets):
-                out.append(f"{field}.secretRef: Secret {name!r} is not allowed")
-            if not _allowed(f"{kind}/{name}", policy.env_from):
+            if kind == "Secret" and not _allowed(ref.name, policy.secrets):
+                out.append(f"{field}.secretRef: Secret {ref.name!r} is not allowed")
+            if not _allowed(f"{kind}/{ref.name}", policy.env_from):
                 allowed = _listed(policy.env_from)
-                out.append(f"{field}: {kind}/{name} is not an allowed envFrom source (allowed: {allowed})")
+                out.append(f"{field}: {kind}/{ref.name} is not an allowed envFrom source (allowed: {allowed})")
     return out
 
 
@@ -297,7 +296,7 @@ def endpoint_allowed(uri: str, endpoints: list[str] | None) -> bool:
         allowed = _endpoint(entry)
         if allowed is None or allowed[:3] != target[:3]:
             continue
-        prefix, path = allowed[3].rstrip("/"), target[3]
+        prefix, path = allowed[3].removesuffix("/"), target[3]
         if not prefix or path == prefix or path.startswith(f"{prefix}/"):
             return True
     return False

@@ -58,22 +58,44 @@ MAX_ENV_VALUE = 4096  # one value: a token, a PEM certificate
 MAX_ENV_VALUES = 16 * 1024  # all of a run's `env` values together
 
 
+class KeyRef(Model):
+    """A key of a Secret or ConfigMap, as in a Pod spec."""
+
+    name: str = Field(min_length=1, max_length=MAX_NAME)
+    key: str = Field(min_length=1, max_length=MAX_NAME)
+    optional: bool | None = None
+
+
+class EnvVarSource(Model):
+    """Where a variable's value comes from, as in a Pod spec (one of these)."""
+
+    secret_key_ref: KeyRef | None = None
+    config_map_key_ref: KeyRef | None = None
+    field_ref: dict[str, Any] | None = Field(None, max_length=2, description="As in a Pod spec.")
+    resource_field_ref: dict[str, Any] | None = Field(None, max_length=3, description="As in a Pod spec.")
+
+
 class EnvVar(Model):
     """A container env entry, as in a Pod spec. The cluster's policy decides which names a run may set."""
 
     name: str = Field(min_length=1, max_length=MAX_ENV_NAME, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
     value: str | None = Field(None, max_length=MAX_ENV_VALUE)
-    value_from: dict[str, Any] | None = Field(
-        None, max_length=1, description="secretKeyRef, configMapKeyRef, fieldRef or resourceFieldRef."
-    )
+    value_from: EnvVarSource | None = None
+
+
+class SourceRef(Model):
+    """A whole Secret or ConfigMap, as in a Pod spec's envFrom."""
+
+    name: str = Field(min_length=1, max_length=MAX_NAME)
+    optional: bool | None = None
 
 
 class EnvFromSource(Model):
     """An envFrom entry, as in a Pod spec; every key of its source becomes a variable (docs/security.md)."""
 
     prefix: str | None = Field(None, max_length=MAX_ENV_NAME)
-    config_map_ref: dict[str, Any] | None = Field(None, max_length=2)
-    secret_ref: dict[str, Any] | None = Field(None, max_length=2)
+    config_map_ref: SourceRef | None = None
+    secret_ref: SourceRef | None = None
 
 
 # The stage image when neither the run nor the operator (`idpo operator --stage-image`, which the
