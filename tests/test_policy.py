@@ -26,6 +26,7 @@ SECRET_READER = {
     "ranking": {"ranker": "function", "function": "os:getenv", "model": None},
     "runtime": {"env": [{"name": "S", "valueFrom": {"secretKeyRef": {"name": "db-password", "key": "p"}}}]},
 }
+SHIPPED = {"ranker": "function", "function": "idpo_jobs.rewards:starts_with_s", "model": None}
 PROMPTS_AS_CODE = {"ranking": {"ranker": "function", "function": "timeit:timeit", "model": None}}
 
 # (spec override, policy, the fields refused: [] when it is allowed)
@@ -34,8 +35,7 @@ CASES: dict[str, tuple[dict[str, Any], Policy, list[str]]] = {
     "secret-reader": (SECRET_READER, DEFAULT, ["spec.ranking.function", "spec.runtime.env[0].name",
                                                "spec.runtime.env[0].valueFrom.secretKeyRef"]),
     "prompts-as-code": (PROMPTS_AS_CODE, DEFAULT, ["spec.ranking.function"]),
-    "shipped-ranker": ({"ranking": {"ranker": "function", "function": "idpo_jobs.rewards:length", "model": None}},
-                       DEFAULT, []),
+    "shipped-ranker": ({"ranking": SHIPPED}, DEFAULT, []),
     "a-look-alike-module": ({"ranking": {"ranker": "function", "function": "idpo_jobs.rewardsx:f", "model": None}},
                             DEFAULT, ["spec.ranking.function"]),
     "hf-token-allowed": ({"runtime": {"env": [HF_TOKEN]}}, Policy(secrets=["hf-token"]), []),
@@ -230,9 +230,6 @@ def frozen_then_rank_done(ranking: dict[str, Any], rules: Policy) -> tuple[RunVi
     return RunView("r", "ns", "uid-12345678", 1, doc, status), [job(g1, "Complete"), job(r1, "Complete")]
 
 
-SHIPPED = {"ranker": "function", "function": "idpo_jobs.rewards:length", "model": None}
-
-
 def test_a_function_written_into_a_frozen_section_is_refused_before_the_next_stage_runs_it() -> None:
     run, jobs = frozen_then_rank_done(SHIPPED, DEFAULT)
     status = json.loads(json.dumps(run.status))
@@ -256,7 +253,7 @@ def test_a_policy_tightened_mid_run_holds_for_the_sections_the_iteration_froze()
         RunView("r", "ns", "uid-12345678", 2, live, run.status), jobs, [], NOW, settings=Settings(policy=tightened)
     )
     assert d.create == [] and "status.frozenSpecs." in d.status["message"]
-    assert ".ranking.function: module of 'idpo_jobs.rewards:length' is not allowed" in d.status["message"]
+    assert ".ranking.function: module of 'idpo_jobs.rewards:starts_with_s' is not allowed" in d.status["message"]
     # Under the policy it started with, the same observation starts the train stage.
     same = decide(
         RunView("r", "ns", "uid-12345678", 2, live, run.status), jobs, [], NOW, settings=Settings(policy=DEFAULT)
