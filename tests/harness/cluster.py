@@ -157,6 +157,7 @@ class Cluster:
         self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
         self.metrics_port = free_port()
         self.kubectl_bin = kubectl_binary()
+        self.policy_overrides: dict[str, Any] = {}  # over `write_policy`'s, for the operator started next
 
     def __enter__(self) -> Cluster:
         self.api = config.new_client_from_config(str(self.kubeconfig))
@@ -225,6 +226,7 @@ class Cluster:
             "functionModules": ["rewards", "idpo_jobs.rewards"],
             "secrets": ["hub-token"],
             "env": [*SAFE_ENV, *TEST_ENV],
+            **self.policy_overrides,
         }
         path.write_text(yaml.safe_dump(policy))
         return path
