@@ -259,3 +259,15 @@ def test_a_policy_tightened_mid_run_holds_for_the_sections_the_iteration_froze()
         RunView("r", "ns", "uid-12345678", 2, live, run.status), jobs, [], NOW, settings=Settings(policy=DEFAULT)
     )
     assert same.create[-1]["metadata"]["name"] == "r-i1-train"
+
+
+def test_the_charts_default_policy_is_the_operators() -> None:
+    """One default, whether the operator reads the chart's ConfigMap or runs without a policy file."""
+    import yaml
+
+    from tests.harness import chart
+
+    (config_map,) = [
+        d for d in chart.render() if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-policy")
+    ]
+    assert Policy.model_validate(yaml.safe_load(config_map["data"]["policy.yaml"])) == DEFAULT

@@ -154,6 +154,8 @@ def test_without_the_admission_policy_the_operator_refuses_the_same_runs_and_cre
     assert "spec.runtime.podSecurityContext.runAsNonRoot: null is not allowed" in nulls
     status = cluster.wait_phase("beside", "Succeeded", "Failed")
     assert status["phase"] == "Succeeded", status.get("message")
+    huge = dry_run(cluster, "huge", runtime={"env": [{"name": f"V{n}", "value": "x" * 4000} for n in range(5)]})
+    assert huge is not None and "runtime.env: the values may add up to 16384 characters" in huge.body  # the CRD's
     for name in ("reader", "coder", "hostile", "nulls"):
         assert cluster.jobs(name) == []  # nothing of theirs ever ran
 

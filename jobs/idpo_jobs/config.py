@@ -233,7 +233,7 @@ class RankingSpec(Model):
         max_length=2 * MAX_SHORT,
         pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
         description="`module:callable` taking (prompt, response) and returning a float; the module "
-        "must be importable in the stage image (or on PYTHONPATH via runtime env).",
+        "must be in the stage image (stages run isolated: no PYTHONPATH), and allowed by the cluster's policy.",
     )
     trust_remote_code: bool = Field(
         False,
@@ -531,7 +531,8 @@ class MlflowSpec(Model):
         max_length=MAX_URI,
         pattern=r"^(https?://[^\s/]+|file:///?[^\s]*)",
         description="The server, as `http(s)://host[:port]` (what the stage pods can reach), or `file:///path` "
-        "for a local run.",
+        "for a local run (`idpo run` only). With `credentialsSecret`, it must be an endpoint the cluster's policy "
+        "allows.",
     )
     experiment: str = Field("idpo", min_length=1, max_length=256, description="MLflow experiment of the run.")
     credentials_secret: str | None = Field(
