@@ -29,7 +29,7 @@ E2E_IMAGE = "localhost/idpo-jobs-e2e:dev"
 @pytest.fixture(scope="module")
 def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = tmp_path_factory.mktemp("journey") / "kubeconfig"
-    images = ["--image", DEFAULT_STAGE_IMAGE, "--image", f"{E2E_IMAGE}={e2e_layer(path.parent)}"]
+    images = ["--image", DEFAULT_STAGE_IMAGE, "--image", f"{E2E_IMAGE}={e2e_layer()}"]
     up = subprocess.Popen(
         [sys.executable, "-m", "tests.controlplane", "up", "--kubeconfig", str(path), *images],
         cwd=ROOT,

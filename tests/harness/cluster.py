@@ -19,6 +19,7 @@ paths, and count pods through the API.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import uuid
 import venv
@@ -76,10 +78,14 @@ def slowed(delay: float, log: str, env: list[dict[str, Any]]) -> dict[str, Any]:
 SEED_SCRIPT = "import sys; from idpo_jobs.tiny import build_tiny; build_tiny(sys.argv[1])"
 
 
-def e2e_layer(root: Path) -> Path:
+def e2e_layer() -> Path:
     """The local plane's version of the Dockerfile's `e2e` target: a virtualenv whose site-packages holds
-    IMAGE_MODULES and takes in this interpreter's own (the node agent puts it first on the image's PATH)."""
-    layer = root / "e2e-image"
+    IMAGE_MODULES and takes in this interpreter's own (the node agent puts it first on the image's PATH).
+    In a folder of its own that the pods' user may enter (pytest's temporary folders are private), removed
+    when this process exits."""
+    layer = Path(tempfile.mkdtemp(prefix="idpo-e2e-image-"))
+    layer.chmod(0o755)
+    atexit.register(shutil.rmtree, layer, ignore_errors=True)
     venv.EnvBuilder(symlinks=True).create(layer)
     site = Path(sysconfig.get_path("purelib", vars={"base": str(layer), "platbase": str(layer)}))
     (site / "_idpo_jobs_image.pth").write_text(f"import site; site.addsitedir({sysconfig.get_path('purelib')!r})\n")
@@ -120,7 +126,7 @@ def local_target(root: Path) -> Target:
 
     # What the node agent "has" (this checkout's code, with the suite's layer) and the operator's default.
     image = DEFAULT_STAGE_IMAGE
-    images = [f"{image}={e2e_layer(root)}"]
+    images = [f"{image}={e2e_layer()}"]
     plane = ControlPlane(root / "admin.kubeconfig", images=images, gpus=LOCAL_GPUS, log=lambda *_: None).__enter__()
     return Target(plane.kubeconfig, image, patience=1.0, plane=plane)
 
