@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from idpo_jobs.config import Stage
 from idpo_operator import resources
+from idpo_operator.plan import StageKey
 
-TESTS = Path(__file__).parent
+G1 = StageKey(1, Stage.GENERATE)
 
 
 def hostile_env(tmp_path: Path) -> tuple[dict[str, str], list[Path]]:
@@ -82,3 +83,17 @@ def test_what_no_stage_honours_is_removed_before_anything_runs(tmp_path: Path) -
     # `idpo run`'s environment is the user's own: PYTHONPATH (a function ranker's module) keeps working.
     local = run([sys.executable, "-c", script], env).stdout.strip()
     assert local == "['TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'] ['PYTHONBREAKPOINT', 'PYTHONUNBUFFERED']"
+
+
+@pytest.mark.slow
+def test_vllms_engine_processes_run_none_of_them(tiny, tmp_path: Path) -> None:
+    """vLLM starts its engine core and workers as processes of their own: they neither run the payload."""
+    from tests.conftest import tiny_spec, write_config
+    from tests.test_vllm import VLLM
+
+    config, _ = write_config(tiny_spec(tiny, prompts={"perIteration": 4}, generation=VLLM), tmp_path / "w", G1)
+    env, markers = hostile_env(tmp_path)
+    proc = run(resources.stage_command(Stage.GENERATE, str(config), sys.executable), env, JOB_COMPLETION_INDEX="0")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert '"engine": "vllm"' in proc.stdout  # the stage's last line: its metrics
+    assert [m.exists() for m in markers] == [False, False]
