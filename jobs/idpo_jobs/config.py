@@ -130,6 +130,12 @@ class ModelSpec(Model):
         description="Jinja chat template. None: the tokenizer's own, or Mistral's `[INST] ... [/INST]` "
         "when the tokenizer has none. Saved with every checkpoint so later iterations use it too.",
     )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run the Python code a checkpoint ships (transformers' `trust_remote_code`) when the stages "
+        "load `name` and the checkpoints trained from it. Off: a checkpoint that needs its own code is refused. "
+        "The cluster's policy must allow it for this model (policy `remoteCode`, docs/security.md).",
+    )
 
 
 class PromptsSpec(Model):
@@ -227,7 +233,12 @@ class RankingSpec(Model):
         max_length=2 * MAX_SHORT,
         pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
         description="`module:callable` taking (prompt, response) and returning a float; the module "
-        "must be importable in the stage image (or on PYTHONPATH via runtime env).",
+        "must be in the stage image (stages run isolated: no PYTHONPATH), and allowed by the cluster's policy.",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run the Python code the ranker checkpoint (or its backbone) ships, for pairrm and "
+        "reward-model. Off: never, whatever llm-blender would choose. The cluster's policy must allow it.",
     )
     batch_size: int = Field(8, ge=1, description="Prompts per ranker batch.")
     max_source_length: int = Field(1224, ge=8, description="Prompt tokens the ranker sees (PairRM).")
@@ -520,7 +531,8 @@ class MlflowSpec(Model):
         max_length=MAX_URI,
         pattern=r"^(https?://[^\s/]+|file:///?[^\s]*)",
         description="The server, as `http(s)://host[:port]` (what the stage pods can reach), or `file:///path` "
-        "for a local run.",
+        "for a local run (`idpo run` only). With `credentialsSecret`, it must be an endpoint the cluster's policy "
+        "allows.",
     )
     experiment: str = Field("idpo", min_length=1, max_length=256, description="MLflow experiment of the run.")
     credentials_secret: str | None = Field(
@@ -624,6 +636,7 @@ class GenerateConfig(StageConfig):
     model: str = Field(description="Policy to sample from (resolved path or HF id).")
     revision: str | None = None
     chat_template: str | None = None
+    trust_remote_code: bool = Field(False, description="`model.trustRemoteCode`: run the checkpoint's own code.")
     prompts: PromptsSpec
     generation: GenerationSpec
 
@@ -641,6 +654,7 @@ class TrainConfig(StageConfig):
     reference_model: str = Field(description="Reference policy for the DPO KL term.")
     revision: str | None = None
     chat_template: str | None = None
+    trust_remote_code: bool = Field(False, description="`model.trustRemoteCode`: run the checkpoint's own code.")
     input_dir: str = Field(description="The rank stage directory (all its parts are read).")
     input_shards: int = Field(ge=1)
     training: TrainingSpec
@@ -658,6 +672,7 @@ class EvaluateConfig(StageConfig):
     model: str = Field(description="The model to evaluate (HF id, directory, `pvc://` or `tiny://`).")
     revision: str | None = None
     chat_template: str | None = None
+    trust_remote_code: bool = Field(False, description="`model.trustRemoteCode`: run the checkpoint's own code.")
     prompts: PromptsSpec = Field(description="The run's prompt source: the default held-out set is derived from it.")
     iterations: int = Field(ge=1, description="The run's iteration count: the held-out set avoids all their prompts.")
     generation: GenerationSpec = Field(description="The run's generation section (engine, seed, lengths).")

@@ -91,7 +91,12 @@ def generate_responses(config: EvaluateConfig, prompts: list[str]) -> tuple[list
     spec = decoding(config)
     # The run's seed, not combined with the iteration: every model is sampled with the same stream.
     engine = generate.ENGINES[spec.engine](
-        resolve_uri(config.model), spec, config.generation.seed, config.revision, config.chat_template
+        resolve_uri(config.model),
+        spec,
+        config.generation.seed,
+        config.revision,
+        config.chat_template,
+        config.trust_remote_code,
     )
     prompt_ids = render_prompt_ids(engine.tokenizer, prompts)
     responses = [r[0] for r in engine.generate(prompt_ids, 1)]

@@ -40,7 +40,7 @@ class PairRMRanker:
         from idpo_jobs.models import device
 
         try:
-            self.blender = load_blender(model, device())
+            self.blender = load_blender(model, device(), spec.trust_remote_code)
         except FileNotFoundError as err:
             raise contract.StageError(str(err)) from None
         self.spec = spec
@@ -98,9 +98,12 @@ class RewardModelRanker:
         from idpo_jobs.models import check_model_path, device, load_tokenizer
 
         check_model_path(model, "reward model")
-        self.tokenizer = load_tokenizer(model)
+        self.tokenizer = load_tokenizer(model, trust_remote_code=spec.trust_remote_code)
         try:
-            self.model = AutoModelForSequenceClassification.from_pretrained(model).to(device()).eval()
+            classifier = AutoModelForSequenceClassification.from_pretrained(
+                model, trust_remote_code=spec.trust_remote_code
+            )
+            self.model = classifier.to(device()).eval()
         except (OSError, ValueError) as err:
             raise contract.StageError(f"cannot load reward model {model!r}: {err}") from None
         if self.model.config.pad_token_id is None:

@@ -247,13 +247,14 @@ def compute(config: TrainConfig, out: Path, shard: int) -> dict[str, Any]:
     policy_dtype, reference_dtype = dtypes(config, cuda, strategy == "fsdp")
     policy = resolve_uri(config.model)
     reference = resolve_uri(config.reference_model)
-    tokenizer = load_tokenizer(policy, config.revision, config.chat_template)
-    model = load_causal_lm(policy, config.revision, policy_dtype)
+    trust = config.trust_remote_code
+    tokenizer = load_tokenizer(policy, config.revision, config.chat_template, trust)
+    model = load_causal_lm(policy, config.revision, policy_dtype, trust)
     # TRL's own rule: LoRA's reference is the frozen base with adapters off, and a precomputed one is
     # the untrained policy; otherwise a second model, loaded here so that it is bf16 (TRL would copy the
     # policy's fp32). An `initial` reference differs from this iteration's base, so it is always loaded.
     separate = reference != policy or (t.lora is None and not t.precompute_ref_log_probs)
-    ref_model = load_causal_lm(reference, None, reference_dtype) if separate else None
+    ref_model = load_causal_lm(reference, None, reference_dtype, trust) if separate else None
 
     peft_config = None
     if t.lora is not None:

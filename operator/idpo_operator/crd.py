@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from idpo_jobs.config import PVC_PATH_RULE
 
-from idpo_operator.spec import GROUP, KIND, PLURAL, VERSION, IterativeDPORunSpec
+from idpo_operator.spec import GROUP, KIND, MAX_ENV_VALUES, PLURAL, VERSION, IterativeDPORunSpec
 
 SHORT_NAMES = ["idpo"]
 CATEGORIES = ["idpo", "ml"]
@@ -65,6 +65,13 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
         },
     ],
     "PromptsSpec": [_on_the_claim("source")],
+    "RuntimeSpec": [
+        {
+            "rule": f"!has(self.env) || self.env.map(e, has(e.value) ? size(e.value) : 0).sum() <= {MAX_ENV_VALUES}",
+            "message": f"runtime.env: the values may add up to {MAX_ENV_VALUES} characters",
+            "fieldPath": ".env",
+        }
+    ],
 }
 
 PRINTER_COLUMNS = [

@@ -31,7 +31,7 @@ from idpo_operator.observe import (
     job_record,
 )
 from idpo_operator.plan import StageKey
-from idpo_operator.policy import Policy, violations
+from idpo_operator.policy import Policy, pod_template_violations, violations
 from idpo_operator.spec import DEFAULT_STAGE_IMAGE, IterativeDPORunSpec, format_validation_error
 from idpo_operator.status import (
     Phase,
@@ -261,6 +261,33 @@ def _records(
     return records, actions
 
 
+class Denied(Exception):
+    """What starting a stage would run is not allowed: the frozen spec it would run with, or the pod
+    template it would create. The message names each field."""
+
+
+def _frozen_denied(
+    key: StageKey, effective: IterativeDPORunSpec, policy: Policy | None, digest: str | None
+) -> list[str]:
+    """The policy's verdict on the spec the stage will run: the live spec passed already, so whatever is
+    refused now comes from a section frozen in status (a policy tightened since, or a status write)."""
+    if policy is None:
+        return []
+    where = f"status.frozenSpecs.{digest}" if digest else f"status.iterations[{key.iteration}].spec"
+    return [line.replace("spec.", f"{where}.", 1) for line in violations(effective, policy)]
+
+
+def _template_denied(objects: list[dict[str, Any]], policy: Policy | None) -> list[str]:
+    if policy is None:
+        return []
+    return [
+        f"Job {o['metadata']['name']} pod template: {problem}"
+        for o in objects
+        if o["kind"] == "Job"
+        for problem in pod_template_violations(o["spec"]["template"])
+    ]
+
+
 def _start(
     key: StageKey,
     run: RunView,
@@ -285,6 +312,9 @@ def _start(
             frozen.get(key.iteration, {}), frozen_specs.live_sections(spec), key.stage
         )
     effective = frozen_specs.spec_for(spec, frozen[key.iteration])
+    digest = frozen_specs.digests(run.status).get(key.iteration)
+    if denied := _frozen_denied(key, effective, settings.policy, digest):
+        raise Denied("; ".join(denied))
     owner = run.owner
     ws = resources.workspace(spec, owner)
     source = plan.input_of(key)
@@ -298,8 +328,11 @@ def _start(
     pvc = resources.build_pvc(spec, owner) if first else None
     launch = resources.Launch(effective, owner, key, config, settings.stage_image, attempt, settings.job_ttl_seconds)
     name = resources.job_name(run.name, key)
+    objects = resources.stage_objects(launch)
+    if denied := _template_denied(objects, settings.policy):
+        raise Denied("; ".join(denied))
     records[key] = StageRecord(phase=Phase.RUNNING, job_name=name, attempts=attempt, start_time=now)
-    return [*([pvc] if pvc else []), *resources.stage_objects(launch)]
+    return [*([pvc] if pvc else []), *objects]
 
 
 def _stage_events(previous: Previous, records: Mapping[StageKey, StageRecord]) -> list[Event]:
@@ -388,7 +421,10 @@ def decide(
                 Phase.PENDING, message=WAITING_FOR_CAPACITY, attempts=prior.attempts, restarting=prior.restarting
             )
         else:
-            create = _start(key, run, spec, records, previous, frozen, settings, now)
+            try:
+                create = _start(key, run, spec, records, previous, frozen, settings, now)
+            except Denied as err:
+                return _refused(run, str(err), now, Reason.POLICY_DENIED)
 
     spec = step.spec
     out_of_range = [j.name for k, j in children.jobs.items() if k.iteration > spec.iterations]
