@@ -29,7 +29,7 @@ def test_checked_in_crd_matches_the_spec_models() -> None:
 def test_schema_is_structural() -> None:
     for path, node in walk(crd.spec_schema()):
         assert not {"anyOf", "oneOf", "allOf", "$ref", "title", "const"} & set(node), path
-        typed = "type" in node or node.get("x-kubernetes-int-or-string")
+        typed = "type" in node or node.get("x-kubernetes-int-or-string") or node.get("x-kubernetes-preserve-unknown-fields")
         assert typed, f"{path} has no type"
         if node.get("type") == "object":
             assert {"properties", "additionalProperties", "x-kubernetes-preserve-unknown-fields"} & set(node), path

@@ -27,9 +27,20 @@ HEADLINE = {
     Stage.GENERATE.value: ("prompts", "responses", "mean_response_chars", *TRACKING),
     Stage.RANK.value: ("pairs", "dropped_ties", "mean_chosen_score", "mean_rejected_score", *TRACKING),
     Stage.TRAIN.value: ("pairs", "steps", "loss", "reward_accuracy", "reward_margin", "resumed_from_step", *TRACKING),
-    # What early stopping and the best checkpoint are decided on must survive.
-    Stage.EVALUATE.value: ("prompts", "win_rate_vs_base", "lc_win_rate_vs_base", "lc_win_rate_vs_previous", *TRACKING),
+    # What early stopping and the best checkpoint are decided on must survive (per axis too).
+    Stage.EVALUATE.value: (
+        "prompts",
+        "win_rate_vs_base",
+        "lc_win_rate_vs_base",
+        "lc_win_rate_vs_previous",
+        "mean_response_chars",
+        "mean_length_ratio_vs_base",
+        "axes",
+        *TRACKING,
+    ),
 }
+# What a compacted evaluation keeps of each axis's figures.
+AXIS_HEADLINE = ("win_rate_vs_base", "lc_win_rate_vs_base", "lc_win_rate_vs_previous", "pass_rate")
 KEPT_FIELDS = ("phase", "attempts", "startTime", "completionTime")
 
 
@@ -53,9 +64,21 @@ def kept_specs(iterations: list[dict[str, Any]], specs: dict[str, Any]) -> dict[
     return {d: s for d, s in specs.items() if d in wanted}
 
 
+def _headline(key: str, value: Any) -> Any:
+    if isinstance(value, str):
+        return value[:60]
+    if key == "axes" and isinstance(value, dict):
+        return {
+            axis: {k: v for k, v in figures.items() if k in AXIS_HEADLINE}
+            for axis, figures in value.items()
+            if isinstance(figures, dict)
+        }
+    return value
+
+
 def _compacted(name: str, stage: dict[str, Any]) -> dict[str, Any]:
     metrics = stage.get("metrics") or {}
-    headline = {k: v if not isinstance(v, str) else v[:60] for k, v in metrics.items() if k in HEADLINE[name]}
+    headline = {k: _headline(k, v) for k, v in metrics.items() if k in HEADLINE[name]}
     return {**{k: stage[k] for k in KEPT_FIELDS if k in stage}, "metrics": headline, "compacted": True}
 
 

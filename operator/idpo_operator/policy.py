@@ -97,6 +97,15 @@ def _listed(values: list[str] | None) -> str:
     return ", ".join(values) if values else "none"
 
 
+def scorer_functions(spec: IterativeDPORunSpec) -> list[tuple[str, str]]:
+    """(field, `module:callable`) of every function a run may score with: `ranking.function` (checked even when
+    `axes` leaves it unused, as the admission policy does) and each function axis."""
+    ranking = spec.ranking
+    found = [("spec.ranking.function", ranking.function)] if ranking.function else []
+    found += [(f"spec.ranking.axes[{n}].function", a.function) for n, a in enumerate(ranking.axes or []) if a.function]
+    return found
+
+
 def violations(spec: IterativeDPORunSpec, policy: Policy) -> list[str]:
     """What `spec` asks for that `policy` does not allow, one `field: rule` line each."""
     rt, out = spec.runtime, []
@@ -104,12 +113,9 @@ def violations(spec: IterativeDPORunSpec, policy: Policy) -> list[str]:
         out.append(
             f"spec.runtime.image: {rt.image!r} is not an allowed stage image (prefixes: {_listed(policy.images)})"
         )
-    function = spec.ranking.function
-    if function and not _module_allowed(function, policy.function_modules):
-        out.append(
-            f"spec.ranking.function: module of {function!r} is not allowed "
-            f"(modules: {_listed(policy.function_modules)})"
-        )
+    for field, function in scorer_functions(spec):
+        if not _module_allowed(function, policy.function_modules):
+            out.append(f"{field}: module of {function!r} is not allowed (modules: {_listed(policy.function_modules)})")
     for n, env in enumerate(rt.env):
         ref = ((env.get("valueFrom") or {}).get("secretKeyRef") or {}).get("name")
         if ref is not None and not _allowed(ref, policy.secrets):

@@ -210,20 +210,27 @@ def _number(value: Any) -> bool:
 
 
 def merge_metrics(stage: Stage, parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """One stage's metrics from its shards: counts add up, `mean_*` are weighted by the stage's count.
-    A value that is not a number in some shard (a null, a string) is taken from the first shard."""
+    """One stage's metrics from its shards: counts add up, `mean_*` are weighted by the stage's count, maps
+    (the per-axis figures) merge key by key the same way. A value that is not a number in some shard (a
+    null, a string) is taken from the first shard."""
     if len(parts) == 1:
         return dict(parts[0])
     weight = _WEIGHTS[stage]
+    return _merged(parts, [p.get(weight, 0) if _number(p.get(weight, 0)) else 0 for p in parts])
+
+
+def _merged(parts: list[Mapping[str, Any]], weights: list[float]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for key in dict.fromkeys(k for p in parts for k in p):
-        values = [p[key] for p in parts if key in p]
-        if not all(_number(v) for v in values):
+        present = [(p[key], w) for p, w in zip(parts, weights, strict=True) if key in p]
+        values = [v for v, _ in present]
+        if all(isinstance(v, Mapping) for v in values):
+            merged[key] = _merged(values, [w for _, w in present])
+        elif not all(_number(v) for v in values):
             merged[key] = values[0]
         elif key.startswith("mean_"):
-            weights = [p.get(weight, 0) if _number(p.get(weight, 0)) else 0 for p in parts if key in p]
-            total = sum(weights)
-            merged[key] = round(sum(v * w for v, w in zip(values, weights, strict=True)) / total, 4) if total else 0.0
+            total = sum(w for _, w in present)
+            merged[key] = round(sum(v * w for v, w in present) / total, 4) if total else 0.0
         else:
             merged[key] = round(sum(values), 4)
     return merged
@@ -392,7 +399,7 @@ def build_status(
     evaluated = [e for e in iterations if e["iteration"] >= 1 and "evaluate" in e["stages"]]
     history = [e["stages"]["evaluate"].get("metrics", {}) for e in evaluated]
     rule = spec.evaluation.stop_when
-    best = winrate.best_index(history, rule.metric if rule else "lcWinRateVsBase")
+    best = winrate.best_of(history, rule)
     latest = next((h["lc_win_rate_vs_base"] for h in reversed(history) if "lc_win_rate_vs_base" in h), None)
     started = [r.start_time for r in records.values() if r.start_time]
     mlflow = next((m for r in records.values() if isinstance(m := r.metrics.get("mlflow_run_id"), str)), None)

@@ -72,13 +72,46 @@ def iteration_row(it: dict[str, Any]) -> list[str]:
     ]
 
 
+def _aligned(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+def _evaluated(it: dict[str, Any]) -> dict[str, Any]:
+    metrics = (it.get("stages", {}).get("evaluate") or {}).get("metrics")
+    return metrics if isinstance(metrics, dict) else {}
+
+
+def axes_block(status: dict[str, Any]) -> list[str]:
+    """Per iteration, each axis's own LC win rate against the base model (a gate's pass rate), and the mean
+    length against the base model's: does each axis move, and does length stay put? Empty without axes."""
+    iterations = [it for it in status.get("iterations", []) if isinstance(_evaluated(it).get("axes"), dict)]
+    names = list(dict.fromkeys(n for it in iterations for n in _evaluated(it)["axes"]))
+    if not names:
+        return []
+
+    def cell(figures: Any) -> str:
+        if not isinstance(figures, dict):
+            return "-"
+        lc, passed = figures.get("lc_win_rate_vs_base"), figures.get("pass_rate")
+        shown = [f"{lc:.3f}"] if isinstance(lc, int | float) else []
+        shown += [f"pass {passed:.3f}"] if isinstance(passed, int | float) else []
+        return " / ".join(shown) or "-"
+
+    header = ["ITER", *(n.upper() for n in names), "LENGTH/BASE"]
+    rows = []
+    for it in iterations:
+        metrics = _evaluated(it)
+        ratio = _fmt(metrics.get("mean_length_ratio_vs_base"))
+        rows.append([str(it["iteration"]), *(cell(metrics["axes"].get(n)) for n in names), ratio])
+    return ["", "axes: LC win rate vs base (gates: pass rate)", *_aligned([header, *rows])]
+
+
 def render(status: dict[str, Any], name: str = "") -> str:
     rows = [list(COLUMNS)] + [iteration_row(it) for it in status.get("iterations", [])]
-    widths = [max(len(r[c]) for r in rows) for c in range(len(COLUMNS))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     head = (
         f"{name + ': ' if name else ''}{status.get('phase', 'Pending')} — {status.get('message', '')}\n"
         f"iteration {status.get('currentIteration', '-')}/{status.get('iterationsTotal', '-')}"
         f", stage {status.get('currentStage', '-')}"
     )
-    return head + "\n\n" + "\n".join(lines)
+    return head + "\n\n" + "\n".join([*_aligned(rows), *axes_block(status)])
