@@ -120,7 +120,8 @@ def passing(scores: Mapping[str, Sequence[float]], axes: Sequence[AxisSpec]) -> 
 
 
 def closed_gates(scores: Mapping[str, Sequence[float]], axes: Sequence[AxisSpec]) -> list[str]:
-    """The gates no candidate of the prompt passes (a prompt may be dropped by several)."""
+    """The gates no candidate of the prompt passes: each alone drops the prompt. (Gates can also drop a prompt
+    together, each failing other candidates; the rank stage's `dropped_gates` counts those too.)"""
     return [a.name for a in gates(axes) if a.gate and not any(a.gate.passes(v) for v in scores[a.name])]
 
 

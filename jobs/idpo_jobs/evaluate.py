@@ -214,13 +214,6 @@ class Versus:
 
 
 AXIS_DIGITS = 3  # per-axis figures: a block per axis, eight at most, in a 4 KiB summary
-AXIS_RATES = ("win_rate", "lc_win_rate")
-
-
-def axis_metrics(comparison: winrate.Comparison, suffix: str) -> dict[str, Any]:
-    """An axis's rates against one baseline, as status shows them under the axis's name."""
-    full = comparison.metrics(suffix, digits=AXIS_DIGITS)
-    return {k: v for k, v in full.items() if k.removesuffix("_ci").removesuffix(f"_{suffix}") in AXIS_RATES}
 
 
 def alpaca_eval_rows(rows: list[dict[str, Any]], responses: list[str], generator: str) -> list[dict[str, str]]:
@@ -307,7 +300,7 @@ def compute(config: EvaluateConfig, out: Path, shard: int) -> dict[str, Any]:
             if k is not None and distinct[k] == vs.against:
                 metrics |= {**vs.comparison(combined).metrics(f"vs_{name}"), f"{name}_iteration": k}
                 for a in axis_list:
-                    by_axis[a.name] |= axis_metrics(vs.comparison(vs.judged[a.name].preferences), f"vs_{name}")
+                    by_axis[a.name] |= vs.comparison(vs.judged[a.name].preferences).figures(f"vs_{name}")
         if iterations["base"] is not None and distinct[iterations["base"]] == vs.against:
             theirs = mean_chars(vs.theirs)
             metrics["mean_length_ratio_vs_base"] = round(mean_chars(vs.ours) / theirs, 4) if theirs else None
@@ -346,10 +339,13 @@ def compute(config: EvaluateConfig, out: Path, shard: int) -> dict[str, Any]:
 
 
 def track(config: EvaluateConfig, metrics: dict[str, Any]) -> None:
-    """On the run's own MLflow run: this evaluation's metrics (step = iteration), the best checkpoint so
-    far as a tag, and the report of the iterations evaluated so far as an artifact."""
+    """On the run's own MLflow run: this evaluation's metrics (step = iteration; an axis's rate as its value,
+    `evaluate/axes/<axis>/lc_win_rate_vs_base`), the best checkpoint so far as a tag, and the report of the
+    iterations evaluated so far as an artifact."""
     tracker = tracking.current()
-    tracker.metrics(metrics, step=config.iteration, prefix="evaluate/", parent=True)
+    axes_figures = metrics.get("axes", {}).items()
+    per_axis = {a: {k: winrate.value_of(v) for k, v in figures.items()} for a, figures in axes_figures}
+    tracker.metrics({**metrics, "axes": per_axis}, step=config.iteration, prefix="evaluate/", parent=True)
     if not tracker.enabled or config.iteration == 0:
         return
     ws = Workspace(config.workspace)

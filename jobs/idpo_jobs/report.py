@@ -186,8 +186,10 @@ def axis_rows(status: dict[str, Any]) -> list[dict[str, Any]]:
             scores = ranked.get(axis) if isinstance(ranked.get(axis), dict) else {}
             row = {"iteration": it["iteration"], "axis": axis, "pass_rate": figures.get("pass_rate")}
             row |= {k: scores.get(k) for k in ("mean_chosen_score", "mean_rejected_score", "dropped_prompts")}
-            for _, key in AXIS_COLUMNS:
-                row[key], row[f"{key}_ci"] = figures.get(key), figures.get(f"{key}_ci")
+            for _, key in AXIS_COLUMNS:  # an axis's rate is [value, low, high]
+                figure = figures.get(key)
+                whole = isinstance(figure, list) and len(figure) == 3
+                row[key], row[f"{key}_ci"] = (figure[0], figure[1:]) if whole else (None, None)
             rows.append(row)
     return rows
 

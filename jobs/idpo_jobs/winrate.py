@@ -135,6 +135,21 @@ class Comparison:
             f"mean_length_diff_{suffix}": round(self.mean_length_diff, 2),
         }
 
+    def figures(self, suffix: str, digits: int = 3) -> dict[str, list[float]]:
+        """The rates as an axis's figures (compact: up to eight axes share a 4 KiB stage summary): each rate with
+        its 95% interval as [value, low, high], e.g. `lc_win_rate_vs_base: [0.61, 0.52, 0.69]`."""
+        return {
+            f"win_rate_{suffix}": [round(v, digits) for v in (self.win_rate, *self.interval)],
+            f"lc_win_rate_{suffix}": [round(v, digits) for v in (self.lc_win_rate, *self.lc_interval)],
+        }
+
+
+def value_of(figure: Any) -> float | None:
+    """A rate as the evaluate stage reports it: a number (the combined figures) or [value, low, high] (an axis's)."""
+    if isinstance(figure, list) and figure:
+        figure = figure[0]
+    return float(figure) if isinstance(figure, int | float) and not isinstance(figure, bool) else None
+
 
 def compare(outcomes: Sequence[float], length_diffs: Sequence[float]) -> Comparison:
     """Everything reported about one comparison: counts, win rate (Wilson 95%), LC win rate (Wald 95%)."""
@@ -171,7 +186,7 @@ def _read(entry: Mapping[str, Any], key: str, axis: str | None) -> Any:
 def _values(history: Sequence[Mapping[str, Any]], metric: str, axis: str | None = None) -> list[tuple[int, float]]:
     """(position, value) of the evaluations that have `metric` (iteration 0 and failed ones have not)."""
     key = METRIC_KEYS[metric]
-    return [(pos, float(v)) for pos, h in enumerate(history) if _number(v := _read(h, key, axis))]
+    return [(pos, v) for pos, h in enumerate(history) if (v := value_of(_read(h, key, axis))) is not None]
 
 
 def too_long(entry: Mapping[str, Any], stop_when: StopWhen | None) -> bool:

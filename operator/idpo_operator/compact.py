@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from idpo_jobs import winrate
 from idpo_jobs.config import Stage
 
 BUDGET = 192 * 1024  # bytes of status.iterations and status.frozenSpecs together
@@ -39,8 +40,9 @@ HEADLINE = {
         *TRACKING,
     ),
 }
-# What a compacted evaluation keeps of each axis's figures.
-AXIS_HEADLINE = ("win_rate_vs_base", "lc_win_rate_vs_base", "lc_win_rate_vs_previous", "pass_rate")
+# What a compacted evaluation keeps of the axis `stopWhen` follows (the metrics it can name), as plain values;
+# other axes' figures go (8 axes of 100 iterations would not fit).
+AXIS_HEADLINE = ("lc_win_rate_vs_base", "lc_win_rate_vs_previous")
 KEPT_FIELDS = ("phase", "attempts", "startTime", "completionTime")
 
 
@@ -64,31 +66,31 @@ def kept_specs(iterations: list[dict[str, Any]], specs: dict[str, Any]) -> dict[
     return {d: s for d, s in specs.items() if d in wanted}
 
 
-def _headline(key: str, value: Any) -> Any:
+def _headline(key: str, value: Any, axes: tuple[str, ...]) -> Any:
     if isinstance(value, str):
         return value[:60]
     if key == "axes" and isinstance(value, dict):
-        return {
-            axis: {k: v for k, v in figures.items() if k in AXIS_HEADLINE}
-            for axis, figures in value.items()
-            if isinstance(figures, dict)
-        }
+        kept = {a: f for a, f in value.items() if a in axes and isinstance(f, dict)}
+        return {a: {k: winrate.value_of(v) for k, v in f.items() if k in AXIS_HEADLINE} for a, f in kept.items()}
     return value
 
 
-def _compacted(name: str, stage: dict[str, Any]) -> dict[str, Any]:
+def _compacted(name: str, stage: dict[str, Any], axes: tuple[str, ...]) -> dict[str, Any]:
     metrics = stage.get("metrics") or {}
-    headline = {k: _headline(k, v) for k, v in metrics.items() if k in HEADLINE[name]}
+    headline = {k: _headline(k, v, axes) for k, v in metrics.items() if k in HEADLINE[name]}
     return {**{k: stage[k] for k in KEPT_FIELDS if k in stage}, "metrics": headline, "compacted": True}
 
 
-def within_budget(iterations: list[dict[str, Any]], specs: dict[str, Any], budget: int = BUDGET) -> None:
-    """Compact the oldest finished iterations, in place, until iterations and specs fit `budget`."""
+def within_budget(
+    iterations: list[dict[str, Any]], specs: dict[str, Any], budget: int = BUDGET, axes: tuple[str, ...] = ()
+) -> None:
+    """Compact the oldest finished iterations, in place, until iterations and specs fit `budget`; `axes`: those
+    whose figures decisions read (`evaluation.stopWhen.axis`)."""
     size = _size(iterations) + _size(specs)
     candidates = [e for e in iterations[:-KEEP_WHOLE] if e["phase"] == "Succeeded"]
     for entry in candidates:
         if size <= budget:
             return
         before = _size(entry)
-        entry["stages"] = {name: _compacted(name, stage) for name, stage in entry["stages"].items()}
+        entry["stages"] = {name: _compacted(name, stage, axes) for name, stage in entry["stages"].items()}
         size -= before - _size(entry)

@@ -4,9 +4,9 @@
 
 pydantic's JSON Schema is converted to the structural OpenAPI v3 subset Kubernetes accepts: refs
 inlined, `X | None` as `nullable`, exclusive bounds in OpenAPI 3.0 form, free-form maps marked
-`x-kubernetes-preserve-unknown-fields`, quantities as int-or-string, a name-or-list as an untyped value. Cross-field rules that the
-pydantic validators enforce locally are stated again as CEL (`x-kubernetes-validations`), declared
-on the models themselves through `CEL_RULES` below.
+`x-kubernetes-preserve-unknown-fields`, quantities as int-or-string, a name-or-list as an untyped value.
+Cross-field rules that the pydantic validators enforce locally are stated again as CEL
+(`x-kubernetes-validations`), declared on the models themselves through `CEL_RULES` below.
 """
 
 from __future__ import annotations

@@ -393,12 +393,12 @@ def build_status(
         iterations.append(entry)
     compact.drop_used_digests(iterations)
     stored_specs = compact.kept_specs(iterations, stored_specs)
-    compact.within_budget(iterations, stored_specs)
+    rule = spec.evaluation.stop_when
+    compact.within_budget(iterations, stored_specs, axes=(rule.axis,) if rule and rule.axis else ())
 
     done_iterations = [e for e in iterations if "checkpoint" in e]
     evaluated = [e for e in iterations if e["iteration"] >= 1 and "evaluate" in e["stages"]]
     history = [e["stages"]["evaluate"].get("metrics", {}) for e in evaluated]
-    rule = spec.evaluation.stop_when
     best = winrate.best_of(history, rule)
     latest = next((h["lc_win_rate_vs_base"] for h in reversed(history) if "lc_win_rate_vs_base" in h), None)
     started = [r.start_time for r in records.values() if r.start_time]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from idpo_jobs.winrate import value_of
+
 COLUMNS = (
     "ITER",
     "PHASE",
@@ -93,7 +95,7 @@ def axes_block(status: dict[str, Any]) -> list[str]:
     def cell(figures: Any) -> str:
         if not isinstance(figures, dict):
             return "-"
-        lc, passed = figures.get("lc_win_rate_vs_base"), figures.get("pass_rate")
+        lc, passed = value_of(figures.get("lc_win_rate_vs_base")), figures.get("pass_rate")
         shown = [f"{lc:.3f}"] if isinstance(lc, int | float) else []
         shown += [f"pass {passed:.3f}"] if isinstance(passed, int | float) else []
         return " / ".join(shown) or "-"
