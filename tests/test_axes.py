@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,11 +16,12 @@ from hypothesis import strategies as st
 from idpo_jobs import axes
 from idpo_jobs.config import LOSS_TYPES, AxisSpec, PairingSpec, RankingSpec, Stage, TrainingSpec
 from idpo_jobs.pairing import Drop, Pair, choose, decide
+from idpo_jobs.rewards import starts_with_s
 from idpo_operator.plan import StageKey
 from idpo_operator.spec import IterativeDPORunSpec
 from pydantic import ValidationError
 
-from tests.conftest import tiny_spec, write_config
+from tests.conftest import merge, read_json, run_cli, tiny_spec, write_config
 
 
 def axis(name: str, **fields: Any) -> AxisSpec:
@@ -483,3 +485,95 @@ def test_tracking_logs_each_axis_figure_under_its_path() -> None:
         "loss": 0.5,
         "axes/s/pass_rate": 0.9,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# The rank stage: axis by axis, resumable
+# ---------------------------------------------------------------------------------------------
+R1 = StageKey(1, Stage.RANK)
+TWO_AXES = {
+    "axes": [
+        {"name": "s", "kind": "function", "function": "rewards:starts_with_s", "weight": 1.0},
+        {"name": "distinct", "kind": "function", "function": "idpo_jobs.rewards:distinct_words", "gate": {"min": 0.9}},
+    ],
+    "batchSize": 2,
+    "chunkPrompts": 2,  # 8 chunks of 16 prompts per axis
+}
+
+
+@pytest.fixture(scope="module")
+def generated(tiny, tmp_path_factory) -> Path:
+    """Iteration 1's generations: 16 prompts, 3 responses each."""
+    from tests.test_resume_stages import PROMPTS, ok
+
+    ws = tmp_path_factory.mktemp("generated")
+    config, _ = write_config(tiny_spec(tiny, prompts=PROMPTS), ws, StageKey(1, Stage.GENERATE))
+    ok(run_cli("generate", config))
+    return ws
+
+
+def test_the_rank_stage_scores_axis_by_axis_and_writes_the_evidence(tiny, generated: Path, tmp_path: Path) -> None:
+    from tests.test_resume_stages import PROMPTS, hooks_env, ok
+
+    config, _ = write_config(tiny_spec(tiny, prompts=PROMPTS, ranking=TWO_AXES), generated, R1, out_dir=tmp_path)
+    log = tmp_path / "progress.log"
+    ok(run_cli("rank", config, **hooks_env(IDPO_TEST_PROGRESS_LOG=str(log))))
+    part = tmp_path / "iter-1" / "rank" / "part-00000"
+    metrics = read_json(part / "_SUCCESS.json")["metrics"]
+    pairs = [json.loads(line) for line in (part / "pairs.jsonl").read_text().splitlines()]
+    assert metrics["prompts"] == 16 and metrics["pairs"] == len(pairs) >= 1
+    assert metrics["pairs"] + metrics["dropped_ties"] + metrics["dropped_gates"] == 16
+    assert metrics["axes"]["distinct"]["dropped_prompts"] <= metrics["dropped_gates"]
+    for pair in pairs:
+        texts = pair["all_generated_responses"]
+        assert set(pair["axis_scores"]) == {"s", "distinct"}
+        assert pair["axis_scores"]["s"] == pair["all_rm_scores"] == [starts_with_s("", t) for t in texts]
+        chosen = texts.index(pair["chosen"][-1]["content"])
+        assert pair["axis_scores"]["distinct"][chosen] >= 0.9  # the gate holds
+    # The axes scored one after the other: every report of the first before any of the second.
+    reports = [line.split()[2:] for line in log.read_text().splitlines()]
+    assert [int(d) for d, _ in reports] == sorted(int(d) for d, _ in reports) and reports[-1] == ["32", "32"]
+
+
+def test_a_killed_rank_stage_scores_only_the_unfinished_chunks_of_the_unfinished_axis(
+    tiny, generated: Path, tmp_path: Path
+) -> None:
+    """Killed in the second axis's third chunk, then run again with other weights, gates and pairing: the first
+    axis is not scored again, the second resumes at its third chunk, and the pairs are those of the new spec."""
+    from tests.test_resume_stages import PROMPTS, hooks_env, ok
+
+    config, _ = write_config(tiny_spec(tiny, prompts=PROMPTS, ranking=TWO_AXES), generated, R1, out_dir=tmp_path)
+    killed = run_cli("rank", config, **hooks_env(IDPO_TEST_KILL_AT="marker:distinct/chunk-00002"))
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    changed = merge(TWO_AXES, {"pairing": {"maxLengthRatio": 2.0}})
+    changed["axes"] = [{**TWO_AXES["axes"][0], "weight": 3.0}, {**TWO_AXES["axes"][1], "gate": {"min": 0.5}}]
+    config, _ = write_config(tiny_spec(tiny, prompts=PROMPTS, ranking=changed), generated, R1, out_dir=tmp_path)
+    log = tmp_path / "progress.log"
+    ok(run_cli("rank", config, **hooks_env(IDPO_TEST_PROGRESS_LOG=str(log))))
+    done = [int(line.split()[2]) for line in log.read_text().splitlines()]
+    assert min(done) == 16 + 4 + 2  # the first report: the second axis's third chunk
+    metrics = read_json(tmp_path / "iter-1" / "rank" / "part-00000" / "_SUCCESS.json")["metrics"]
+    assert metrics["resumed_prompts"] == 4
+    once = tmp_path / "once"
+    config, _ = write_config(tiny_spec(tiny, prompts=PROMPTS, ranking=changed), generated, R1, out_dir=once)
+    ok(run_cli("rank", config))
+    pairs = (once / "iter-1" / "rank" / "part-00000" / "pairs.jsonl").read_text()
+    assert (tmp_path / "iter-1" / "rank" / "part-00000" / "pairs.jsonl").read_text() == pairs
+
+
+def test_an_axis_chunks_identity_changes_with_its_scorer_only(tiny, tmp_path: Path) -> None:
+    from idpo_jobs import resume
+    from idpo_jobs.rank import scorer_inputs
+
+    def identity(ranking: dict[str, Any], n: int) -> str:
+        _, config = write_config(tiny_spec(tiny, ranking=ranking), tmp_path, R1)
+        axis = config.ranking.scorer_axes()[n]  # type: ignore[attr-defined]
+        view = config.model_copy(update={"ranking": axes.scoring_view(config.ranking, axis)})  # type: ignore[attr-defined]
+        return resume.identity(view, scorer_inputs(config, [axis]), shard=0)  # type: ignore[arg-type]
+
+    other_function = [TWO_AXES["axes"][0], {**TWO_AXES["axes"][1], "function": "rewards:starts_with_s"}]
+    reweighted = [{**TWO_AXES["axes"][0], "weight": -2.0}, {**TWO_AXES["axes"][1], "gate": {"max": 0.1}}]
+    assert identity(TWO_AXES, 0) == identity({**TWO_AXES, "axes": other_function}, 0)
+    assert identity(TWO_AXES, 1) != identity({**TWO_AXES, "axes": other_function}, 1)
+    assert identity(TWO_AXES, 1) == identity({**TWO_AXES, "axes": reweighted, "combine": {"normalize": "none"}}, 1)
+    assert identity(TWO_AXES, 0) != identity({**TWO_AXES, "batchSize": 4}, 0)

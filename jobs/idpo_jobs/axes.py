@@ -60,9 +60,11 @@ for _kind in ("pairrm", "reward-model", "function"):
 
 def scoring_view(ranking: RankingSpec, axis: AxisSpec) -> RankingSpec:
     """The ranking section as far as `axis`'s scores depend on it: the axis as the single ranker, the shared
-    scoring settings, nothing that only decides pairs. Also what identifies the axis's finished chunks."""
+    scoring settings, nothing that only decides pairs (weights, gates, combination, pairing). Also what
+    identifies the axis's finished chunks."""
     single = {"ranker": axis.kind, "model": axis.model, "function": axis.function}
-    return ranking.model_copy(update={**single, "axes": [axis], "pairing": PairingSpec(), "combine": CombineSpec()})
+    scorer = axis.model_copy(update={"weight": 1.0, "gate": None})
+    return ranking.model_copy(update={**single, "axes": [scorer], "pairing": PairingSpec(), "combine": CombineSpec()})
 
 
 def build(axis: AxisSpec, ranking: RankingSpec) -> Scorer:
