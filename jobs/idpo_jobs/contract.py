@@ -261,6 +261,9 @@ def write_termination_log(config: StageConfig | None, summary: dict[str, Any]) -
         return
     compact = {k: v for k, v in summary.items() if k not in ("inputs", "versions")}
     text = json.dumps(compact, separators=(",", ":"), default=str)
+    if len(text.encode()) > TERMINATION_LIMIT and "warnings" in compact:  # they are in the log too: metrics first
+        compact["warnings"] = [w[:100] for w in compact["warnings"][:1]]
+        text = json.dumps(compact, separators=(",", ":"), default=str)
     if len(text.encode()) > TERMINATION_LIMIT:
         text = json.dumps({k: compact[k] for k in ("stage", "iteration", "shard", "reason", "error") if k in compact})
     path.write_text(text)

@@ -63,7 +63,11 @@ def dpo_config(
         per_device_train_batch_size=t.per_device_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         max_length=t.max_length,
-        loss_type=[t.loss_type],
+        loss_type=t.loss_types(),
+        loss_weights=t.loss_weights,
+        ld_alpha=t.ld_alpha,
+        use_weighting=t.use_weighting,
+        label_smoothing=t.label_smoothing,
         warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio in transformers 5
         lr_scheduler_type=t.scheduler,
         precompute_ref_log_probs=t.precompute_ref_log_probs,

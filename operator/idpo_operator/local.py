@@ -40,6 +40,7 @@ STATUS_FILE = "status.json"
 def resolve_tiny(spec: IterativeDPORunSpec, cache: Path) -> IterativeDPORunSpec:
     """Replace `tiny://name` URIs by paths under `cache`, building the tiny models if needed."""
     uris = [spec.model.name, spec.prompts.source, spec.ranking.model or ""]
+    uris += [a.model or "" for a in spec.ranking.axes or []]
     if not any(u.startswith(TINY_SCHEME) for u in uris):
         return spec
     if not (cache / "_SUCCESS").exists():
@@ -53,6 +54,8 @@ def resolve_tiny(spec: IterativeDPORunSpec, cache: Path) -> IterativeDPORunSpec:
     data["model"]["name"] = local(spec.model.name)
     data["prompts"]["source"] = local(spec.prompts.source)
     data["ranking"]["model"] = local(spec.ranking.model)
+    for axis in data["ranking"]["axes"] or []:
+        axis["model"] = local(axis["model"])
     return IterativeDPORunSpec.model_validate(data)
 
 

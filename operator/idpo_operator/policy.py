@@ -324,7 +324,9 @@ def location_problem(field: str, value: str) -> str | None:
     return f"{field}: {value!r} is neither a Hub id nor a pvc:// or tiny:// location (no local paths in a cluster)"
 
 
-def model_problems(field: str, source: str | None, trust_remote_code: bool, policy: Policy) -> list[str]:
+def model_problems(
+    field: str, source: str | None, trust_remote_code: bool, policy: Policy, trust_field: str | None = None
+) -> list[str]:
     """The rules on one model a stage loads: where it is, whether it is an allowed source, whether its
     own code may run. For every model field (the policy, a ranker, later an axis)."""
     if source is None:
@@ -334,10 +336,9 @@ def model_problems(field: str, source: str | None, trust_remote_code: bool, poli
     if not source_allowed(source, policy.models):
         out.append(f"{field}: {source!r} is not an allowed model source (allowed: {_listed(policy.models)})")
     if trust_remote_code and not source_allowed(source, policy.remote_code):
-        parent = field.rsplit(".", 1)[0]
+        trust_field = trust_field or field.rsplit(".", 1)[0] + ".trustRemoteCode"
         out.append(
-            f"{parent}.trustRemoteCode: running the code of {source!r} is not allowed "
-            f"(allowed: {_listed(policy.remote_code)})"
+            f"{trust_field}: running the code of {source!r} is not allowed (allowed: {_listed(policy.remote_code)})"
         )
     return out
 
@@ -346,6 +347,15 @@ def _locations(spec: IterativeDPORunSpec) -> Iterable[tuple[str, str]]:
     yield "spec.prompts.source", spec.prompts.source
     if spec.evaluation.prompts is not None:
         yield "spec.evaluation.prompts.source", spec.evaluation.prompts.source
+
+
+def scorer_functions(spec: IterativeDPORunSpec) -> list[tuple[str, str]]:
+    """(field, `module:callable`) of every function a run may score with: `ranking.function` (checked even when
+    `axes` leaves it unused, as the admission policy does) and each function axis."""
+    ranking = spec.ranking
+    found = [("spec.ranking.function", ranking.function)] if ranking.function else []
+    found += [(f"spec.ranking.axes[{n}].function", a.function) for n, a in enumerate(ranking.axes or []) if a.function]
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,15 +367,15 @@ def violations(spec: IterativeDPORunSpec, policy: Policy) -> list[str]:
     if rt.image and not image_allowed(rt.image, policy.images):
         allowed = _listed(policy.images)
         out.append(f"spec.runtime.image: {rt.image!r} is not an allowed stage image (allowed: {allowed})")
-    function = spec.ranking.function
-    if function and not _module_allowed(function, policy.function_modules):
-        out.append(
-            f"spec.ranking.function: module of {function!r} is not allowed "
-            f"(modules: {_listed(policy.function_modules)})"
-        )
+    for field, function in scorer_functions(spec):
+        if not _module_allowed(function, policy.function_modules):
+            out.append(f"{field}: module of {function!r} is not allowed (modules: {_listed(policy.function_modules)})")
     out += model_problems("spec.model.name", spec.model.name, spec.model.trust_remote_code, policy)
     ranker_model = spec.ranking.model if spec.ranking.ranker != "function" else None
     out += model_problems("spec.ranking.model", ranker_model, spec.ranking.trust_remote_code, policy)
+    for n, axis in enumerate(spec.ranking.axes or []):
+        field, trust = f"spec.ranking.axes[{n}].model", spec.ranking.trust_remote_code
+        out += model_problems(field, axis.model, trust, policy, "spec.ranking.trustRemoteCode")
     out += [p for field, value in _locations(spec) if (p := location_problem(field, value))]
     out += env_problems(spec, policy)
     out += tracking_problems(spec, policy)

@@ -206,6 +206,11 @@ class IterativeDPORunSpec(Model):
         problem = self.evaluation.heldout_problem(self.prompts, self.iterations)
         if problem:
             raise ValueError(f"evaluation: {problem}")
+        rule = self.evaluation.stop_when
+        names = [a.name for a in self.ranking.axes or []]
+        if rule is not None and rule.axis is not None and rule.axis not in names:
+            known = ", ".join(names) or "none: per-axis figures come with ranking.axes"
+            raise ValueError(f"evaluation.stopWhen.axis: {rule.axis!r} is not an axis of ranking.axes ({known})")
         return self
 
 

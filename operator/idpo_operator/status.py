@@ -221,24 +221,16 @@ def _candidates(stage: Stage, parts: list[dict[str, Any]]) -> list[str]:
 
 
 def merge_metrics(stage: Stage, parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """One stage's metrics from its shards: counts add up, `mean_*` are weighted by the stage's count.
-    A value that is not a number in some shard (a null, a string) is taken from the first shard.
+    """One stage's metrics from its shards: counts add up, `mean_*` are weighted by the stage's count, maps
+    (the per-axis figures) merge key by key the same way. A value that is not a number in some shard (a
+    null, a string) is taken from the first shard.
 
     Bounded whatever the shards report, so that one stage record stays small (256 shards of 64 metrics
     each would be 16,384 keys): at most MAX_METRICS keys and MAX_METRICS_BYTES of JSON, what a single
     summary can hold; `cut_note` says what was left out."""
-    weight = _WEIGHTS[stage]
-    merged: dict[str, Any] = {}
-    for key in _candidates(stage, parts):
-        values = [p[key] for p in parts if key in p]
-        if len(parts) == 1 or not all(_number(v) for v in values):
-            merged[key] = values[0]
-        elif key.startswith("mean_"):
-            weights = [p.get(weight, 0) if _number(p.get(weight, 0)) else 0 for p in parts if key in p]
-            total = sum(weights)
-            merged[key] = round(sum(v * w for v, w in zip(values, weights, strict=True)) / total, 4) if total else 0.0
-        else:
-            merged[key] = round(sum(values), 4)
+    weight, keys = _WEIGHTS[stage], _candidates(stage, parts)
+    weights = [p.get(weight, 0) if _number(p.get(weight, 0)) else 0 for p in parts]
+    merged = _merged([{k: p[k] for k in keys if k in p} for p in parts], weights)
     size, kept = 2, set()  # "{}"
     for key, value in merged.items():
         item = len(json.dumps({key: value}, separators=(",", ":"), default=str)) - 1  # '"k":v' and a comma
@@ -246,6 +238,23 @@ def merge_metrics(stage: Stage, parts: list[dict[str, Any]]) -> dict[str, Any]:
             size += item
             kept.add(key)
     return {k: v for k, v in merged.items() if k in kept}
+
+
+def _merged(parts: list[Mapping[str, Any]], weights: list[float]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for key in dict.fromkeys(k for p in parts for k in p):
+        present = [(p[key], w) for p, w in zip(parts, weights, strict=True) if key in p]
+        values = [v for v, _ in present]
+        if len(values) > 1 and all(isinstance(v, Mapping) for v in values):
+            merged[key] = _merged(values, [w for _, w in present])
+        elif len(parts) == 1 or not all(_number(v) for v in values):
+            merged[key] = values[0]
+        elif key.startswith("mean_"):
+            total = sum(w for _, w in present)
+            merged[key] = round(sum(v * w for v, w in present) / total, 4) if total else 0.0
+        else:
+            merged[key] = round(sum(values), 4)
+    return merged
 
 
 def cut_note(parts: list[dict[str, Any]], merged: dict[str, Any]) -> str | None:
@@ -419,13 +428,13 @@ def build_status(
         iterations.append(entry)
     compact.drop_used_digests(iterations)
     stored_specs = compact.kept_specs(iterations, stored_specs)
-    compact.within_budget(iterations, stored_specs)
+    rule = spec.evaluation.stop_when
+    compact.within_budget(iterations, stored_specs, axes=(rule.axis,) if rule and rule.axis else ())
 
     done_iterations = [e for e in iterations if "checkpoint" in e]
     evaluated = [e for e in iterations if e["iteration"] >= 1 and "evaluate" in e["stages"]]
     history = [e["stages"]["evaluate"].get("metrics", {}) for e in evaluated]
-    rule = spec.evaluation.stop_when
-    best = winrate.best_index(history, rule.metric if rule else "lcWinRateVsBase")
+    best = winrate.best_of(history, rule)
     latest = next((h["lc_win_rate_vs_base"] for h in reversed(history) if "lc_win_rate_vs_base" in h), None)
     started = [r.start_time for r in records.values() if r.start_time]
     mlflow = next((m for r in records.values() if isinstance(m := r.metrics.get("mlflow_run_id"), str)), None)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from idpo_jobs.display import iteration_number, listing, mapping, printable
+from idpo_jobs.display import iteration_number, listing, mapping, number, printable
+from idpo_jobs.winrate import value_of
 
 COLUMNS = (
     "ITER",
@@ -80,15 +81,48 @@ def iteration_row(it: dict[str, Any]) -> list[str]:
     ]
 
 
+def _aligned(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+def _evaluated(it: Any) -> dict[str, Any]:
+    return mapping(mapping(mapping(mapping(it).get("stages")).get("evaluate")).get("metrics"))
+
+
+def axes_block(status: dict[str, Any]) -> list[str]:
+    """Per iteration, each axis's own LC win rate against the base model (a gate's pass rate), and the mean
+    length against the base model's: does each axis move, and does length stay put? Empty without axes."""
+    entries = [it for it in listing(status.get("iterations")) if iteration_number(it) is not None]
+    iterations = [it for it in entries if isinstance(_evaluated(it).get("axes"), dict)]
+    names = list(dict.fromkeys(n for it in iterations for n in _evaluated(it)["axes"]))
+    if not names:
+        return []
+
+    def cell(figures: Any) -> str:
+        if not isinstance(figures, dict):
+            return "-"
+        lc, passed = value_of(figures.get("lc_win_rate_vs_base")), figures.get("pass_rate")
+        shown = [f"{lc:.3f}"] if number(lc) is not None else []
+        shown += [f"pass {passed:.3f}"] if number(passed) is not None else []
+        return " / ".join(shown) or "-"
+
+    header = ["ITER", *(printable(n, 32).upper() for n in names), "LENGTH/BASE"]
+    rows = []
+    for it in iterations:
+        metrics = _evaluated(it)
+        ratio = _fmt(metrics.get("mean_length_ratio_vs_base"))
+        rows.append([str(iteration_number(it)), *(cell(metrics["axes"].get(n)) for n in names), ratio])
+    return ["", "axes: LC win rate vs base (gates: pass rate)", *_aligned([header, *rows])]
+
+
 def render(status: dict[str, Any], name: str = "") -> str:
     status = mapping(status)
     entries = [it for it in listing(status.get("iterations")) if iteration_number(it) is not None]
     rows = [list(COLUMNS)] + [iteration_row(it) for it in entries]
-    widths = [max(len(r[c]) for r in rows) for c in range(len(COLUMNS))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     field = lambda key, default="-": printable(status.get(key, default), 500)  # noqa: E731
     head = (
         f"{printable(name) + ': ' if name else ''}{field('phase', 'Pending')} — {field('message', '')}\n"
         f"iteration {field('currentIteration')}/{field('iterationsTotal')}, stage {field('currentStage')}"
     )
-    return head + "\n\n" + "\n".join(lines)
+    return head + "\n\n" + "\n".join([*_aligned(rows), *axes_block(status)])
