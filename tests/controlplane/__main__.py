@@ -1,4 +1,5 @@
-"""`python -m tests.controlplane build | up --kubeconfig F [--nodes K] [--gpus N] [--fast-pods S] [--kueue]`."""
+"""`python -m tests.controlplane build | up --kubeconfig F [--nodes K] [--gpus N] [--fast-pods S]
+[--image IMAGE[=TARGET] ...] [--layer IMAGE=DIR ...] [--kueue]`."""
 
 from __future__ import annotations
 
@@ -20,7 +21,13 @@ def main() -> None:
     up.add_argument("--nodes", type=int, default=1)
     up.add_argument("--gpus", type=int, default=0, help="nvidia.com/gpu per node")
     up.add_argument("--fast-pods", type=float, help="pods succeed after this many seconds, without running")
-    up.add_argument("--image", action="append", help="an image the nodes have (default: the spec's stage image)")
+    up.add_argument(
+        "--image",
+        action="append",
+        help="an image the nodes have, built by the Dockerfile's TARGET (default jobs); repeatable (default: the "
+        "spec's stage image and the chart's operator image)",
+    )
+    up.add_argument("--layer", action="append", help="IMAGE=DIR: a virtualenv layered over IMAGE (repeatable)")
     up.add_argument("--kueue", action="store_true", help="start Kueue's manager too (built on first use)")
     args = parser.parse_args()
     if args.command == "build":
@@ -37,6 +44,7 @@ def main() -> None:
         gpus=args.gpus,
         fast_pods=args.fast_pods,
         images=args.image,
+        layers=args.layer,
         kueue=args.kueue,
     ):
         print(f"export KUBECONFIG={args.kubeconfig.resolve()}   # Ctrl-C stops the cluster", flush=True)

@@ -2,7 +2,7 @@
 a container runtime and a storage provisioner.
 
     python -m tests.controlplane.nodeagent --kubeconfig F --root DIR [--nodes K] [--gpus N]
-        [--fast-pods SECONDS] [--image IMAGE[=TARGET] ...]
+        [--fast-pods SECONDS] [--image IMAGE[=TARGET] ...] [--layer IMAGE=DIR ...]
 
 - Registers K Nodes with the given capacity (cpu, memory, `nvidia.com/gpu`) and keeps them Ready
   (a status at start, then Lease heartbeats, as kubelets do).
@@ -12,6 +12,10 @@ a container runtime and a storage provisioner.
   Images: the node "has" the configured images, all of them this checkout's code on this
   interpreter, each with its Dockerfile target's ENTRYPOINT, CMD, USER, WORKDIR and ENV (images.py);
   any other image waits in ErrImagePull / ImagePullBackOff.
+  `--layer IMAGE=DIR` adds a layer to IMAGE, as an image built FROM another adds its files: DIR is a
+  virtualenv whose interpreter comes first on the image's PATH and is its VIRTUAL_ENV (its
+  site-packages holds what the layer adds, e.g. a ranker module or a sitecustomize). The suite's
+  stage image is `--image NAME=e2e --layer NAME=DIR`: the `e2e` target's config, the layer its files.
 
 Everything a Job needs beyond that (indexes, retries, failure policies, garbage collection) is the
 real controller-manager's. All addresses are 127.0.0.1: pods resolve every pod name to loopback.
@@ -50,6 +54,17 @@ def micro_now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def parse_layers(specs: list[str] | None, known: dict[str, Any]) -> dict[str, Path]:
+    """`--layer IMAGE=DIR` options as image -> DIR, each for an image the node has."""
+    layers = {}
+    for spec in specs or []:
+        image, _, layer = spec.partition("=")
+        if not layer or image not in known:
+            raise ValueError(f"--layer {spec!r}: want IMAGE=DIR for one of the images ({', '.join(known)})")
+        layers[image] = Path(layer).resolve()
+    return layers
+
+
 def image_mounts(paths: list[Path], target: str | None = None) -> list[dict[str, Any]]:
     """Read-only binds of the interpreter, its virtualenv and this checkout, bound in place (or at
     `target`) last, as an image's own files are always there: a volume at /tmp must not hide a
@@ -77,6 +92,7 @@ class Agent:
         self.fast_pods: float | None = args.fast_pods
         # Image -> its config from the Dockerfile (ENTRYPOINT, CMD, USER, WORKDIR, ENV): images.py.
         self.images: dict[str, images.ImageConfig] = images.load(images.parse_images(args.image))
+        self.layers = parse_layers(args.layer, self.images)
         venv_bin = Path(sys.executable).parent
         # The image's interpreter and virtualenv are this machine's: PATH and VIRTUAL_ENV say so.
         self.machine_env = {
@@ -87,7 +103,8 @@ class Agent:
         shared = [Path(sys.prefix), Path(sys.base_prefix), REPO]
         # What the Dockerfile copies into WORKDIR is this checkout: it is there, read-only.
         self.image_mounts = {
-            image: image_mounts(shared) + (image_mounts([REPO], config.workdir) if config.workdir.strip("/") else [])
+            image: image_mounts([*shared, *([self.layers[image]] if image in self.layers else [])])
+            + (image_mounts([REPO], config.workdir) if config.workdir.strip("/") else [])
             for image, config in self.images.items()
         }
         # In-cluster clients reach the apiserver on loopback, never through the Service's ClusterIP.
@@ -370,6 +387,7 @@ def main(argv: list[str] | None = None) -> None:
         help="an image the nodes have, built by the Dockerfile's TARGET (default jobs); repeatable "
         "(default: the stage image and the chart's operator image)",
     )
+    parser.add_argument("--layer", action="append", help="IMAGE=DIR: a virtualenv layered over IMAGE (repeatable)")
     parser.add_argument("--apiserver-port", type=int, required=True)
     parser.add_argument("--tls-cert", required=True, help="serving certificate for the log endpoint")
     parser.add_argument("--tls-key", required=True)

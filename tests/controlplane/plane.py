@@ -81,11 +81,12 @@ class ControlPlane:
         gpus: int = 0,
         fast_pods: float | None = None,
         images: list[str] | None = None,
+        layers: list[str] | None = None,
         kueue: bool = False,
         log: Any = print,
     ) -> None:
         self.kubeconfig, self.nodes, self.gpus, self.fast_pods = kubeconfig, nodes, gpus, fast_pods
-        self.images, self.kueue = images, kueue
+        self.images, self.layers, self.kueue = images, layers, kueue
         self.log = log
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.dir = Path(tempfile.mkdtemp(prefix="idpo-controlplane-"))
@@ -308,6 +309,8 @@ class ControlPlane:
             agent += ["--fast-pods", str(self.fast_pods)]
         for image in self.images or []:
             agent += ["--image", image]
+        for layer in self.layers or []:
+            agent += ["--layer", layer]
         self._spawn("node-agent", agent, cwd=REPO)
         self._wait("node-agent", self._ready_node, timeout=60)
         # The service-account controller made `default` in the default namespace: the

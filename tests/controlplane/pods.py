@@ -333,7 +333,11 @@ class PodWorker(threading.Thread):
 
     def _image_env(self, container: dict[str, Any], image: images.ImageConfig, uid: int) -> dict[str, str]:
         env = image.env | self.agent.machine_env
-        if "VIRTUAL_ENV" in env:
+        layer = self.agent.layers.get(container["image"])
+        if layer is not None:  # the layer's virtualenv is the image's
+            env["PATH"] = f"{layer / 'bin'}:{env['PATH']}"
+            env["VIRTUAL_ENV"] = str(layer)
+        elif "VIRTUAL_ENV" in env:
             env["VIRTUAL_ENV"] = self.agent.venv
         env |= {"HOSTNAME": podspec.hostname(self.pod), "HOME": "/root" if uid == 0 else "/"}
         env |= self.agent.service_env
