@@ -444,18 +444,23 @@ def owned_jobs(cluster: Cluster, run: str) -> list[str]:
     return [j["metadata"]["name"] for j in cluster.jobs(run) if uid in json.dumps(j["metadata"]["ownerReferences"])]
 
 
+def plain_job(name: str, image: str) -> dict[str, Any]:
+    """A suspended Job of someone else's (no labels, no owner) under a name a run's Job would take."""
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {
+            "suspend": True,  # never runs anything
+            "template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "x", "image": image}]}},
+        },
+    }
+
+
 def test_a_plain_job_of_the_predicted_name_stalls_the_run_until_it_is_deleted(cluster: Cluster) -> None:
     # No labels, no owner: the operator's label-selected watch never sees it, and the create's
     # "already exists" must not be taken for the run's own Job.
-    planted = {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": "squatted-i1-generate"},
-        "spec": {
-            "suspend": True,  # never runs anything
-            "template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "x", "image": cluster.image}]}},
-        },
-    }
+    planted = plain_job("squatted-i1-generate", cluster.image)
     assert cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(planted)).returncode == 0
     try:
         manifest = run_manifest("squatted", iterations=1, storage={"existingClaim": "absent"})  # no pod will run
@@ -557,15 +562,7 @@ def test_the_operator_used_the_grants_only_fault_paths_need(cluster: Cluster) ->
             "metadata": {"name": "grants-gang-i1-train"},
             "spec": {"clusterIP": "None", "selector": {"app": "someone-else"}},
         },
-        {
-            "apiVersion": "batch/v1",
-            "kind": "Job",
-            "metadata": {"name": "grants-squat-i1-generate"},
-            "spec": {
-                "suspend": True,  # never runs anything
-                "template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "x", "image": cluster.image}]}},
-            },
-        },
+        plain_job("grants-squat-i1-generate", cluster.image),
     ]
     assert cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(planted)).returncode == 0
 
