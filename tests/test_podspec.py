@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -150,3 +151,12 @@ ENTRYPOINT ["tini", "--"]
     stage, operator = ours[DEFAULT_STAGE_IMAGE], next(c for i, c in ours.items() if "idpo-operator" in i)
     assert stage.argv(None, None)[:3] == ["python", "-m", "idpo_jobs.generate"] and stage.uid_gid() == (1000, 1000)
     assert operator.argv(None, ["--help"]) == ["idpo", "operator", "--help"] and operator.workdir == "/app"
+
+
+def test_the_suites_stage_image_is_the_e2e_target_with_a_layer_for_an_image_the_node_has() -> None:
+    ours = images.load({DEFAULT_STAGE_IMAGE: "e2e"})
+    assert ours[DEFAULT_STAGE_IMAGE] == images.load({DEFAULT_STAGE_IMAGE: "jobs"})[DEFAULT_STAGE_IMAGE]  # FROM jobs
+    assert images.parse_layers([f"{DEFAULT_STAGE_IMAGE}=/opt/layer"], ours) == {DEFAULT_STAGE_IMAGE: Path("/opt/layer")}
+    for wrong in ("other:1=/opt/layer", DEFAULT_STAGE_IMAGE):  # an image the node lacks; no folder
+        with pytest.raises(ValueError, match="want IMAGE=DIR for one of the images"):
+            images.parse_layers([wrong], ours)

@@ -138,6 +138,17 @@ def parse_images(specs: list[str] | None) -> dict[str, str]:
     return {name: target or STAGE_TARGET for name, _, target in (s.partition("=") for s in specs)}
 
 
+def parse_layers(specs: list[str] | None, known: dict[str, ImageConfig]) -> dict[str, Path]:
+    """`--layer IMAGE=DIR` options as image -> DIR, each for an image the node has."""
+    layers = {}
+    for spec in specs or []:
+        image, _, layer = spec.partition("=")
+        if not layer or image not in known:
+            raise ValueError(f"--layer {spec!r}: want IMAGE=DIR for one of the images ({', '.join(known)})")
+        layers[image] = Path(layer).resolve()
+    return layers
+
+
 def load(images: dict[str, str], dockerfile: Path = DOCKERFILE) -> dict[str, ImageConfig]:
     """Each image's config, from its target in the Dockerfile."""
     targets = dockerfile_targets(dockerfile.read_text())

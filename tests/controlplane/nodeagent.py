@@ -54,17 +54,6 @@ def micro_now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def parse_layers(specs: list[str] | None, known: dict[str, Any]) -> dict[str, Path]:
-    """`--layer IMAGE=DIR` options as image -> DIR, each for an image the node has."""
-    layers = {}
-    for spec in specs or []:
-        image, _, layer = spec.partition("=")
-        if not layer or image not in known:
-            raise ValueError(f"--layer {spec!r}: want IMAGE=DIR for one of the images ({', '.join(known)})")
-        layers[image] = Path(layer).resolve()
-    return layers
-
-
 def image_mounts(paths: list[Path], target: str | None = None) -> list[dict[str, Any]]:
     """Read-only binds of the interpreter, its virtualenv and this checkout, bound in place (or at
     `target`) last, as an image's own files are always there: a volume at /tmp must not hide a
@@ -92,7 +81,7 @@ class Agent:
         self.fast_pods: float | None = args.fast_pods
         # Image -> its config from the Dockerfile (ENTRYPOINT, CMD, USER, WORKDIR, ENV): images.py.
         self.images: dict[str, images.ImageConfig] = images.load(images.parse_images(args.image))
-        self.layers = parse_layers(args.layer, self.images)
+        self.layers = images.parse_layers(args.layer, self.images)
         venv_bin = Path(sys.executable).parent
         # The image's interpreter and virtualenv are this machine's: PATH and VIRTUAL_ENV say so.
         self.machine_env = {
