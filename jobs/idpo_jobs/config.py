@@ -428,6 +428,83 @@ class StopWhen(Model):
         return self
 
 
+MAX_JUDGES = 8
+JUDGE_KEY_ENV_PREFIX = "IDPO_JUDGE_API_KEY_"
+
+
+class SecretKeyRef(Model):
+    """One key of a Secret in the run's namespace."""
+
+    name: str = Field(min_length=1, max_length=MAX_NAME, description="The Secret's name.")
+    key: str = Field(min_length=1, max_length=MAX_NAME, description="The key in the Secret holding the value.")
+
+
+class JudgeEndpoint(Model):
+    """An OpenAI-compatible chat completions API: OpenAI's, or a judge model served by vLLM in the cluster."""
+
+    base_url: str = Field(
+        max_length=MAX_URI,
+        pattern=r"^https?://[^\s/]+(/\S*)?$",
+        description="The API root the stage pods reach, with its version path: `https://api.openai.com/v1`, "
+        "`http://judge.llm.svc:8000/v1` (vLLM's OpenAI server).",
+    )
+    model: str = Field(
+        min_length=1, max_length=256, description="The judge model's name at the endpoint (`gpt-4-1106-preview`)."
+    )
+    api_key_secret: SecretKeyRef | None = Field(
+        None,
+        description="Where the API key is: the evaluate stage gets it as an environment variable (never in its "
+        "config, status, logs or MLflow). None: no key is sent (an endpoint inside the cluster).",
+    )
+
+
+class JudgeSpec(Model):
+    """An LLM judge over an OpenAI-compatible endpoint (docs/evaluation.md): a scorer the run never trains on.
+
+    Each comparison is judged in both orders (position bias cancels); every answer is cached on the claim,
+    so a retried or preempted stage never pays for a judgment twice.
+    """
+
+    name: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="The judge's name (a DNS label): its figures appear under it in status, reports and MLflow.",
+    )
+    endpoint: JudgeEndpoint
+    template: Literal["alpaca-eval", "pairwise", "pointwise"] = Field(
+        "alpaca-eval",
+        description="`alpaca-eval`: AlpacaEval 2.0's annotator (weighted_alpaca_eval_gpt4_turbo): one output "
+        "token, P(preferred) from its two labels' log-probabilities; the endpoint must return `top_logprobs`. "
+        "`pairwise`: AlpacaEval's gpt4_turbo annotator, answered in words (`Output (a)`), for endpoints without "
+        "log-probabilities. `pointwise`: a 1-9 rating of one response, the expected value over the digits' "
+        "log-probabilities (or the digit answered): the ranker form.",
+    )
+    max_concurrency: int = Field(4, ge=1, le=64, description="Requests in flight at once.")
+    timeout_seconds: float = Field(60.0, gt=0, le=600, description="Per request; a timeout is retried.")
+    max_retries: int = Field(
+        6,
+        ge=0,
+        le=20,
+        description="Retries of a request answered 429 or 5xx, timed out or not connected, with exponential "
+        "backoff, or after the `Retry-After` the endpoint asks for. Past them the stage fails as transient and "
+        "its Job retries it (judgments made are cached).",
+    )
+    max_requests: int = Field(
+        20000,
+        ge=1,
+        le=1_000_000,
+        description="Requests (retries included) one stage attempt may send this judge. Reaching it fails the "
+        "stage as bad input, naming the judge: raise it and rerun (cached judgments are not sent again). One "
+        "evaluation sends 2 per held-out prompt and baseline (both orders), 1 per response for `pointwise`.",
+    )
+
+    @property
+    def api_key_env(self) -> str:
+        """The environment variable the stage reads the API key from (the operator fills it from the Secret)."""
+        return JUDGE_KEY_ENV_PREFIX + self.name.upper().replace("-", "_")
+
+
 class EvaluationSpec(Model):
     """Per-iteration evaluation on held-out prompts: is each iteration better than the base model and
     than the iteration before it? The base model is evaluated once (iteration 0), then every checkpoint;
@@ -477,11 +554,25 @@ class EvaluationSpec(Model):
     stop_when: StopWhen | None = Field(
         None, description="End the run early when evaluations stop improving. None: run every iteration."
     )
+    judges: list[JudgeSpec] = Field(
+        default_factory=list,
+        max_length=MAX_JUDGES,
+        description="LLM judges over OpenAI-compatible endpoints, each with a unique name: an independent view "
+        "of every iteration (not wired into the evaluate stage yet). Empty: none.",
+    )
 
     @model_validator(mode="after")
     def _fixed_prompt_set(self) -> EvaluationSpec:
         if self.prompts is not None and self.prompts.per_iteration is not None:
             raise ValueError("evaluation.prompts.perIteration: the held-out set is one fixed set; use `limit`")
+        return self
+
+    @model_validator(mode="after")
+    def _judge_names_are_unique(self) -> EvaluationSpec:
+        names = [j.name for j in self.judges]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"evaluation.judges: names must be unique; {', '.join(twice)} appear more than once")
         return self
 
     def heldout_split(self, run_prompts: PromptsSpec) -> str | None:

@@ -65,6 +65,13 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
         },
     ],
     "PromptsSpec": [_on_the_claim("source")],
+    "EvaluationSpec": [
+        {
+            "rule": "!has(self.judges) || self.judges.all(j, self.judges.filter(k, k.name == j.name).size() == 1)",
+            "message": "evaluation.judges: names must be unique",
+            "fieldPath": ".judges",
+        }
+    ],
 }
 
 PRINTER_COLUMNS = [
