@@ -109,11 +109,15 @@ class Judge:
                 [self.template.render(p, a, b) for p, a, b in zip(prompts, first, second, strict=True)]
                 + [self.template.render(p, b, a) for p, a, b in zip(prompts, first, second, strict=True)]
             )
-            return [None if x is None or y is None else (x + 1 - y) / 2 for x, y in zip(values[:n], values[n:])]
-        ratings = self._judge([self.template.render(p, r) for p, r in zip([*prompts, *prompts], [*first, *second])])
+            return [
+                None if x is None or y is None else (x + 1 - y) / 2 for x, y in zip(values[:n], values[n:], strict=True)
+            ]
+        ratings = self._judge(
+            [self.template.render(p, r) for p, r in zip([*prompts, *prompts], [*first, *second], strict=True)]
+        )
         return [
             None if x is None or y is None else 0.5 if x == y else float(x > y)
-            for x, y in zip(ratings[:n], ratings[n:])
+            for x, y in zip(ratings[:n], ratings[n:], strict=True)
         ]
 
     def score(self, prompts: list[str], candidates: list[list[str]]) -> list[list[float]]:
@@ -123,7 +127,9 @@ class Judge:
                 f"judge {self.spec.name!r}: template {self.spec.template!r} compares two responses; scoring "
                 "candidates one by one needs template 'pointwise'"
             )
-        flat = self._judge([self.template.render(p, c) for p, cands in zip(prompts, candidates) for c in cands])
+        flat = self._judge(
+            [self.template.render(p, c) for p, cands in zip(prompts, candidates, strict=True) for c in cands]
+        )
         out, start = [], 0
         for cands in candidates:
             out.append([float("nan") if v is None else v for v in flat[start : start + len(cands)]])
@@ -137,7 +143,7 @@ class Judge:
         started = time.monotonic()
         requests = [{"model": self.spec.endpoint.model, "messages": m, **self.template.request} for m in conversations]
         keys = [request_key(self.spec.name, self.spec.endpoint.base_url, r) for r in requests]
-        todo = {k: r for k, r in zip(keys, requests) if self.cache.get(k) is None}
+        todo = {k: r for k, r in zip(keys, requests, strict=True) if self.cache.get(k) is None}
         self._count(cached=len(keys) - sum(1 for k in keys if k in todo))
         stop = threading.Event()
         if todo:
