@@ -168,6 +168,13 @@ class Judge:
         return values
 
     def _ask(self, key: str, request: dict[str, Any], stop: threading.Event) -> None:
+        try:
+            self._ask_until_answered(key, request, stop)
+        except Exception:
+            stop.set()  # here, before the worker takes the next request: none is sent after a failure for good
+            raise
+
+    def _ask_until_answered(self, key: str, request: dict[str, Any], stop: threading.Event) -> None:
         import openai
 
         for attempt in range(self.spec.max_retries + 1):
