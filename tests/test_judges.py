@@ -339,3 +339,26 @@ def _key(judge: Judge, messages: list[dict[str, str]]) -> str:
 
     request = {"model": judge.spec.endpoint.model, "messages": messages, **judge.template.request}
     return request_key(judge.spec.name, judge.spec.endpoint.base_url, request)
+
+
+NO_DOWNLOADS = """
+import sys
+from idpo_jobs.config import JudgeSpec
+from idpo_jobs.judge import Judge, JudgeUnavailable, templates
+for name in ("alpaca-eval", "pairwise", "pointwise"):
+    templates.template(name)
+spec = {"name": "j", "endpoint": {"baseUrl": "http://127.0.0.1:9/v1", "model": "m"}, "maxRetries": 0}
+try:
+    Judge(JudgeSpec.model_validate(spec)).compare(["p"], ["a"], ["b"])
+except JudgeUnavailable:
+    pass
+print(sorted(m for m in ("alpaca_eval", "tiktoken", "dotenv", "datasets") if m in sys.modules))
+"""
+
+
+def test_judging_imports_neither_alpaca_eval_nor_tiktoken() -> None:
+    """AlpacaEval's files are read, not imported (its import loads a .env and its whole pipeline), and no
+    code path of a judge touches tiktoken, whose first use downloads an encoding file."""
+    done = subprocess.run([sys.executable, "-c", NO_DOWNLOADS], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
