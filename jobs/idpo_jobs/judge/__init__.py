@@ -151,12 +151,12 @@ class Judge:
             with ThreadPoolExecutor(workers, thread_name_prefix=f"judge-{self.spec.name}") as pool:
                 futures = [pool.submit(self._ask, k, r, stop) for k, r in todo.items()]
                 done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-                failed = next((f for f in done if f.exception() is not None), None)
-                if failed is not None:
+                errors = [f.exception() for f in done if f.exception() is not None]
+                if errors:
                     stop.set()
                     for f in futures:
                         f.cancel()
-                    raise failed.exception()  # type: ignore[misc]
+                    raise next((e for e in errors if not isinstance(e, _Stopped)), errors[0])  # type: ignore[misc]
         values = []
         for k in keys:
             answer = self.cache.get(k)
