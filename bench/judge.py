@@ -107,7 +107,11 @@ def main() -> None:
         "template": args.template,
         "model": args.model,
         "server_startup_s": startup,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_1m": [load[0], os.getloadavg()[0]]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "loadavg_1m": [load[0], os.getloadavg()[0]],
+        },
         "evaluations": rows,
     }
     RESULTS.mkdir(exist_ok=True)

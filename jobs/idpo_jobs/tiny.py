@@ -296,7 +296,7 @@ def positive_share(text: str) -> float:
 JUDGE_TEMPLATES = ("alpaca-eval", "pairwise", "pointwise")
 
 
-def build_tiny_judge(out: str | Path, seed: int = 0, steps: int = 300) -> Path:
+def build_tiny_judge(out: str | Path, seed: int = 0, steps: int = 450) -> Path:
     """A tiny chat model trained (seconds) to answer the judge templates of `idpo_jobs.judge` the way the
     tiny PairRM ranks: by the share of POSITIVE words. Its tokenizer is trained on those templates, so a
     judge prompt is a few hundred tokens and the labels (`m`, `M`, digits) are tokens of their own. A

@@ -50,7 +50,8 @@ class VLLMServer:
         command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model)]
         command += ["--served-model-name", self.name, "--host", "127.0.0.1", "--port", str(self.port)]
         command += ["--max-logprobs", "20", "--max-model-len", "1024", "--dtype", "float32", "--seed", "0"]
-        command += ["--max-num-seqs", "8", "--uvicorn-log-level", "warning"]
+        # Eager: no graph compilation at start-up (minutes on a busy CPU), for a model this small no loss.
+        command += ["--max-num-seqs", "8", "--enforce-eager", "--uvicorn-log-level", "warning"]
         if self.api_key:
             command += ["--api-key", self.api_key]
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1", "VLLM_NO_USAGE_STATS": "1"}

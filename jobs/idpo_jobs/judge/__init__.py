@@ -39,6 +39,8 @@ from idpo_jobs.judge.cache import JudgmentCache, request_key
 MAX_RETRY_AFTER = 300.0  # seconds: a longer Retry-After is cut to this
 BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0  # seconds: exponential backoff with jitter, without a Retry-After
 MAX_TEXT = 2000  # characters of an answer kept in the cache
+# Of the first token's alternatives, kept in the cache: OpenAI returns 20 at most; an endpoint may send more.
+MAX_ALTERNATIVES, MAX_TOKEN = 20, 64
 
 
 class JudgeUnavailable(ConnectionError):
@@ -210,7 +212,7 @@ class Judge:
         choice = response.choices[0] if response.choices else None
         text = (choice.message.content or "") if choice is not None else ""
         content = choice.logprobs.content if choice is not None and choice.logprobs else None
-        top = [[t.token, t.logprob] for t in content[0].top_logprobs] if content else []
+        top = [[t.token[:MAX_TOKEN], t.logprob] for t in content[0].top_logprobs[:MAX_ALTERNATIVES]] if content else []
         usage = response.usage
         tokens = [usage.prompt_tokens, usage.completion_tokens] if usage else [0, 0]
         self.cache.put(key, {"text": text[:MAX_TEXT], "top_logprobs": top, "tokens": tokens})
