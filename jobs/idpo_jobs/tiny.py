@@ -22,6 +22,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from idpo_jobs.config import MISTRAL_CHAT_TEMPLATE
 
@@ -86,13 +87,11 @@ def _train_bpe(corpus: list[str], vocab_size: int, specials: list[str]):  # -> t
     return tok
 
 
-def build_tiny_policy(out: str | Path, seed: int = 0, vocab_size: int = 1024) -> Path:
-    import torch
+def _tiny_mistral(raw: Any) -> tuple[Any, Any]:  # tokenizers.Tokenizer -> (PreTrainedTokenizerFast, MistralConfig)
+    """A tokenizer with Mistral's conventions over `raw`, and the config of a tiny Mistral for it."""
     from tokenizers import processors
-    from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+    from transformers import MistralConfig, PreTrainedTokenizerFast
 
-    out = Path(out)
-    raw = _train_bpe(_corpus(seed), vocab_size, SPECIALS)
     bos = raw.token_to_id("<s>")
     # Like Mistral's tokenizer: encode() adds BOS; apply_chat_template emits it in the text instead.
     raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
@@ -114,6 +113,15 @@ def build_tiny_policy(out: str | Path, seed: int = 0, vocab_size: int = 1024) ->
         tie_word_embeddings=False,
         sliding_window=None,
     )
+    return tok, config
+
+
+def build_tiny_policy(out: str | Path, seed: int = 0, vocab_size: int = 1024) -> Path:
+    import torch
+    from transformers import MistralForCausalLM
+
+    out = Path(out)
+    tok, config = _tiny_mistral(_train_bpe(_corpus(seed), vocab_size, SPECIALS))
     torch.manual_seed(seed)
     model = MistralForCausalLM(config)
     model.save_pretrained(out)
@@ -297,40 +305,20 @@ JUDGE_TEMPLATES = ("alpaca-eval", "pairwise", "pointwise")
 
 
 def build_tiny_judge(out: str | Path, seed: int = 0, steps: int = 450) -> Path:
-    """A tiny chat model trained (seconds) to answer the judge templates of `idpo_jobs.judge` the way the
-    tiny PairRM ranks: by the share of POSITIVE words. Its tokenizer is trained on those templates, so a
-    judge prompt is a few hundred tokens and the labels (`m`, `M`, digits) are tokens of their own. A
-    format fixture for the judge tests, served by vLLM's OpenAI server, not a good judge."""
+    """A tiny chat model trained (seconds) to answer the judge templates of `idpo_jobs.judge` in their formats
+    (`m`/`M`, `Output (a)`, a digit), its answers following the share of POSITIVE words. Its tokenizer is
+    trained on those templates, so a judge prompt is a few hundred tokens and each label has tokens of its
+    own. In that time it learns the formats, hardly the preference: a format fixture for the judge tests,
+    served by vLLM's OpenAI server, not a judge to trust."""
     import torch
-    from tokenizers import processors
-    from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+    from transformers import MistralForCausalLM
 
     out = Path(out)
     rng = random.Random(seed)
     examples = [_judge_example(rng, JUDGE_TEMPLATES[n % 3]) for n in range(300)]
     corpus = _corpus(seed, lines=1000) + [m["content"] for msgs, _ in examples for m in msgs]
     corpus += [a for _, a in examples] + [str(n) for n in range(10)] * 500
-    raw = _train_bpe(corpus, 1024, [*SPECIALS, "[INST]", "[/INST]"])
-    bos = raw.token_to_id("<s>")
-    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>", model_max_length=1024
-    )
-    tok.chat_template = MISTRAL_CHAT_TEMPLATE
-    config = MistralConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=1024,
-        bos_token_id=bos,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=False,
-        sliding_window=None,
-    )
+    tok, config = _tiny_mistral(_train_bpe(corpus, 1024, [*SPECIALS, "[INST]", "[/INST]"]))
     torch.manual_seed(seed)
     model = MistralForCausalLM(config)
     optim = torch.optim.AdamW(model.parameters(), lr=3e-3)

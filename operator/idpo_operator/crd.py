@@ -144,8 +144,9 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
 
 def _with_object_default(schema: dict[str, Any]) -> dict[str, Any]:
     """Sections default to their fields' defaults, as pydantic fills them. Spelled out rather than
-    `{}`: the apiserver checks a default against the section's CEL rules, which read its fields."""
-    if "properties" in schema and "default" not in schema and not schema.get("nullable"):
+    `{}`: the apiserver checks a default against the section's CEL rules, which read its fields. An object
+    with required fields (a judge's `endpoint`) has no default: the field is required too."""
+    if "properties" in schema and "default" not in schema and not schema.get("nullable") and not schema.get("required"):
         default = {name: prop["default"] for name, prop in schema["properties"].items() if "default" in prop}
         return {**schema, "default": default}
     return schema

@@ -16,18 +16,16 @@ import hashlib
 import http.client
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from tests.harness.cluster import free_port
+from tests.harness.cluster import free_port, start_server, stop_group
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length"}
 
@@ -38,11 +36,6 @@ class VLLMServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def log(self) -> str:
-        path = self.root / "server.log"
-        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
     def start(self, timeout: float = 900) -> VLLMServer:
         """Start and wait for /health (minutes on a busy CPU: the engine compiles its graphs first)."""
@@ -56,33 +49,13 @@ class VLLMServer:
             command += ["--api-key", self.api_key]
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1", "VLLM_NO_USAGE_STATS": "1"}
         env["HF_HUB_OFFLINE"] = "1"
-        log = (self.root / "server.log").open("ab")
-        self.proc = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root, start_new_session=True
-        )
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as answer:
-                    if answer.status == 200:
-                        return self
-            except OSError:
-                pass
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM's server exited with {self.proc.returncode}:\n{self.log}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"vLLM's server was not healthy after {timeout:.0f} s:\n{self.log}")
-            time.sleep(1)
+        log, health = self.root / "server.log", f"{self.url}/health"
+        self.proc = start_server(command, log, health, timeout, "vLLM's server", env=env, cwd=self.root)
+        return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        """The API server, its engine core and worker: one process group."""
+        stop_group(self.proc, 60)
 
 
 @dataclass
