@@ -46,6 +46,7 @@ def evaluation(spec: JudgeSpec, prompts: int, cache: Path | None) -> dict[str, A
     held_out = (tiny_prompts() * (prompts // len(tiny_prompts()) + 1))[:prompts]
     ours, base, previous = responses(prompts, 1), responses(prompts, 2), responses(prompts, 3)
     judge = Judge(spec, cache)
+    cached_before = len(judge.cache) > 0
     started = time.perf_counter()
     vs_base = judge.compare(held_out, ours, base)
     vs_previous = judge.compare(held_out, ours, previous)
@@ -55,7 +56,7 @@ def evaluation(spec: JudgeSpec, prompts: int, cache: Path | None) -> dict[str, A
     return {
         "prompts": prompts,
         "max_concurrency": spec.max_concurrency,
-        "cached_before": cache is not None and (cache / f"{spec.name}.jsonl").exists(),
+        "cached_before": cached_before,
         "seconds": round(elapsed, 2),
         "requests": stats.requests,
         "cached": stats.cached,

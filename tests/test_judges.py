@@ -300,32 +300,33 @@ from idpo_jobs.judge import Judge
 spec = JudgeSpec.model_validate_json(sys.argv[1])
 prompts = [f"Describe {n} kites in two sentences." for n in range(16)]
 Judge(spec, Path(sys.argv[2])).compare(prompts, ["kind calm wise"] * 16, ["stone river"] * 16)
-"""
+"""  # one judging of 16 prompts, both orders: 32 requests
 
 
 @pytest.mark.slow
 def test_a_killed_judging_resumes_without_asking_again_what_it_had_judged(keyed: VLLMServer, tmp_path: Path) -> None:
     cache = tmp_path / "judgments"
+    prompts = [f"Describe {n} kites in two sentences." for n in range(16)]
     with Front(keyed.url) as front:
         spec = judge_spec(front.url, maxConcurrency=1)
+        front.hold_after(5)  # the sixth request waits unanswered: the child is killed there
         child = subprocess.Popen([sys.executable, "-c", KILLABLE, spec.model_dump_json(by_alias=True), str(cache)])
         deadline = time.monotonic() + 300
-        while len(JudgmentCache(cache, "tiny")) < 5:
-            assert child.poll() is None and time.monotonic() < deadline, "the judging ended before it was killed"
+        while len(front.requests()) < 6:
+            assert child.poll() is None and time.monotonic() < deadline, "the judging never reached request 6"
             time.sleep(0.05)
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
+        front.release()
         kept = JudgmentCache(cache, "tiny")
-        asked_before = len(front.requests())
-        prompts = [f"Describe {n} kites in two sentences." for n in range(16)]
         resumed = Judge(spec, cache)
         assert all(p is not None for p in resumed.compare(prompts, ["kind calm wise"] * 16, ["stone river"] * 16))
-        asked_after = front.requests()[asked_before:]
-    assert 5 <= len(kept) < 32 and resumed.stats.cached == len(kept)
-    assert len(asked_after) == 32 - len(kept) == resumed.stats.requests
-    bodies = {(s.json()["messages"][-1]["content"]) for s in asked_after}
+        asked_after = front.requests()[6:]
+    assert len(kept) == 5 and resumed.stats.cached == 5  # every answer paid for before the kill was kept
+    assert len(asked_after) == 32 - 5 == resumed.stats.requests
+    asked = {s.json()["messages"][-1]["content"] for s in asked_after}
     judged = {m[-1]["content"] for m in _conversations(prompts) if _key(resumed, m) in kept._answers}
-    assert bodies.isdisjoint(judged) and len(judged) == len(kept)
+    assert len(judged) == 5 and asked.isdisjoint(judged)
 
 
 def _conversations(prompts: list[str]) -> list[list[dict[str, str]]]:

