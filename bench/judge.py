@@ -7,8 +7,8 @@ One evaluation judges each iteration's responses against two baselines (the base
 iteration's) in both orders: 4 requests per held-out prompt with the `alpaca-eval` template. For each
 prompt count, a judge with an empty cache judges that (the cost of one evaluation), then a second judge
 reads the same judgments from the cache (what a retried stage pays: nothing). Without `--base-url`,
-vLLM's OpenAI server is started on 127.0.0.1 with the tiny judge (tests/harness/vllm_server.py); its
-start-up is reported apart. Responses are the tiny set's kind: 3-12 random words.
+the tiny judge is built and served by vLLM's OpenAI server on 127.0.0.1 (tests/harness/vllm_server.py),
+which is reported apart (`build_and_start_s`). Responses are the tiny set's kind: 3-12 random words.
 
 Results: bench/results/judge-<label>.json (and one JSON line per measurement on stdout).
 """
@@ -79,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="judge-bench-"))
-    server, startup = None, None
+    server, startup = None, None  # startup: the tiny judge built and served
     if args.base_url is None:
         from tests.harness.vllm_server import VLLMServer
 
@@ -107,7 +107,7 @@ def main() -> None:
         "label": args.label,
         "template": args.template,
         "model": args.model,
-        "server_startup_s": startup,
+        "build_and_start_s": startup,
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
