@@ -39,7 +39,7 @@ class VLLMServer:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 900) -> VLLMServer:
-        """Start and wait for /health (minutes on a busy CPU: the engine compiles its graphs first)."""
+        """Start and wait for /health (about a minute; several on a busy CPU)."""
         self.root.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model)]
         command += ["--served-model-name", self.name, "--host", "127.0.0.1", "--port", str(self.port)]
