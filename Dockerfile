@@ -1,12 +1,16 @@
 # syntax=docker/dockerfile:1.7
-# Two images from one tree:
+# Images from one tree:
 #   docker build --target operator -t idpo-operator .   # slim: decides, no torch
 #   docker build --target jobs -t idpo-jobs .           # CUDA: generate (vLLM), rank, train
+#   docker build --target e2e -t idpo-jobs-e2e .        # the jobs image with the test suite's modules
 # Versions are pinned here and in pyproject.toml; tests/test_dockerfile.py keeps them in step. `pip install
 # ".[extra]"` installs this package, whose dependencies pyproject.toml pins (hence the DL3013 ignores).
 
 FROM python:3.11.11-slim-bookworm AS operator
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# MALLOC_MMAP_THRESHOLD_: glibc's default threshold, fixed. Dynamic, it rises after a large watch event (a run
+# near etcd's 1.5 MiB) is parsed and freed, and later such buffers stay in the heap: docs/operator-scale.md.
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    MALLOC_MMAP_THRESHOLD_=131072
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY operator ./operator
@@ -43,3 +47,9 @@ RUN pip install ".[jobs,tracking]" \
 USER 1000:1000
 # The operator supplies the command (python -m idpo_jobs.<stage> --config ...).
 CMD ["python", "-m", "idpo_jobs.generate", "--help"]
+
+# The e2e suite's stage image (IDPO_E2E_IMAGE, docs/testing.md): the jobs image with the test rankers
+# (tests/rewards.py) and the test hooks (tests/hooks/sitecustomize.py) in its site-packages, as a platform
+# adds its own ranker module. Stages run isolated (python -I): a module reaches them only through the image.
+FROM jobs AS e2e
+COPY tests/rewards.py tests/hooks/sitecustomize.py /opt/venv/lib/python3.12/site-packages/

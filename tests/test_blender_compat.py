@@ -70,3 +70,40 @@ def test_tiny_pairrm_loads_offline_and_gives_untied_pairwise_scores(tiny) -> Non
     assert scores.shape == (2, 4)
     assert all(len(set(row.round(6))) == 4 for row in scores)  # no ties
     assert abs(float(scores.sum())) < 1e-4  # PairRM scores from an antisymmetric comparison matrix
+
+
+def hostile_ranker(tiny, tmp_path: Path) -> tuple[Path, Path]:
+    """The tiny PairRM with a backbone llm-blender would trust: `model_type: phi`, a name containing
+    "phi", and a config whose `auto_map` names the checkpoint's own module, which writes a marker when it
+    is imported. Returns (ranker directory, marker)."""
+    import json
+    import shutil
+
+    ranker, marker = tmp_path / "ranker", tmp_path / "ran-the-checkpoint-code"
+    shutil.copytree(tiny["pairrm"], ranker)
+    (ranker / "backbone").rename(ranker / "phi-backbone")
+    config = json.loads((ranker / "config.json").read_text())
+    (ranker / "config.json").write_text(json.dumps({**config, "model_type": "phi", "model_name": "phi-backbone"}))
+    backbone = ranker / "phi-backbone" / "config.json"
+    auto_map = {"AutoConfig": "hostile.Config", "AutoModelForCausalLM": "hostile.Model"}
+    backbone.write_text(json.dumps({**json.loads(backbone.read_text()), "auto_map": auto_map}))
+    (ranker / "phi-backbone" / "hostile.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import DebertaV2Config as Config, DebertaV2Model as Model\n"
+    )
+    return ranker, marker
+
+
+def test_a_ranker_checkpoint_llm_blender_would_trust_never_runs_its_code(tiny, tmp_path: Path) -> None:
+    ranker, marker = hostile_ranker(tiny, tmp_path)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        blender_compat.load_blender(str(ranker), "cpu")
+    assert not marker.exists()
+    # The same checkpoint with the run's (and the policy's) consent: its code runs, so the test above
+    # refused a checkpoint that would have executed.
+    with pytest.raises(Exception):  # noqa: B017  (what the hostile classes do after import is no matter)
+        blender_compat.load_blender(str(ranker), "cpu", trust_remote_code=True)
+    assert marker.read_text() == "ran"
+    from llm_blender.pair_ranker import model_util
+
+    assert model_util.AutoTokenizer.__name__ == "AutoTokenizer"  # llm-blender's own again afterwards

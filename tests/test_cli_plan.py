@@ -37,7 +37,7 @@ def test_the_rendered_train_job_launches_torchrun_with_one_process_per_gpu() -> 
     (train,) = [d for d in docs if d["kind"] == "Job" and d["metadata"]["name"].endswith("-i1-train")]
     container = train["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert container["command"][:4] == ["python", "-m", "idpo_jobs.distributed", "train"]
+    assert container["command"][:6] == ["python", "-I", "-u", "-m", "idpo_jobs.distributed", "train"]
     assert (env["PET_NNODES"], env["PET_NPROC_PER_NODE"], env["PET_MASTER_PORT"]) == ("1", "8", "29500")
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
     rank = next(e for e in container["env"] if e["name"] == "PET_NODE_RANK")

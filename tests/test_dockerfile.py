@@ -50,5 +50,5 @@ def test_ci_runs_the_same_vllm_release_as_the_image() -> None:
 
 
 def test_images_run_as_non_root() -> None:
-    assert re.findall(r"^FROM .* AS (\w+)$", DOCKERFILE, flags=re.M) == ["operator", "jobs"]
-    assert DOCKERFILE.count("USER 1000:1000") == 2
+    assert re.findall(r"^FROM .* AS (\w+)$", DOCKERFILE, flags=re.M) == ["operator", "jobs", "e2e"]
+    assert DOCKERFILE.count("USER 1000:1000") == 2  # e2e is FROM jobs, and keeps its user

@@ -17,8 +17,11 @@ from typing import Any
 
 import pytest
 import yaml
+from idpo_jobs.config import Stage
+from idpo_operator.plan import StageKey
 
 from tests.harness.cluster import Cluster, Target
+from tests.test_children import legacy_job_name, refused_pods_stall_the_run, stalled
 from tests.test_operator_e2e import (
     CLAIM,
     FAULT_PATH_GRANTS,
@@ -431,6 +434,104 @@ def test_a_planted_claim_of_the_predicted_name_stalls_the_run_and_is_never_used(
     volumes = [v for p in json.loads(mounted.stdout)["items"] for v in p["spec"].get("volumes", [])]
     assert not any((v.get("persistentVolumeClaim") or {}).get("claimName") == "victim-workspace" for v in volumes)
     cluster.kubectl("delete", "pvc", "victim-workspace", "--wait=false")
+
+
+def owned_jobs(cluster: Cluster, run: str) -> list[str]:
+    uid = cluster.run(run)["metadata"]["uid"]
+    return [j["metadata"]["name"] for j in cluster.jobs(run) if uid in json.dumps(j["metadata"]["ownerReferences"])]
+
+
+def test_a_plain_job_of_the_predicted_name_stalls_the_run_until_it_is_deleted(cluster: Cluster) -> None:
+    # No labels, no owner: the operator's label-selected watch never sees it, and the create's
+    # "already exists" must not be taken for the run's own Job.
+    planted = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "squatted-i1-generate"},
+        "spec": {
+            "suspend": True,  # never runs anything
+            "template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "x", "image": cluster.image}]}},
+        },
+    }
+    assert cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(planted)).returncode == 0
+    try:
+        manifest = run_manifest("squatted", iterations=1, storage={"existingClaim": "absent"})  # no pod will run
+        assert cluster.apply(manifest).returncode == 0
+        status = cluster.wait("squatted", lambda s: stalled(s).get("reason") == "ForeignChild", timeout=60)
+        assert "Job squatted-i1-generate belongs to another object" in stalled(status)["message"]
+        assert status.get("phase") != "Running" and owned_jobs(cluster, "squatted") == []
+        left = json.loads(cluster.kubectl("get", "job", "squatted-i1-generate", "-o", "json").stdout)
+        assert "ownerReferences" not in left["metadata"] and left["spec"]["suspend"] is True  # never touched
+    finally:
+        cluster.kubectl("delete", "job", "squatted-i1-generate", "--wait=true")
+    # Once it is gone, the run's next attempt (its backoff) creates its own.
+    cluster.wait("squatted", lambda s: owned_jobs(cluster, "squatted") == ["squatted-i1-generate"], timeout=120)
+    cluster.wait("squatted", lambda s: stalled(s).get("status") == "False", timeout=30)
+
+
+def test_two_runs_whose_names_once_shortened_alike_each_get_their_own_jobs(cluster: Cluster) -> None:
+    dotted = "team-a.finetune"  # shortened (a Job name has no dots), once to the other run's plain name
+    other = legacy_job_name(dotted, StageKey(1, Stage.GENERATE)).removesuffix("-i1-generate")
+    for name in (other, dotted):
+        assert cluster.apply(run_manifest(name, iterations=1, storage={"existingClaim": "absent"})).returncode == 0
+    for name in (dotted, other):
+        status = cluster.wait(name, lambda s, n=name: len(owned_jobs(cluster, n)) == 1, timeout=60)
+        assert stalled(status).get("status") != "True", status.get("message")
+    assert owned_jobs(cluster, other) == [f"{other}-i1-generate"]
+    assert owned_jobs(cluster, dotted) != owned_jobs(cluster, other)
+
+
+def test_pods_the_pod_security_admission_refuses_stall_the_run_with_its_reason(cluster: Cluster) -> None:
+    # Whatever makes the admitted pod break the namespace's `restricted` level (here a platform's
+    # mutating policy that puts it on the host network), the Job controller can create no pod: its only
+    # report is a FailedCreate Event on the Job. The run says why, then fails at its start deadline.
+    name = f"idpo-test-host-network-{cluster.namespace}"
+    expression = "Object{spec: Object.spec{hostNetwork: true}}"
+    labels = "object.metadata.?labels.orValue({})"
+    ours = f"'idpo.dev/run' in {labels} && {labels}['idpo.dev/run'] == 'refused'"
+    namespace = {"matchLabels": {"kubernetes.io/metadata.name": cluster.namespace}}
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingAdmissionPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "matchConstraints": {
+                "resourceRules": [
+                    {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}
+                ]
+            },
+            "matchConditions": [{"name": "run", "expression": ours}],
+            "failurePolicy": "Fail",
+            "reinvocationPolicy": "Never",
+            "mutations": [{"patchType": "ApplyConfiguration", "applyConfiguration": {"expression": expression}}],
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingAdmissionPolicyBinding",
+        "metadata": {"name": name},
+        "spec": {
+            "policyName": name,
+            "matchResources": {"namespaceSelector": namespace},
+        },
+    }
+    created = cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([policy, binding]))
+    assert created.returncode == 0, created.stderr
+    probe = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "probe", "labels": {"idpo.dev/run": "refused"}},
+        "spec": {"containers": [{"name": "x", "image": cluster.image}]},
+    }
+    deadline = time.monotonic() + 60 * cluster.patience
+    # The apiserver loads a new admission policy a moment later: a run's first pod must meet it.
+    while "hostNetwork" not in cluster.kubectl("create", "--dry-run=server", "-f", "-", stdin=json.dumps(probe)).stderr:
+        assert time.monotonic() < deadline, "the mutating admission policy never took effect"
+        time.sleep(0.5)
+    try:
+        refused_pods_stall_the_run(cluster, "refused", 'violates PodSecurity "restricted:latest": host namespaces')
+    finally:
+        cluster.kubectl("delete", "mutatingadmissionpolicybinding,mutatingadmissionpolicy", name)
 
 
 def test_the_operator_used_the_grants_only_fault_paths_need(cluster: Cluster) -> None:

@@ -18,17 +18,20 @@ import pytest
 import yaml
 from idpo_operator.spec import DEFAULT_STAGE_IMAGE
 
-from tests.harness.cluster import kubectl_binary
+from tests.harness.cluster import e2e_layer, kubectl_binary
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[1]
+# The e2e suite's own stage image (the Dockerfile's `e2e` target), beside the plain one a newcomer's runs get.
+E2E_IMAGE = "localhost/idpo-jobs-e2e:dev"
 
 
 @pytest.fixture(scope="module")
 def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = tmp_path_factory.mktemp("journey") / "kubeconfig"
+    images = ["--image", DEFAULT_STAGE_IMAGE, "--image", f"{E2E_IMAGE}={e2e_layer()}"]
     up = subprocess.Popen(
-        [sys.executable, "-m", "tests.controlplane", "up", "--kubeconfig", str(path)],
+        [sys.executable, "-m", "tests.controlplane", "up", "--kubeconfig", str(path), *images],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -121,7 +124,7 @@ def test_the_e2e_suite_runs_on_a_cluster_it_knows_only_by_kubeconfig(kubeconfig:
         env={
             **os.environ,
             "IDPO_E2E_KUBECONFIG": str(kubeconfig),
-            "IDPO_E2E_IMAGE": DEFAULT_STAGE_IMAGE,  # the image the local node agent has
+            "IDPO_E2E_IMAGE": E2E_IMAGE,  # the e2e image the local node agent has
             "IDPO_E2E_PATIENCE": "1",
         },
         capture_output=True,

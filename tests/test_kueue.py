@@ -29,7 +29,6 @@ EIGHT_GPUS = {"resources": {"limits": {"nvidia.com/gpu": 8}}, "distributed": {"p
 def cluster(kueue: Target, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with Cluster(kueue, tmp_path_factory.mktemp("kueue"), "kueue-runs") as c:
         c.seed(CLAIM)
-        c.install_hooks(CLAIM)
         yield c
 
 

@@ -21,7 +21,7 @@ import pytest
 from idpo_operator import resources
 
 from tests.conftest import TINY_SPEC, merge
-from tests.harness.cluster import FUNCTIONS_DIR, VOLUME_MOUNT, Cluster, Target
+from tests.harness.cluster import VOLUME_MOUNT, Cluster, Target
 from tests.harness.tracking import check_tracked
 
 pytestmark = pytest.mark.slow
@@ -32,6 +32,7 @@ CLAIM = "models"  # an existingClaim the tests seed with the tiny models
 FAULT_PATH_GRANTS = {
     ("patch", "batch", "jobs"),
     ("delete", "batch", "jobs"),
+    ("get", "batch", "jobs"),
     ("create", "", "services"),
     ("get", "", "services"),
     ("get", "", "persistentvolumeclaims"),
@@ -48,7 +49,7 @@ SPEC: dict[str, Any] = merge(
         "prompts": {"source": "pvc://tiny/prompts.jsonl"},
         "ranking": {"model": "pvc://tiny/pairrm"},
         "storage": {"existingClaim": CLAIM},
-        "runtime": {"retries": 1, "env": [{"name": "PYTHONPATH", "value": FUNCTIONS_DIR}]},  # tests/rewards.py
+        "runtime": {"retries": 1, "env": []},  # tests/rewards.py is in the suite's stage image
     },
 )
 

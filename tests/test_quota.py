@@ -1,5 +1,6 @@
 """A namespace under ResourceQuota, on the real control plane: a run whose claim fills the storage quota
-exactly reaches Succeeded, and a Job the quota refuses is a stalled write retried, not a failed run."""
+exactly reaches Succeeded, a Job the quota refuses is a stalled write retried, not a failed run, and a Job
+whose pods the quota refuses fails its stage at the start deadline, saying why."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from tests.harness.cluster import Cluster, Target
+from tests.test_children import refused_pods_stall_the_run
 from tests.test_operator_e2e import run_manifest
 
 pytestmark = pytest.mark.slow
@@ -70,3 +72,14 @@ def test_a_run_fills_its_storage_quota_exactly_and_a_job_the_quota_refuses_is_re
     finally:
         cluster.kubectl("delete", "resourcequota", "storage", "jobs")
         cluster.kubectl("delete", "idpo", "quota", "--wait=false")
+
+
+def test_a_quota_that_refuses_every_pod_stalls_the_run_with_its_reason_at_the_start_deadline(cluster: Cluster) -> None:
+    # The Job is admitted; its pods are not (`pods: 0`). The Job controller's only report of it is a
+    # FailedCreate Event on the Job: the run says why while it waits, and fails at its start deadline.
+    assert cluster.kubectl("apply", "-f", "-", stdin=quota("no-pods", {"pods": "0"})).returncode == 0
+    try:
+        refused_pods_stall_the_run(cluster, "podless", "exceeded quota: no-pods")
+    finally:
+        cluster.kubectl("delete", "resourcequota", "no-pods")
+        cluster.kubectl("delete", "idpo", "podless", "--wait=false")

@@ -45,7 +45,7 @@ def test_job_is_an_indexed_job_with_one_completion_per_shard() -> None:
         3,
     )
     container = body["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"] == ["python", "-m", "idpo_jobs.rank", "--config", "/etc/idpo/config.json"]
+    assert container["command"] == ["python", "-I", "-u", "-m", "idpo_jobs.rank", "--config", "/etc/idpo/config.json"]
     assert {"name": "IDPO_PVC_ROOT", "value": "/workspace"} in container["env"]
 
 
@@ -115,7 +115,7 @@ def test_runtime_settings_reach_the_pod() -> None:
     )
     assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
     assert container["resources"] == {"limits": {"nvidia.com/gpu": "8", "memory": "400Gi"}}  # quantities as strings
-    assert container["env"][-1]["name"] == "HF_TOKEN" and container["envFrom"] == [{"secretRef": {"name": "s3"}}]
+    assert container["env"][0]["name"] == "HF_TOKEN" and container["envFrom"] == [{"secretRef": {"name": "s3"}}]
     assert body["spec"]["activeDeadlineSeconds"] == 3600
 
 
@@ -159,7 +159,7 @@ def test_finished_jobs_expire_when_a_ttl_is_set() -> None:
 def test_training_launches_through_torchrun_with_the_kubeflow_trainer_environment() -> None:
     body = job(spec(training={"resources": {"limits": {"nvidia.com/gpu": 8}}}), StageKey(1, Stage.TRAIN))
     container = body["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"][:4] == ["python", "-m", "idpo_jobs.distributed", "train"]
+    assert container["command"][:6] == ["python", "-I", "-u", "-m", "idpo_jobs.distributed", "train"]
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     assert (env["PET_NNODES"], env["PET_NPROC_PER_NODE"], env["PET_MASTER_PORT"]) == ("1", "8", "29500")
     assert env["HOME"].startswith("/tmp/") and env["XDG_CACHE_HOME"].startswith(
@@ -233,3 +233,34 @@ def test_a_service_name_starts_with_a_letter_whatever_the_run_name() -> None:
     name = resources.service_name("7b-run", TRAIN)
     assert name[0].isalpha() and len(name) <= 63 and name != resources.service_name("8b-run", TRAIN)
     assert resources.service_name("run", TRAIN) == resources.job_name("run", TRAIN)
+
+
+def test_the_operators_own_variables_come_after_the_runs_and_win() -> None:
+    """A kubelet keeps the last entry of a name (and env over envFrom): the stage's paths and termination
+    log are the operator's whatever the run sets."""
+    hostile = [{"name": n, "value": "/"} for n in ("IDPO_PVC_ROOT", "IDPO_TERMINATION_LOG", "IDPO_PVC_CLAIM", "HOME")]
+    container = job(spec(runtime={"env": hostile}))["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}  # what the process sees: the last one
+    assert env["IDPO_PVC_ROOT"] == "/workspace" and env["IDPO_TERMINATION_LOG"] == "/dev/termination-log"
+    assert env["IDPO_PVC_CLAIM"] == "mistral-workspace" and env["HOME"] == "/tmp/home"
+    assert container["workingDir"] == "/tmp"  # a relative name resolves into the pod's own scratch
+
+
+def test_tracking_credentials_come_by_key_never_as_a_whole_secret() -> None:
+    tracking = {"mlflow": {"trackingUri": "https://ml.example.com", "credentialsSecret": "creds"}}
+    container = job(spec(tracking=tracking))["spec"]["template"]["spec"]["containers"][0]
+    assert "envFrom" not in container  # a key named LD_PRELOAD in that Secret becomes nothing
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+    assert refs["MLFLOW_TRACKING_TOKEN"] == {"name": "creds", "key": "MLFLOW_TRACKING_TOKEN", "optional": True}
+    assert {n for n, r in refs.items() if r["name"] == "creds"} == set(resources.MLFLOW_CREDENTIALS)
+
+
+def test_a_null_in_the_pod_security_context_keeps_the_restricted_default() -> None:
+    nulls = {"seccompProfile": None, "runAsNonRoot": None, "fsGroup": None, "runAsUser": 1000680000}
+    pod = job(spec(runtime={"podSecurityContext": nulls}))["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "runAsUser": 1000680000,
+    }  # fsGroup removed (OpenShift assigns it); the profile's own settings stay

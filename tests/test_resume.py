@@ -1,7 +1,7 @@
 """Resume inside a stage, on the real control plane: a stage pod deleted mid-way (as a lost node ends it)
 is retried by the Job controller, and the new pod goes on from what the first one finished, on the claim.
 
-The stages run with `tests/hooks/sitecustomize.py` on their PYTHONPATH (copied onto the claim), which
+The stages run with `tests/hooks/sitecustomize.py` in their image (the suite's stage image), which
 slows each step down so that the deletion lands mid-stage, and logs the work every attempt did."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from idpo_operator.resources import ANNOTATION_CONFIG, VOLUME_MOUNT
 
-from tests.harness.cluster import FUNCTIONS_DIR, HOOKS_DIR, Cluster, Target, slowed
+from tests.harness.cluster import Cluster, Target, slowed
 from tests.test_operator_e2e import (
     CLAIM,
     SPEC,
@@ -60,7 +60,6 @@ pathlib.Path("/dev/termination-log").write_text(json.dumps(result))
 def cluster(kube: Target, tmp_path_factory: pytest.TempPathFactory):
     with Cluster(kube, tmp_path_factory.mktemp("resume"), "resume") as c:
         c.seed(CLAIM)
-        c.install_hooks(CLAIM)
         yield c
 
 
@@ -153,7 +152,6 @@ def test_a_generate_pod_lost_mid_way_generates_only_its_unfinished_chunks_again(
 def test_a_full_volume_fails_the_stage_as_volume_full_naming_the_claim(cluster: Cluster) -> None:
     env = [
         *SPEC["runtime"]["env"],
-        {"name": "PYTHONPATH", "value": f"{HOOKS_DIR}:{FUNCTIONS_DIR}"},
         {"name": "IDPO_TEST_ENOSPC", "value": "generations.jsonl"},  # the write of generate's output fails
     ]
     assert cluster.apply(run_manifest("full", iterations=1, runtime={"env": env})).returncode == 0

@@ -103,3 +103,13 @@ def test_several_training_nodes_need_a_volume_every_node_can_mount() -> None:
         parse_manifest(manifest(**two))
     assert parse_manifest(manifest(**two, storage={"accessModes": ["ReadWriteMany"]})).spec.training.distributed.nodes
     assert parse_manifest(manifest(**two, storage={"existingClaim": "shared"}))  # its modes are the cluster's
+
+
+def test_env_values_are_bounded_each_and_together() -> None:
+    """Issue 30, class 6: the operator holds every run's spec in memory; 1 MiB values are refused."""
+    with pytest.raises(ManifestError, match=r"spec\.runtime\.env\.0\.value: String should have at most 4096"):
+        parse_manifest(manifest(runtime={"env": [{"name": "HF_TOKEN", "value": "x" * (1 << 20)}]}))
+    five = [{"name": f"V{n}", "value": "x" * 4000} for n in range(5)]
+    with pytest.raises(ManifestError, match=r"spec\.runtime: .*env: the values add up to 20000 characters"):
+        parse_manifest(manifest(runtime={"env": five}))
+    assert parse_manifest(manifest(runtime={"env": five[:4]})).spec.runtime.env[3].value == "x" * 4000

@@ -130,6 +130,12 @@ class ModelSpec(Model):
         description="Jinja chat template. None: the tokenizer's own, or Mistral's `[INST] ... [/INST]` "
         "when the tokenizer has none. Saved with every checkpoint so later iterations use it too.",
     )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run the Python code a checkpoint ships (transformers' `trust_remote_code`) when the stages "
+        "load `name` and the checkpoints trained from it. Off: a checkpoint that needs its own code is refused. "
+        "The cluster's policy must allow it for this model (policy `remoteCode`, docs/security.md).",
+    )
 
 
 class PromptsSpec(Model):
@@ -209,6 +215,105 @@ class PairingSpec(Model):
         description="Subtracted from a response's score per 100 characters before pairing (counters "
         "rankers that favour length). Stored scores stay raw.",
     )
+    max_length_ratio: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description="Length control at pairing: the chosen response is at most this many times as long (characters) "
+        "as the rejected one. The best response is paired with the worst one that satisfies the ratio; a prompt "
+        "where none does is dropped and counted (`dropped_length_ratio`). 1.0: never prefer the longer of a pair, "
+        "so a length-biased ranker teaches nothing about length. None: off (docs/ranking.md).",
+    )
+
+
+# An axis's name: a DNS label of at most 32 characters, so that status keys stay short and safe.
+AXIS_NAME = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+MAX_AXIS_NAME = 32
+MAX_AXES = 8  # axes of a run: each is a model load per rank shard and a block of figures per evaluation
+FUNCTION_REF = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+ScorerKind = Literal["pairrm", "reward-model", "function"]
+
+
+class GateSpec(Model):
+    """A constraint on an axis's raw score: a response outside [min, max] may be rejected but is never chosen."""
+
+    min: float | None = Field(None, allow_inf_nan=False, description="Lowest passing score (inclusive).")
+    max: float | None = Field(None, allow_inf_nan=False, description="Highest passing score (inclusive).")
+
+    @model_validator(mode="after")
+    def _bounded(self) -> GateSpec:
+        if self.min is None and self.max is None:
+            raise ValueError("a gate needs `min`, `max` or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"gate min {self.min:g} is above max {self.max:g}: nothing passes")
+        return self
+
+    def passes(self, score: float) -> bool:
+        return (self.min is None or score >= self.min) and (self.max is None or score <= self.max)
+
+
+class AxisSpec(Model):
+    """One scorer of a run (docs/ranking.md): an objective (`weight`) or a constraint (`gate`)."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=MAX_AXIS_NAME,
+        pattern=AXIS_NAME,
+        description="Unique name: the axis's key in pairs.jsonl (`axis_scores`), in status and in tracking.",
+    )
+    kind: ScorerKind = Field(
+        description="pairrm: PairRM through llm-blender; reward-model: a sequence-classification reward model "
+        "(score = logit 0); function: a Python callable `module:function` (as `ranking.ranker`)."
+    )
+    model: Location | None = Field(
+        None, max_length=MAX_URI, description="Checkpoint (HF id, directory or `pvc://`), for pairrm and reward-model."
+    )
+    function: str | None = Field(
+        None,
+        max_length=2 * MAX_SHORT,
+        pattern=FUNCTION_REF,
+        description="`module:callable` taking (prompt, response) and returning a float, for kind function.",
+    )
+    weight: float | None = Field(
+        None,
+        ge=-100,
+        le=100,
+        description="An objective: the combined score is the sum of weight x this axis's per-prompt normalised "
+        "score (`ranking.combine`); negative minimises. Exactly one of `weight` and `gate`.",
+    )
+    gate: GateSpec | None = Field(
+        None,
+        description="A constraint on the raw score: a failing response may be rejected but is never chosen; a "
+        "prompt where no response passes every gate is dropped and counted. Exactly one of `weight` and `gate`.",
+    )
+
+    @model_validator(mode="after")
+    def _objective_or_gate(self) -> AxisSpec:
+        if (self.weight is None) == (self.gate is None):
+            raise ValueError(f"axis {self.name!r} needs exactly one of `weight` (an objective) and `gate`")
+        if self.weight == 0:
+            raise ValueError(f"axis {self.name!r}: weight 0 makes no objective; leave the axis out")
+        if self.kind == "function" and not self.function:
+            raise ValueError(f"axis {self.name!r} of kind function needs `function: module:callable`")
+        if self.kind != "function" and not self.model:
+            raise ValueError(f"axis {self.name!r} of kind {self.kind} needs `model`")
+        if self.kind == "pairrm" and self.gate is not None:
+            raise ValueError(
+                f"axis {self.name!r}: a gate needs an absolute score, and PairRM's scores are relative to the other "
+                "candidates of the prompt; gate with a reward-model or a function"
+            )
+        return self
+
+
+class CombineSpec(Model):
+    normalize: Literal["rank", "zscore", "none"] = Field(
+        "rank",
+        description="How each objective's scores are made comparable within a prompt before the weighted sum: rank "
+        "(default: each candidate's rank among the prompt's candidates, scaled to 0..1, ties averaged; immune to "
+        "a scorer's scale and outliers), zscore (minus the prompt's mean, over its standard deviation: keeps how "
+        "far apart candidates are), none (raw scores: only when the scorers share a scale). With one objective the "
+        "combined score is its raw score.",
+    )
 
 
 class RankingSpec(Model):
@@ -225,10 +330,25 @@ class RankingSpec(Model):
     function: str | None = Field(
         None,
         max_length=2 * MAX_SHORT,
-        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        pattern=FUNCTION_REF,
         description="`module:callable` taking (prompt, response) and returning a float; the module "
-        "must be importable in the stage image (or on PYTHONPATH via runtime env).",
+        "must be in the stage image (stages run isolated: no PYTHONPATH), and allowed by the cluster's policy.",
     )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run the Python code the ranker checkpoint (or its backbone) ships, for pairrm and "
+        "reward-model. Off: never, whatever llm-blender would choose. The cluster's policy must allow it.",
+    )
+    axes: list[AxisSpec] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_AXES,
+        description="Several scorers in one run (docs/ranking.md): objectives combined by weight after per-prompt "
+        "normalisation, and gates a chosen response must pass. Each is loaded in turn (memory is the largest "
+        "axis's) and every one is also measured by the evaluate stage. Set: `ranker`, `model` and `function` "
+        "are ignored. None: the single `ranker` is the run's one axis, named after its kind.",
+    )
+    combine: CombineSpec = Field(default_factory=CombineSpec, description="How objectives are combined.")
     batch_size: int = Field(8, ge=1, description="Prompts per ranker batch.")
     max_source_length: int = Field(1224, ge=8, description="Prompt tokens the ranker sees (PairRM).")
     max_candidate_length: int = Field(412, ge=8, description="Response tokens the ranker sees.")
@@ -249,7 +369,21 @@ class RankingSpec(Model):
             raise ValueError("ranker 'function' needs `function: module:callable`")
         if self.ranker != "function" and not self.model:
             raise ValueError(f"ranker '{self.ranker}' needs `model`")
+        names = [a.name for a in self.axes or []]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"axes: names must be unique; {', '.join(repeated)} repeated")
+        if self.axes and all(a.weight is None for a in self.axes):
+            raise ValueError("axes: at least one axis needs a `weight`: gates alone choose nothing")
         return self
+
+    def scorer_axes(self) -> list[AxisSpec]:
+        """The axes the run scores with: `axes`, or the single `ranker` as one objective named after its kind."""
+        if self.axes:
+            return list(self.axes)
+        model = self.model if self.ranker != "function" else None
+        function = self.function if self.ranker == "function" else None
+        return [AxisSpec(name=self.ranker, kind=self.ranker, model=model, function=function, weight=1.0)]
 
 
 class LoraSpec(Model):
@@ -328,6 +462,27 @@ class DistributedSpec(Model):
         return int(str(resources.limits.get("nvidia.com/gpu", 0)))
 
 
+# TRL 1.16's DPO losses (trl.DPOConfig.loss_type); tests/test_axes.py compares them with the installed TRL.
+LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
+LossType = Literal[LOSS_TYPES]  # type: ignore[valid-type]
+
+
 class TrainingSpec(Model):
     beta: float = Field(0.01, gt=0, description="DPO beta (KL strength); Zephyr/handbook value.")
     learning_rate: float = Field(5e-7, gt=0, description="Peak learning rate.")
@@ -335,8 +490,36 @@ class TrainingSpec(Model):
     per_device_batch_size: int = Field(8, ge=1, description="Pairs per device per step.")
     gradient_accumulation_steps: int = Field(2, ge=1, description="Steps per optimizer update.")
     max_length: int = Field(1024, ge=16, description="Prompt+response tokens; longer are truncated.")
-    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair"] = Field(
-        "sigmoid", description="TRL DPO loss."
+    loss_type: LossType | Annotated[list[LossType], Field(min_length=1, max_length=len(LOSS_TYPES))] = Field(
+        "sigmoid",
+        description="TRL's DPO loss (trl.DPOConfig.loss_type), or a list of them summed with `lossWeights` (e.g. "
+        "MPO: [sigmoid, bco_pair, sft]). Length control in training: sigmoid_norm divides each response's log-ratio "
+        "by its token count, so a longer chosen response earns no more reward per token (docs/ranking.md).",
+    )
+    loss_weights: list[Annotated[float, Field(ge=0, le=100)]] | None = Field(
+        None,
+        max_length=len(LOSS_TYPES),
+        description="One weight per `lossType` entry, in order. None: 1 each.",
+    )
+    ld_alpha: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="LD-DPO (trl.DPOConfig.ld_alpha): the log-probabilities of the tokens beyond the shorter "
+        "response's length count this much (0: not at all; 1: fully, plain DPO), so the longer response's extra "
+        "tokens cannot carry the preference. Length control in training. None: off.",
+    )
+    use_weighting: bool = Field(
+        False,
+        description="WPO (trl.DPOConfig.use_weighting): weight each pair by the policy's length-normalised "
+        "probability of both responses, so pairs the policy would not generate count less.",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="trl.DPOConfig.label_smoothing: the flipped-label probability of the robust loss, the epsilon "
+        "of exo_pair (which needs it above 0; 1e-3 is the paper's), the smoothing of aot.",
     )
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps for linear warmup.")
     scheduler: str = Field("cosine", max_length=64, description="transformers lr_scheduler_type.")
@@ -376,6 +559,28 @@ class TrainingSpec(Model):
         default_factory=DistributedSpec, description="Multi-GPU and multi-node training (torchrun)."
     )
 
+    def loss_types(self) -> list[str]:
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+
+    @model_validator(mode="after")
+    def _losses_combine(self) -> TrainingSpec:
+        """TRL 1.16's own rules (DPOConfig.__post_init__, DPOTrainer.__init__), refused here with the field named
+        rather than when a GPU pod builds the trainer (tests/test_axes.py checks them against the installed TRL)."""
+        losses = self.loss_types()
+        if not losses:
+            raise ValueError("lossType: name at least one loss")
+        if len(set(losses)) != len(losses):
+            raise ValueError(f"lossType: {losses} names a loss twice")
+        if self.loss_weights is not None and len(self.loss_weights) != len(losses):
+            raise ValueError(
+                f"lossWeights: {len(self.loss_weights)} weights for {len(losses)} loss types; give one per lossType"
+            )
+        if self.use_weighting and {"aot", "aot_unpaired"} & set(losses):
+            raise ValueError("useWeighting: TRL does not weight the aot losses (they sort pairs within a batch)")
+        if "exo_pair" in losses and self.label_smoothing == 0:
+            raise ValueError("labelSmoothing: loss exo_pair needs it above 0 (the EXO paper uses 1e-3)")
+        return self
+
     @model_validator(mode="after")
     def _distributed_fits(self) -> TrainingSpec:
         d = self.distributed
@@ -398,8 +603,24 @@ class StopWhen(Model):
     """
 
     metric: Literal["lcWinRateVsPrevious", "lcWinRateVsBase"] = Field(
+        "lcWinRateVsBase",
         description="The evaluation metric the rules read: the length-controlled win rate of each iteration "
-        "against the one before it, or against the base model.",
+        "against the one before it, or against the base model. It also picks `bestIteration`.",
+    )
+    axis: str | None = Field(
+        None,
+        max_length=MAX_AXIS_NAME,
+        pattern=AXIS_NAME,
+        description="Read `metric` of this axis of `ranking.axes` (its own judgement of each iteration) instead of "
+        "the combined one; `bestIteration` follows it too. None: the combined judgement.",
+    )
+    max_length_ratio: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description="Length guard: stop when the latest iteration's mean response length is more than this many "
+        "times the base model's (`mean_length_ratio_vs_base`, on the held-out prompts), e.g. 1.2; an iteration "
+        "past it is never `bestIteration`. None: no length rule.",
     )
     below: float | None = Field(
         None,
@@ -423,8 +644,8 @@ class StopWhen(Model):
 
     @model_validator(mode="after")
     def _has_a_rule(self) -> StopWhen:
-        if self.below is None and self.patience is None:
-            raise ValueError("stopWhen needs `below`, `patience` or both: without a rule it never stops")
+        if self.below is None and self.patience is None and self.max_length_ratio is None:
+            raise ValueError("stopWhen needs `below`, `patience` or `maxLengthRatio`: without a rule it never stops")
         return self
 
 
@@ -508,7 +729,8 @@ class JudgeSpec(Model):
 class EvaluationSpec(Model):
     """Per-iteration evaluation on held-out prompts: is each iteration better than the base model and
     than the iteration before it? The base model is evaluated once (iteration 0), then every checkpoint;
-    responses are judged by the run's ranker (docs/evaluation.md)."""
+    responses are judged by every axis of the run's ranking, together and (with `ranking.axes`) one by one
+    (docs/evaluation.md, docs/ranking.md)."""
 
     enabled: bool = Field(True, description="Evaluate the base model once and every iteration's checkpoint.")
     prompts: PromptsSpec | None = Field(
@@ -611,7 +833,8 @@ class MlflowSpec(Model):
         max_length=MAX_URI,
         pattern=r"^(https?://[^\s/]+|file:///?[^\s]*)",
         description="The server, as `http(s)://host[:port]` (what the stage pods can reach), or `file:///path` "
-        "for a local run.",
+        "for a local run (`idpo run` only). With `credentialsSecret`, it must be an endpoint the cluster's policy "
+        "allows.",
     )
     experiment: str = Field("idpo", min_length=1, max_length=256, description="MLflow experiment of the run.")
     credentials_secret: str | None = Field(
@@ -715,6 +938,7 @@ class GenerateConfig(StageConfig):
     model: str = Field(description="Policy to sample from (resolved path or HF id).")
     revision: str | None = None
     chat_template: str | None = None
+    trust_remote_code: bool = Field(False, description="`model.trustRemoteCode`: run the checkpoint's own code.")
     prompts: PromptsSpec
     generation: GenerationSpec
 
@@ -732,6 +956,7 @@ class TrainConfig(StageConfig):
     reference_model: str = Field(description="Reference policy for the DPO KL term.")
     revision: str | None = None
     chat_template: str | None = None
+    trust_remote_code: bool = Field(False, description="`model.trustRemoteCode`: run the checkpoint's own code.")
     input_dir: str = Field(description="The rank stage directory (all its parts are read).")
     input_shards: int = Field(ge=1)
     training: TrainingSpec
@@ -749,6 +974,7 @@ class EvaluateConfig(StageConfig):
     model: str = Field(description="The model to evaluate (HF id, directory, `pvc://` or `tiny://`).")
     revision: str | None = None
     chat_template: str | None = None
+    trust_remote_code: bool = Field(False, description="`model.trustRemoteCode`: run the checkpoint's own code.")
     prompts: PromptsSpec = Field(description="The run's prompt source: the default held-out set is derived from it.")
     iterations: int = Field(ge=1, description="The run's iteration count: the held-out set avoids all their prompts.")
     generation: GenerationSpec = Field(description="The run's generation section (engine, seed, lengths).")

@@ -31,6 +31,14 @@ from idpo_jobs.config import PVC_CLAIM_ENV, SUCCESS_FILE, Stage, StageConfig, lo
 
 SHARDED_STAGES = {Stage.GENERATE, Stage.RANK}
 TERMINATION_LOG = "/dev/termination-log"
+# Where the summary goes when a config names no file: the local runner's per-shard file. In a pod the Job
+# sets it after the run's own variables, so a run cannot point it elsewhere.
+TERMINATION_LOG_ENV = "IDPO_TERMINATION_LOG"
+# Variables no stage honours, however it was started: torch's switch back to unpickling arbitrary objects
+# in `torch.load` (llm-blender loads `pytorch_model.bin` rankers with it), and torchrun's worker interpreter.
+NEVER_HONOURED = ("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "PYTHON_EXEC")
+# Kept in isolated mode: they change output buffering and .pyc writing, not what runs.
+HARMLESS_PYTHON = ("PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE")
 TERMINATION_LIMIT = 4096
 PROGRESS_PREFIX = "idpo-progress"
 # Exit codes: bad input will fail again, so the Job's podFailurePolicy fails it without retrying;
@@ -225,8 +233,22 @@ def report_progress(done: int, total: int) -> None:
     print(f"{PROGRESS_PREFIX} {done} {total}", flush=True)
 
 
+def isolate_environment() -> list[str]:
+    """Remove from this process's environment what neither it nor its children may act on; the names
+    removed. A stage in a pod runs in isolated mode (`python -I`), which ignores every PYTHON* variable;
+    they are removed too, so that a child some library starts without -I (vLLM inspects model classes in
+    a `sys.executable` subprocess) ignores them as well. Outside isolated mode (`idpo run`, whose
+    environment is the user's own) PYTHONPATH and the rest keep working."""
+    isolated = sys.flags.isolated
+    python = [n for n in os.environ if isolated and n.startswith("PYTHON") and n not in HARMLESS_PYTHON]
+    removed = [n for n in (*NEVER_HONOURED, *python) if n in os.environ]
+    for name in removed:
+        del os.environ[name]
+    return removed
+
+
 def termination_log_path(config: StageConfig | None) -> Path | None:
-    explicit = (config.termination_log if config else None) or os.environ.get("IDPO_TERMINATION_LOG")
+    explicit = (config.termination_log if config else None) or os.environ.get(TERMINATION_LOG_ENV)
     if explicit:
         return Path(explicit)
     default = Path(TERMINATION_LOG)
@@ -239,6 +261,9 @@ def write_termination_log(config: StageConfig | None, summary: dict[str, Any]) -
         return
     compact = {k: v for k, v in summary.items() if k not in ("inputs", "versions")}
     text = json.dumps(compact, separators=(",", ":"), default=str)
+    if len(text.encode()) > TERMINATION_LIMIT and "warnings" in compact:  # they are in the log too: metrics first
+        compact["warnings"] = [w[:100] for w in compact["warnings"][:1]]
+        text = json.dumps(compact, separators=(",", ":"), default=str)
     if len(text.encode()) > TERMINATION_LIMIT:
         text = json.dumps({k: compact[k] for k in ("stage", "iteration", "shard", "reason", "error") if k in compact})
     path.write_text(text)
@@ -337,6 +362,7 @@ def _writing(config: StageConfig | None) -> Path:
 
 def cli(config_type: type[C], compute: Compute[C], inputs: Callable[[C], dict[str, str]]) -> int:
     """`python -m idpo_jobs.<stage> --config FILE`: the entry point of every stage."""
+    isolate_environment()
     parser = argparse.ArgumentParser(prog=f"python -m idpo_jobs.{config_type.model_fields['stage'].default}")
     parser.add_argument("--config", required=True, help="stage config JSON written by the operator")
     args = parser.parse_args()

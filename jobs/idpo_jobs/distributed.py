@@ -26,6 +26,7 @@ import datetime
 import importlib
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -236,8 +237,13 @@ def torchrun_args(module: str, stage_args: list[str]) -> list[str]:
 
     No restarts: a failed rank fails the pod, and the Job (its backoffLimit and podFailurePolicy)
     decides whether the stage runs again, as for every other stage.
+
+    Each worker is this interpreter with this process's flags (isolated mode in a pod), named here rather
+    than left to torchrun, which would start `$PYTHON_EXEC -u -m module` without them.
     """
-    return ["--max-restarts", "0", "--module", module, *stage_args]
+    flags = subprocess._args_from_interpreter_flags()  # what multiprocessing passes its children too
+    worker = [sys.executable, *flags, "-u", "-m", module]
+    return ["--max-restarts", "0", "--no-python", *worker, *stage_args]
 
 
 def exit_status(code: int) -> int:
@@ -250,6 +256,7 @@ def launch(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=sorted(STAGES))
     args, stage_args = parser.parse_known_args(argv)
     module = STAGES[args.stage]
+    contract.isolate_environment()
     if "PET_NODE_RANK" not in os.environ and "JOB_COMPLETION_INDEX" in os.environ:
         os.environ["PET_NODE_RANK"] = os.environ["JOB_COMPLETION_INDEX"]  # an Indexed Job numbers its pods
     if pet_world_size(dict(os.environ)) == 1:

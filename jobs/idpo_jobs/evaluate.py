@@ -3,17 +3,21 @@
     python -m idpo_jobs.evaluate --config iter-2-evaluate.json
 
 Generates one response per held-out prompt (greedy by default) with the generate stage's engines, and
-judges it against the base model's and the previous iteration's saved responses with the run's ranker
-(the rank stage's rankers). Iteration 0 is the base model: it generates the responses later iterations
-are judged against. Writes:
+judges it against the base model's and the previous iteration's saved responses with every axis of the run
+(`ranking.axes`, or the single ranker; the rank stage's scorers, loaded one at a time). The combined
+judgement is the axes' vote (`axes.vote`); with `ranking.axes`, each axis's own figures are reported under
+its name too. Iteration 0 is the base model: it generates the responses later iterations are judged
+against. Writes:
 
 - `responses.jsonl`: `prompt_id`, `prompt`, `response` (plus `best_of_n_responses`, `best_of_n_response`);
 - `alpaca_eval.json` (and `alpaca_eval_best_of_n.json`): AlpacaEval's model-outputs layout, for its
   official evaluator;
-- `judgments.jsonl`: per prompt and baseline, P(this model's response wins), the outcome, the lengths.
+- `judgments.jsonl`: per prompt and baseline, P(this model's response wins) (and each axis's), the outcome,
+  the lengths.
 
-Metrics (docs/evaluation.md): win rates with Wilson 95% intervals, length-controlled win rates, ties,
-mean response length; `idpo_jobs.winrate` does the statistics.
+Metrics (docs/evaluation.md, docs/ranking.md): win rates with Wilson 95% intervals, length-controlled win
+rates, ties, mean response length and its ratio to the base model's; per axis (`axes.<name>`) the win rates
+and LC win rates with intervals, and a gate's pass rate; `idpo_jobs.winrate` does the statistics.
 """
 
 from __future__ import annotations
@@ -25,11 +29,21 @@ import random
 import statistics
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from idpo_jobs import contract, data, generate, rank, tracking, winrate
-from idpo_jobs.config import PVC_CLAIM_ENV, PVC_SCHEME, EvaluateConfig, GenerationSpec, Stage, Workspace, on_volume
+from idpo_jobs import axes, contract, data, generate, rank, tracking, winrate
+from idpo_jobs.config import (
+    PVC_CLAIM_ENV,
+    PVC_SCHEME,
+    AxisSpec,
+    EvaluateConfig,
+    GenerationSpec,
+    Stage,
+    Workspace,
+    on_volume,
+)
 from idpo_jobs.uris import resolve_uri
 
 RESPONSES = "responses.jsonl"
@@ -91,7 +105,12 @@ def generate_responses(config: EvaluateConfig, prompts: list[str]) -> tuple[list
     spec = decoding(config)
     # The run's seed, not combined with the iteration: every model is sampled with the same stream.
     engine = generate.ENGINES[spec.engine](
-        resolve_uri(config.model), spec, config.generation.seed, config.revision, config.chat_template
+        resolve_uri(config.model),
+        spec,
+        config.generation.seed,
+        config.revision,
+        config.chat_template,
+        config.trust_remote_code,
     )
     prompt_ids = render_prompt_ids(engine.tokenizer, prompts)
     responses = [r[0] for r in engine.generate(prompt_ids, 1)]
@@ -111,22 +130,25 @@ def release_accelerator() -> None:
         torch.cuda.empty_cache()
 
 
-def preferences(ranker: rank.Ranker, prompts: list[str], ours: list[str], theirs: list[str]) -> list[float]:
-    """P(ours beats theirs) per prompt. PairRM judges pairs in both orders; a reward model or a function
-    scores each response, and equal scores tie. Identical responses always tie."""
-    if isinstance(ranker, rank.PairRMRanker):
-        probs = ranker.compare(prompts, ours, theirs)
+@dataclass
+class Judged:
+    """One axis's judgement of responses against a baseline's, prompt by prompt: P(ours beats theirs), and a
+    scalar scorer's scores of both (what its gate reads)."""
+
+    preferences: list[float]
+    scores: list[tuple[float, float]] | None = None
+
+
+def judge_axis(scorer: axes.Scorer, prompts: list[str], ours: list[str], theirs: list[str]) -> Judged:
+    """PairRM judges pairs in both orders; a reward model or a function scores each response, and equal
+    scores tie. Identical responses always tie."""
+    scores = None
+    if isinstance(scorer, rank.PairRMRanker):
+        probs = scorer.compare(prompts, ours, theirs)
     else:
-        scores = ranker.score(prompts, [[a, b] for a, b in zip(ours, theirs, strict=True)])
+        scores = [(a, b) for a, b in scorer.score(prompts, [[a, b] for a, b in zip(ours, theirs, strict=True)])]
         probs = [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in scores]
-    return [0.5 if a == b else p for a, b, p in zip(ours, theirs, probs, strict=True)]
-
-
-def pick_best(ranker: rank.Ranker, prompts: list[str], candidates: list[list[str]]) -> list[int]:
-    """Index of the ranker's favourite candidate per prompt (the first of equal scores)."""
-    if isinstance(ranker, rank.PairRMRanker):
-        return ranker.best_of_n(prompts, candidates)
-    return [max(range(len(row)), key=row.__getitem__) for row in ranker.score(prompts, candidates)]
+    return Judged([0.5 if a == b else p for a, b, p in zip(ours, theirs, probs, strict=True)], scores)
 
 
 def read_responses(config: EvaluateConfig, iteration: int) -> dict[str, str]:
@@ -135,31 +157,68 @@ def read_responses(config: EvaluateConfig, iteration: int) -> dict[str, str]:
     return {row["prompt_id"]: row["response"] for row in data.read_jsonl(directory / RESPONSES)}
 
 
-def judge(
-    ranker: rank.Ranker, rows: list[dict[str, Any]], responses: list[str], baseline: dict[str, str], against: str
-) -> tuple[winrate.Comparison, list[dict[str, Any]]]:
-    """`responses` (one per row) against the baseline's on the prompts both have."""
-    shared = [(row, ours) for row, ours in zip(rows, responses, strict=True) if row["prompt_id"] in baseline]
-    if not shared:
-        raise contract.StageError(f"the {against} evaluation has none of these held-out prompts")
-    prompts = [row["prompt"] for row, _ in shared]
-    ours = [r for _, r in shared]
-    theirs = [baseline[row["prompt_id"]] for row, _ in shared]
-    probs = preferences(ranker, prompts, ours, theirs)
-    outcomes = [winrate.outcome(p) for p in probs]
-    diffs = [len(a) - len(b) for a, b in zip(ours, theirs, strict=True)]
-    judged = [
-        {
-            "prompt_id": row["prompt_id"],
-            "against": against,
-            "preference": round(p, 6),
-            "outcome": o,
-            "chars": len(a),
-            "baseline_chars": len(b),
-        }
-        for (row, _), p, o, a, b in zip(shared, probs, outcomes, ours, theirs, strict=True)
-    ]
-    return winrate.compare(outcomes, diffs), judged
+@dataclass
+class Versus:
+    """Responses against a baseline's on the prompts both have."""
+
+    against: str  # "base" or "previous"
+    rows: list[dict[str, Any]]
+    ours: list[str]
+    theirs: list[str]
+    judged: dict[str, Judged] = field(default_factory=dict)  # by axis
+
+    @classmethod
+    def of(cls, against: str, rows: list[dict[str, Any]], responses: list[str], baseline: dict[str, str]) -> Versus:
+        shared = [(row, ours) for row, ours in zip(rows, responses, strict=True) if row["prompt_id"] in baseline]
+        if not shared:
+            raise contract.StageError(f"the {against} evaluation has none of these held-out prompts")
+        theirs = [baseline[row["prompt_id"]] for row, _ in shared]
+        return cls(against, [row for row, _ in shared], [ours for _, ours in shared], theirs)
+
+    @property
+    def prompts(self) -> list[str]:
+        return [row["prompt"] for row in self.rows]
+
+    def comparison(self, preferences: list[float]) -> winrate.Comparison:
+        diffs = [len(a) - len(b) for a, b in zip(self.ours, self.theirs, strict=True)]
+        return winrate.compare([winrate.outcome(p) for p in preferences], diffs)
+
+    def combined(self, axis_list: list[AxisSpec]) -> list[float]:
+        """Per prompt, P(ours beats theirs) by all axes together (`axes.vote`)."""
+
+        def passed(axis: AxisSpec, i: int) -> tuple[bool, bool]:
+            scores = self.judged[axis.name].scores
+            assert axis.gate is not None and scores is not None  # gates are scalar scorers (AxisSpec)
+            return axis.gate.passes(scores[i][0]), axis.gate.passes(scores[i][1])
+
+        objectives = axes.objectives(axis_list)
+        return [
+            axes.vote(
+                {a.name: self.judged[a.name].preferences[i] for a in objectives},
+                {a.name: passed(a, i) for a in axes.gates(axis_list)},
+                axis_list,
+            )
+            for i in range(len(self.rows))
+        ]
+
+    def judgments(self, preferences: list[float], per_axis: bool) -> list[dict[str, Any]]:
+        out = []
+        for i, (row, p, a, b) in enumerate(zip(self.rows, preferences, self.ours, self.theirs, strict=True)):
+            entry = {
+                "prompt_id": row["prompt_id"],
+                "against": self.against,
+                "preference": round(p, 6),
+                "outcome": winrate.outcome(p),
+                "chars": len(a),
+                "baseline_chars": len(b),
+            }
+            if per_axis:
+                entry["axes"] = {name: round(j.preferences[i], 6) for name, j in self.judged.items()}
+            out.append(entry)
+        return out
+
+
+AXIS_DIGITS = 3  # per-axis figures: a block per axis, eight at most, in a 4 KiB summary
 
 
 def alpaca_eval_rows(rows: list[dict[str, Any]], responses: list[str], generator: str) -> list[dict[str, str]]:
@@ -173,6 +232,39 @@ def mean_chars(texts: list[str]) -> float:
     return round(statistics.fmean(len(t) for t in texts), 2) if texts else 0.0
 
 
+def score_all(
+    config: EvaluateConfig,
+    versus: list[Versus],
+    prompts: list[str],
+    samples: list[list[str]] | None = None,
+    responses: list[str] | None = None,
+) -> tuple[list[int] | None, dict[str, list[float]]]:
+    """Every axis's judgement of each comparison in `versus`, its scores of the best-of-N `samples`, and each
+    gate's scores of `responses` (its pass rate). Axes load one at a time. Returns the index of each prompt's
+    best sample (None without samples) and the gates' scores of the responses."""
+    ranking = config.ranking
+    axis_list = ranking.scorer_axes()
+    sample_scores: dict[str, list[list[float]]] = {}
+    own: dict[str, list[float]] = {}
+    best: list[int] | None = None
+    for axis in axis_list:
+        scorer = axes.build(axis, ranking)
+        for vs in versus:
+            vs.judged[axis.name] = judge_axis(scorer, vs.prompts, vs.ours, vs.theirs)
+        if samples is not None and len(axis_list) == 1 and isinstance(scorer, rank.PairRMRanker):
+            best = scorer.best_of_n(prompts, samples)  # llm-blender's n-1 comparisons, not a full ranking
+        elif samples is not None:
+            sample_scores[axis.name] = scorer.score(prompts, samples)
+        if axis.gate is not None and responses is not None:
+            own[axis.name] = [row[0] for row in scorer.score(prompts, [[r] for r in responses])]
+        del scorer
+        axes.release()
+    if samples is not None and best is None:
+        how = ranking.combine.normalize
+        best = [axes.best({n: s[i] for n, s in sample_scores.items()}, axis_list, how) for i in range(len(samples))]
+    return best, own
+
+
 def compute(config: EvaluateConfig, out: Path, shard: int) -> dict[str, Any]:
     ev = config.evaluation
     rows = heldout_prompts(config)
@@ -184,36 +276,55 @@ def compute(config: EvaluateConfig, out: Path, shard: int) -> dict[str, Any]:
     release_accelerator()
 
     generator = f"{config.run}-iter-{config.iteration}"
+    axis_list = config.ranking.scorer_axes()
+    per_axis = bool(config.ranking.axes)
     metrics: dict[str, Any] = {
         "prompts": len(rows),
         "mean_response_chars": mean_chars(responses),
         "empty_responses": sum(1 for r in responses if not r),
         "generator": generator,
-        "ranker": config.ranking.ranker,
+        "ranker": config.ranking.ranker if not per_axis else "axes",
         "temperature": ev.temperature,
     }
-    ranker = rank.make_ranker(config.ranking) if baselines or samples else None
+    # Iteration 1's base is also its previous: judged once.
+    distinct = {k: name for name, k in reversed(iterations.items()) if k is not None}
+    versus = [Versus.of(name, rows, responses, baselines[name]) for name in distinct.values()]
+    # Best-of-N is judged against the base model's greedy responses; for the base model itself, its own.
+    reference = baselines.get("base") or (
+        {row["prompt_id"]: r for row, r in zip(rows, responses, strict=True)} if config.iteration == 0 else None
+    )
+    needed = versus or samples is not None or (per_axis and axes.gates(axis_list))
+    best_index, own = score_all(config, versus, prompts, samples, responses) if needed else (None, {})
+
     judgments: list[dict[str, Any]] = []
-    done: dict[int, winrate.Comparison] = {}  # iteration 1's base is also its previous: judge it once
-    for name, baseline in baselines.items():
-        k = iterations[name]
-        if k not in done:
-            done[k], judged = judge(ranker, rows, responses, baseline, name)
-            judgments += judged
-        metrics |= {**done[k].metrics(f"vs_{name}"), f"{name}_iteration": k}
+    by_axis: dict[str, dict[str, Any]] = {a.name: {} for a in axis_list}
+    for vs in versus:
+        combined = vs.combined(axis_list)
+        judgments += vs.judgments(combined, per_axis)
+        for name, k in iterations.items():
+            if k is not None and distinct[k] == vs.against:
+                metrics |= {**vs.comparison(combined).metrics(f"vs_{name}"), f"{name}_iteration": k}
+                for a in axis_list:
+                    by_axis[a.name] |= vs.comparison(vs.judged[a.name].preferences).figures(f"vs_{name}")
+        if iterations["base"] is not None and distinct[iterations["base"]] == vs.against:
+            theirs = mean_chars(vs.theirs)
+            metrics["mean_length_ratio_vs_base"] = round(mean_chars(vs.ours) / theirs, 4) if theirs else None
+    for a in axes.gates(axis_list):
+        if a.gate is not None and a.name in own:
+            by_axis[a.name]["pass_rate"] = round(statistics.fmean(a.gate.passes(v) for v in own[a.name]), AXIS_DIGITS)
+    if per_axis:
+        metrics["axes"] = {name: figures for name, figures in by_axis.items() if figures}
 
     best = None
-    if samples is not None:
-        best = [row[i] for row, i in zip(samples, pick_best(ranker, prompts, samples), strict=True)]
+    if samples is not None and best_index is not None:
+        best = [row[i] for row, i in zip(samples, best_index, strict=True)]
         metrics |= {"best_of_n": ev.best_of_n, "best_of_n_mean_response_chars": mean_chars(best)}
-        # The base model's greedy responses; for the base model itself, the ones just generated.
-        reference = baselines.get("base") or (
-            {row["prompt_id"]: r for row, r in zip(rows, responses, strict=True)} if config.iteration == 0 else None
-        )
         if reference is not None:
-            comparison, judged = judge(ranker, rows, best, reference, "base")
-            metrics |= {f"best_of_n_{k}": v for k, v in comparison.metrics("vs_base").items()}
-            judgments += [{**j, "best_of_n": True} for j in judged]
+            vs = Versus.of("base", rows, best, reference)
+            score_all(config, [vs], prompts)  # the axes again: the best sample depended on all of them
+            combined = vs.combined(axis_list)
+            metrics |= {f"best_of_n_{k}": v for k, v in vs.comparison(combined).metrics("vs_base").items()}
+            judgments += [{**j, "best_of_n": True} for j in vs.judgments(combined, per_axis)]
 
     records = [{**row, "response": r} for row, r in zip(rows, responses, strict=True)]
     if samples is not None and best is not None:
@@ -233,10 +344,13 @@ def compute(config: EvaluateConfig, out: Path, shard: int) -> dict[str, Any]:
 
 
 def track(config: EvaluateConfig, metrics: dict[str, Any]) -> None:
-    """On the run's own MLflow run: this evaluation's metrics (step = iteration), the best checkpoint so
-    far as a tag, and the report of the iterations evaluated so far as an artifact."""
+    """On the run's own MLflow run: this evaluation's metrics (step = iteration; an axis's rate as its value,
+    `evaluate/axes/<axis>/lc_win_rate_vs_base`), the best checkpoint so far as a tag, and the report of the
+    iterations evaluated so far as an artifact."""
     tracker = tracking.current()
-    tracker.metrics(metrics, step=config.iteration, prefix="evaluate/", parent=True)
+    axes_figures = metrics.get("axes", {}).items()
+    per_axis = {a: {k: winrate.value_of(v) for k, v in figures.items()} for a, figures in axes_figures}
+    tracker.metrics({**metrics, "axes": per_axis}, step=config.iteration, prefix="evaluate/", parent=True)
     if not tracker.enabled or config.iteration == 0:
         return
     ws = Workspace(config.workspace)
@@ -250,7 +364,7 @@ def track(config: EvaluateConfig, metrics: dict[str, Any]) -> None:
         )
     rule = config.evaluation.stop_when
     history = [it["stages"]["evaluate"]["metrics"] for it in iterations[1:]]
-    best = winrate.best_index(history, rule.metric if rule else "lcWinRateVsBase")
+    best = winrate.best_of(history, rule)
     if best is not None:
         uri = ws.checkpoint_uri(best + 1)
         claim = os.environ.get(PVC_CLAIM_ENV)

@@ -44,12 +44,14 @@ class Engine:
         seed: int,
         revision: str | None = None,
         chat_template: str | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         from idpo_jobs.models import load_tokenizer
 
-        self.tokenizer = load_tokenizer(model, revision, chat_template)
+        self.tokenizer = load_tokenizer(model, revision, chat_template, trust_remote_code)
         self.spec = spec
         self.seed = seed
+        self.trust_remote_code = trust_remote_code
         self.load(model, revision)
 
     def load(self, model: str, revision: str | None) -> None:
@@ -67,7 +69,7 @@ class TransformersEngine(Engine):
     def load(self, model: str, revision: str | None) -> None:
         from idpo_jobs.models import load_causal_lm
 
-        self.model = load_causal_lm(model, revision, self.spec.dtype).eval()
+        self.model = load_causal_lm(model, revision, self.spec.dtype, self.trust_remote_code).eval()
 
     def generate(
         self, prompt_ids: list[list[int]], n: int, offset: int = 0, total: int | None = None
@@ -120,6 +122,7 @@ class VLLMEngine(Engine):
             "dtype": spec.dtype,
             "gpu_memory_utilization": spec.gpu_memory_utilization,
             "seed": self.seed,
+            "trust_remote_code": self.trust_remote_code,
         }
         if spec.max_model_length:
             kwargs["max_model_len"] = spec.max_model_length
@@ -166,7 +169,8 @@ def compute(config: GenerateConfig, out: Path, shard: int) -> dict[str, Any]:
         from idpo_jobs.models import render_prompt_ids
 
         if not engines:
-            engines.append(ENGINES[spec.engine](model, spec, seed, config.revision, config.chat_template))
+            trust = config.trust_remote_code
+            engines.append(ENGINES[spec.engine](model, spec, seed, config.revision, config.chat_template, trust))
         engine = engines[0]
         prompt_ids = render_prompt_ids(engine.tokenizer, [p["prompt"] for p in chunk])
         responses = engine.generate(prompt_ids, spec.responses_per_prompt, start, len(prompts))

@@ -28,13 +28,18 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_tokenizer(name: str, revision: str | None = None, chat_template: str | None = None) -> Any:
-    """Tokenizer with a chat template (spec's, else its own, else Mistral's) and a pad token."""
+def load_tokenizer(
+    name: str, revision: str | None = None, chat_template: str | None = None, trust_remote_code: bool = False
+) -> Any:
+    """Tokenizer with a chat template (spec's, else its own, else Mistral's) and a pad token.
+
+    `trust_remote_code` is always passed, never left to a library's default: a checkpoint's own Python
+    runs only when the spec asked for it and the cluster's policy allowed it."""
     from transformers import AutoTokenizer
 
     check_model_path(name)
     try:
-        tok = AutoTokenizer.from_pretrained(name, revision=revision)
+        tok = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise StageError(f"cannot load tokenizer from {name!r}: {err}") from None
     if chat_template:
@@ -46,7 +51,9 @@ def load_tokenizer(name: str, revision: str | None = None, chat_template: str | 
     return tok
 
 
-def load_causal_lm(name: str, revision: str | None = None, dtype: str = "auto") -> PreTrainedModel:
+def load_causal_lm(
+    name: str, revision: str | None = None, dtype: str = "auto", trust_remote_code: bool = False
+) -> PreTrainedModel:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -55,7 +62,9 @@ def load_causal_lm(name: str, revision: str | None = None, dtype: str = "auto") 
     if device() == "cpu" and torch_dtype in ("auto", torch.float16, torch.bfloat16):
         torch_dtype = torch.float32  # half precision is slow or unsupported on CPU kernels
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            name, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError) as err:
         raise StageError(f"cannot load model from {name!r}: {err}") from None
     return model.to(device())

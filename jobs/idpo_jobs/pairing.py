@@ -1,7 +1,14 @@
-"""Turning scored candidates into preference pairs: best = chosen, worst = rejected."""
+"""Turning scored candidates into preference pairs: best = chosen, worst = rejected.
+
+With gates (`ranking.axes`), candidates that fail a gate rank below every candidate that passes: they may be
+rejected, never chosen. With `maxLengthRatio`, the best candidate is paired with the worst one it is at most
+that many times longer than. A prompt without a pair is dropped, and why (`Drop`) is counted.
+"""
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,28 +21,55 @@ class Pair:
     rejected: int
 
 
-def adjusted(scores: list[float], responses: list[str], spec: PairingSpec) -> list[float]:
+class Drop(enum.StrEnum):
+    TIE = "ties"  # best and worst score alike (or are the same text)
+    GATE = "gates"  # no candidate passes every gate
+    LENGTH_RATIO = "length_ratio"  # no candidate is long enough to be the best's rejected
+
+
+def adjusted(scores: Sequence[float], responses: Sequence[str], spec: PairingSpec) -> list[float]:
     return [s - spec.length_penalty * len(r) / 100 for s, r in zip(scores, responses, strict=True)]
 
 
-def choose(scores: list[float], responses: list[str], spec: PairingSpec) -> Pair | None:
-    """The pair for one prompt, or None for a tie (equal scores, or identical texts)."""
+def decide(
+    scores: Sequence[float], responses: Sequence[str], spec: PairingSpec, passing: Sequence[bool] | None = None
+) -> Pair | Drop:
+    """The pair for one prompt, or why there is none. `passing`: per candidate, whether it passes every gate."""
+    ok = list(passing) if passing is not None else [True] * len(scores)
     adj = adjusted(scores, responses, spec)
-    best = max(range(len(adj)), key=adj.__getitem__)  # first index wins among equals: stable
-    worst = min(range(len(adj)), key=adj.__getitem__)
-    tie = adj[best] - adj[worst] <= spec.tie_epsilon or responses[best] == responses[worst]
-    if tie and spec.drop_ties:
-        return None
-    if best == worst:  # all equal and ties kept: any two distinct indices
-        worst = (best + 1) % len(adj)
+    eligible = [i for i in range(len(adj)) if ok[i]]
+    if not eligible:
+        return Drop.GATE
+    best = max(eligible, key=adj.__getitem__)  # first index wins among equals: stable
+    ratio = spec.max_length_ratio
+    others = [
+        i for i in range(len(adj)) if i != best and (ratio is None or len(responses[best]) <= ratio * len(responses[i]))
+    ]
+    if not others:
+        return Drop.LENGTH_RATIO if ratio is not None else Drop.TIE
+    worst = min(others, key=lambda i: (ok[i], adj[i]))  # a failing candidate is worse than any passing one
+    same = ok[worst] and adj[best] - adj[worst] <= spec.tie_epsilon
+    if (same or responses[best] == responses[worst]) and spec.drop_ties:
+        return Drop.TIE
     return Pair(best, worst)
 
 
-def preference_row(row: dict[str, Any], scores: list[float], pair: Pair) -> dict[str, Any]:
-    """The Snorkel / TRL layout: conversational `chosen` / `rejected` plus all candidates."""
+def choose(
+    scores: Sequence[float], responses: Sequence[str], spec: PairingSpec, passing: Sequence[bool] | None = None
+) -> Pair | None:
+    """The pair for one prompt, or None when it has none (`decide` says why)."""
+    found = decide(scores, responses, spec, passing)
+    return found if isinstance(found, Pair) else None
+
+
+def preference_row(
+    row: dict[str, Any], scores: list[float], pair: Pair, axis_scores: Mapping[str, list[float]] | None = None
+) -> dict[str, Any]:
+    """The Snorkel / TRL layout: conversational `chosen` / `rejected` plus all candidates; `all_rm_scores` is
+    the combined score, `axis_scores` every axis's raw scores."""
     responses = row["all_generated_responses"]
     user = {"role": "user", "content": row["prompt"]}
-    return {
+    out = {
         "prompt_id": row["prompt_id"],
         "prompt": row["prompt"],
         "chosen": [user, {"role": "assistant", "content": responses[pair.chosen]}],
@@ -45,3 +79,6 @@ def preference_row(row: dict[str, Any], scores: list[float], pair: Pair) -> dict
         "score_chosen": scores[pair.chosen],
         "score_rejected": scores[pair.rejected],
     }
+    if axis_scores is not None:
+        out["axis_scores"] = dict(axis_scores)
+    return out

@@ -3,9 +3,11 @@
     python -m idpo_jobs.rank --config iter-1-rank.json
 
 Reads all generate parts, takes shard k of K of their rows, writes `part-<k>/pairs.jsonl`
-(Snorkel / TRL preference layout, loadable with `datasets.load_dataset("json", ...)`). It works in chunks
-of `ranking.chunkPrompts` prompts, each written to the shard's work directory when done, so an attempt
-after a kill scores only the chunks that were not finished (`resume.chunked`).
+(Snorkel / TRL preference layout, loadable with `datasets.load_dataset("json", ...)`; `all_rm_scores` is the
+combined score, `axis_scores` every axis's raw scores). It scores with each axis of `ranking.axes` in turn (the
+single `ranker` is one axis), in chunks of `ranking.chunkPrompts` prompts, each written to the shard's work
+directory when done, so an attempt after a kill scores only the chunks that were not finished
+(`resume.chunked`). Then `axes` combines the scores and `pairing` picks each prompt's pair.
 Rankers share one interface: `score(prompts, candidates) -> scores` (higher is better).
 """
 
@@ -20,8 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from idpo_jobs import contract, data, pairing, resume, tracking
-from idpo_jobs.config import RankConfig, RankingSpec, Stage, on_volume
+from idpo_jobs import axes, contract, data, pairing, resume, tracking
+from idpo_jobs.config import AxisSpec, RankConfig, RankingSpec, Stage, on_volume
 from idpo_jobs.generate import OUTPUT as GENERATIONS
 from idpo_jobs.uris import resolve_uri
 
@@ -40,7 +42,7 @@ class PairRMRanker:
         from idpo_jobs.models import device
 
         try:
-            self.blender = load_blender(model, device())
+            self.blender = load_blender(model, device(), spec.trust_remote_code)
         except FileNotFoundError as err:
             raise contract.StageError(str(err)) from None
         self.spec = spec
@@ -98,9 +100,12 @@ class RewardModelRanker:
         from idpo_jobs.models import check_model_path, device, load_tokenizer
 
         check_model_path(model, "reward model")
-        self.tokenizer = load_tokenizer(model)
+        self.tokenizer = load_tokenizer(model, trust_remote_code=spec.trust_remote_code)
         try:
-            self.model = AutoModelForSequenceClassification.from_pretrained(model).to(device()).eval()
+            classifier = AutoModelForSequenceClassification.from_pretrained(
+                model, trust_remote_code=spec.trust_remote_code
+            )
+            self.model = classifier.to(device()).eval()
         except (OSError, ValueError) as err:
             raise contract.StageError(f"cannot load reward model {model!r}: {err}") from None
         if self.model.config.pad_token_id is None:
@@ -144,7 +149,7 @@ class FunctionRanker:
 
     def _one(self, prompt: str, response: str) -> float:
         value = self.fn(prompt, response)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise contract.StageError(f"ranking.function {self.ref!r} returned {value!r}, not a number")
         return float(value)
 
@@ -182,47 +187,101 @@ def read_generations(config: RankConfig) -> list[dict[str, Any]]:
     return [row for part in parts for row in data.read_jsonl(part / GENERATIONS)]
 
 
+def score_axes(config: RankConfig, rows: list[dict[str, Any]], shard: int) -> tuple[dict[str, list[list[float]]], int]:
+    """Every axis's scores of every row's candidates, and how many rows no axis had to score again.
+
+    Axis by axis, chunk by chunk (`resume.chunked`, in `<work>/<axis>/`): an axis's model is loaded for its
+    first unfinished chunk, scores the rest of the shard, and is released before the next axis loads. A
+    chunk's identity is its axis's scoring (`axes.scoring_view`) and inputs: editing one axis scores only that
+    axis again; pairing settings score nothing again."""
+    found: dict[str, list[list[float]]] = {}
+    resumed = len(rows)
+    axis_list = config.ranking.scorer_axes()
+    for n, axis in enumerate(axis_list):
+        done = score_axis(config, axis, rows, shard, (n * len(rows), len(axis_list) * len(rows)))
+        if [r["prompt_id"] for r in done.rows] != [r["prompt_id"] for r in rows]:
+            raise contract.StageError(f"axis {axis.name}: its finished chunks do not match this shard's prompts")
+        found[axis.name] = [r["scores"] for r in done.rows]
+        resumed = min(resumed, done.resumed)
+    return found, resumed
+
+
+def score_axis(
+    config: RankConfig, axis: AxisSpec, rows: list[dict[str, Any]], shard: int, progress: tuple[int, int]
+) -> resume.Chunked:
+    """One axis's scores of the shard's rows (`score_axes`); `progress`: (items done before, items in all)."""
+    spec = config.ranking
+    loaded: list[axes.Scorer] = []  # none on a full resume
+
+    def score_chunk(offset: int, chunk: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        if not loaded:
+            loaded.append(axes.build(axis, spec))
+        out: list[dict[str, Any]] = []
+        for start in range(0, len(chunk), spec.batch_size):
+            batch = chunk[start : start + spec.batch_size]
+            scores = loaded[0].score([r["prompt"] for r in batch], [r["all_generated_responses"] for r in batch])
+            out += [{"prompt_id": r["prompt_id"], "scores": s} for r, s in zip(batch, scores, strict=True)]
+            contract.report_progress(progress[0] + offset + start + len(batch), progress[1])
+        return out, {}
+
+    view = config.model_copy(update={"ranking": axes.scoring_view(spec, axis)})
+    ident = resume.identity(view, scorer_inputs(config, [axis]), shard=shard)
+    work = contract.work_dir(contract.output_dir(config, shard)) / axis.name
+    done = resume.chunked(work, ident, rows, resume.chunk_size(spec.chunk_prompts, spec.batch_size), score_chunk)
+    if loaded:
+        loaded.clear()
+        axes.release()
+    return done
+
+
 def compute(config: RankConfig, out: Path, shard: int) -> dict[str, Any]:
     spec = config.ranking
     rows = data.shard_slice(read_generations(config), shard, config.shards)
-    rankers: list[Ranker] = []  # loaded for the first chunk that is not finished: none on a full resume
-
-    def rank_chunk(offset: int, chunk: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        if not rankers:
-            rankers.append(make_ranker(spec))
-        pairs, ties = [], 0
-        for start in range(0, len(chunk), spec.batch_size):
-            batch = chunk[start : start + spec.batch_size]
-            scores = rankers[0].score([r["prompt"] for r in batch], [r["all_generated_responses"] for r in batch])
-            for row, row_scores in zip(batch, scores, strict=True):
-                pair = pairing.choose(row_scores, row["all_generated_responses"], spec.pairing)
-                if pair is None:
-                    ties += 1
-                else:
-                    pairs.append(pairing.preference_row(row, row_scores, pair))
-            contract.report_progress(offset + min(start + spec.batch_size, len(chunk)), len(rows))
-        return pairs, {"ties": ties}
-
-    work = contract.work_dir(contract.output_dir(config, shard))
-    ident = resume.identity(config, inputs(config), shard=shard)
-    done = resume.chunked(work, ident, rows, resume.chunk_size(spec.chunk_prompts, spec.batch_size), rank_chunk)
-    pairs, ties = done.rows, sum(extra.get("ties", 0) for extra in done.extras)
+    axis_list = spec.scorer_axes()
+    scored, resumed = score_axes(config, rows, shard)
+    pairs: list[dict[str, Any]] = []
+    drops = dict.fromkeys(pairing.Drop, 0)
+    gate_drops = {a.name: 0 for a in axes.gates(axis_list)}
+    sides: dict[str, tuple[list[float], list[float]]] = {a.name: ([], []) for a in axis_list}
+    for i, row in enumerate(rows):
+        per_axis = {name: scores[i] for name, scores in scored.items()}
+        combined = axes.combine(per_axis, axis_list, spec.combine.normalize)
+        ok = axes.passing(per_axis, axis_list)
+        decided = pairing.decide(combined, row["all_generated_responses"], spec.pairing, ok)
+        if isinstance(decided, pairing.Drop):
+            drops[decided] += 1
+            for name in axes.closed_gates(per_axis, axis_list) if decided is pairing.Drop.GATE else []:
+                gate_drops[name] += 1
+            continue
+        pairs.append(pairing.preference_row(row, combined, decided, per_axis))
+        for name, (chosen, rejected) in sides.items():
+            chosen.append(per_axis[name][decided.chosen])
+            rejected.append(per_axis[name][decided.rejected])
     data.write_jsonl(out / OUTPUT, pairs)
 
     def mean(values: list[float]) -> float:
         return round(statistics.fmean(values), 4) if values else 0.0
 
-    metrics = {
+    metrics: dict[str, Any] = {
         "prompts": len(rows),
         "pairs": len(pairs),
-        "dropped_ties": ties,
+        **{f"dropped_{reason.value}": count for reason, count in drops.items()},
         "mean_chosen_score": mean([p["score_chosen"] for p in pairs]),
         "mean_rejected_score": mean([p["score_rejected"] for p in pairs]),
         "mean_chosen_chars": mean([len(p["chosen"][-1]["content"]) for p in pairs]),
         "mean_rejected_chars": mean([len(p["rejected"][-1]["content"]) for p in pairs]),
-        "ranker": spec.ranker,
-        "resumed_prompts": done.resumed,
+        "ranker": spec.ranker if not spec.axes else "axes",
+        "resumed_prompts": resumed,
     }
+    if spec.axes:  # per axis: what it thought of the pairs the axes chose together; what each gate dropped
+        metrics["axes"] = {
+            a.name: {
+                "mean_chosen_score": mean(sides[a.name][0]),
+                "mean_rejected_score": mean(sides[a.name][1]),
+                **({"dropped_prompts": gate_drops[a.name]} if a.gate is not None else {}),
+            }
+            for a in axis_list
+        }
     track(config.iteration, metrics, pairs)
     return metrics
 
@@ -244,11 +303,17 @@ def track(iteration: int, metrics: dict[str, Any], pairs: list[dict[str, Any]]) 
             tracker.artifact(sample)
 
 
-def inputs(config: RankConfig) -> dict[str, str]:
+def scorer_inputs(config: RankConfig, axis_list: list[AxisSpec]) -> dict[str, str]:
+    """The generations and the checkpoints of `axis_list`'s model axes (one `ranker` for the single form)."""
     found = {"generations": str(on_volume(config.input_dir))}
-    if config.ranking.model and config.ranking.ranker != "function":
-        found["ranker"] = resolve_uri(config.ranking.model)
+    for axis in axis_list:
+        if axis.model and axis.kind != "function":
+            found["ranker" if not config.ranking.axes else f"axis:{axis.name}"] = resolve_uri(axis.model)
     return found
+
+
+def inputs(config: RankConfig) -> dict[str, str]:
+    return scorer_inputs(config, config.ranking.scorer_axes())
 
 
 def main() -> int:

@@ -8,6 +8,9 @@
   its pairwise accuracy on that preference is about 0.6.
 - `reward/`: a random-weight Mistral sequence classifier (one logit) sharing the policy's
   tokenizer, for the `reward-model` ranker.
+- `policy-stops/`: the same policy with an end-of-sequence logit that follows the context, so its responses
+  end at varied lengths (from 1 token to the cap; 16 of at most 32 on average, sampled): what length control acts on
+  (`examples/tiny-axes.yaml`); `policy/` almost never ends before its token cap.
 - `prompts.jsonl`: templated prompts with ids.
 
     idpo make-tiny .idpo/tiny
@@ -21,6 +24,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +131,29 @@ def build_tiny_policy(out: str | Path, seed: int = 0, vocab_size: int = 1024) ->
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+STOPPING_POLICY = "policy-stops"
+EOS_SCALE = 4.0  # the EOS row's norm; a random row of the policy's has about 0.16
+
+
+def build_tiny_stopping_policy(out: str | Path, policy: str | Path, seed: int = 0) -> Path:
+    """`policy` whose EOS logit is EOS_SCALE times the final hidden state's projection on a random direction:
+    about 6% of next tokens end the response at temperature 1, more or less depending on the context, so
+    DPO can teach it to stop sooner or later."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(policy)
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    generator = torch.Generator().manual_seed(seed + 3)
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        direction = torch.randn(head.shape[1], generator=generator)
+        head[tokenizer.eos_token_id] = EOS_SCALE * direction / direction.norm()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return Path(out)
 
 
 def build_tiny_reward_model(out: str | Path, policy: str | Path, seed: int = 0) -> Path:
@@ -251,6 +278,7 @@ def build_tiny(out: str | Path, seed: int = 0) -> dict[str, Path]:
     policy = build_tiny_policy(out / "policy", seed=seed)
     return {
         "policy": policy,
+        STOPPING_POLICY: build_tiny_stopping_policy(out / STOPPING_POLICY, policy, seed=seed),
         "pairrm": build_tiny_pairrm(out / "pairrm", seed=seed),
         "reward": build_tiny_reward_model(out / "reward", policy, seed=seed),
         "prompts": prompts,
@@ -261,20 +289,26 @@ def ensure_tiny(root: Path) -> Path:
     """The tiny models under `root`, built there if absent. Built aside and renamed into place, so
     shards that race on first use never read half a model (the builds are seeded: any winner will do)."""
     done = root / "_SUCCESS"
-    if done.exists():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    if not done.exists():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        _add_aside(root, lambda tmp: (build_tiny(tmp), (tmp / "_SUCCESS").touch()))
+    elif not (root / STOPPING_POLICY).exists():  # built by an idpo from before it had one
+        _add_aside(root / STOPPING_POLICY, lambda tmp: build_tiny_stopping_policy(tmp, root / "policy"))
+    return root
+
+
+def _add_aside(final: Path, build: Callable[[Path], Any]) -> None:
+    """`build` into a temporary sibling of `final`, renamed into place; a racing twin's result is as good (the
+    builds are seeded)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        build_tiny(tmp)
-        (tmp / "_SUCCESS").touch()
-        os.rename(tmp, root)
+        build(tmp)
+        os.rename(tmp, final)
     except OSError:
-        if not done.exists():
+        if not final.exists():
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return root
 
 
 def _judge_example(rng: random.Random, name: str) -> tuple[list[dict[str, str]], str]:

@@ -45,12 +45,15 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def numbers(values: Mapping[str, Any]) -> dict[str, float]:
-    """The finite numbers of a metrics dict (MLflow and TensorBoard take nothing else)."""
-    return {
-        k: float(v)
-        for k, v in values.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
-    }
+    """The finite numbers of a metrics dict (MLflow and TensorBoard take nothing else); a map's under its path,
+    e.g. the per-axis figures as `axes/<axis>/lc_win_rate_vs_base`."""
+    out: dict[str, float] = {}
+    for k, v in values.items():
+        if isinstance(v, Mapping):
+            out |= {f"{k}/{name}": number for name, number in numbers(v).items()}
+        elif isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v)):
+            out[k] = float(v)
+    return out
 
 
 class Tracker:

@@ -63,7 +63,11 @@ def dpo_config(
         per_device_train_batch_size=t.per_device_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         max_length=t.max_length,
-        loss_type=[t.loss_type],
+        loss_type=t.loss_types(),
+        loss_weights=t.loss_weights,
+        ld_alpha=t.ld_alpha,
+        use_weighting=t.use_weighting,
+        label_smoothing=t.label_smoothing,
         warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio in transformers 5
         lr_scheduler_type=t.scheduler,
         precompute_ref_log_probs=t.precompute_ref_log_probs,
@@ -247,13 +251,14 @@ def compute(config: TrainConfig, out: Path, shard: int) -> dict[str, Any]:
     policy_dtype, reference_dtype = dtypes(config, cuda, strategy == "fsdp")
     policy = resolve_uri(config.model)
     reference = resolve_uri(config.reference_model)
-    tokenizer = load_tokenizer(policy, config.revision, config.chat_template)
-    model = load_causal_lm(policy, config.revision, policy_dtype)
+    trust = config.trust_remote_code
+    tokenizer = load_tokenizer(policy, config.revision, config.chat_template, trust)
+    model = load_causal_lm(policy, config.revision, policy_dtype, trust)
     # TRL's own rule: LoRA's reference is the frozen base with adapters off, and a precomputed one is
     # the untrained policy; otherwise a second model, loaded here so that it is bf16 (TRL would copy the
     # policy's fp32). An `initial` reference differs from this iteration's base, so it is always loaded.
     separate = reference != policy or (t.lora is None and not t.precompute_ref_log_probs)
-    ref_model = load_causal_lm(reference, None, reference_dtype) if separate else None
+    ref_model = load_causal_lm(reference, None, reference_dtype, trust) if separate else None
 
     peft_config = None
     if t.lora is not None:

@@ -1,6 +1,6 @@
 """Win rates, their intervals, the length-controlled win rate and the early-stop rule: pure statistics.
 
-The evaluate stage computes the metrics; the operator decides with `should_stop` and `best_index`,
+The evaluate stage computes the metrics; the operator decides with `should_stop` and `best_of`,
 so this module imports no torch, and numpy only inside the length-controlled fit (the operator
 image has no numpy).
 
@@ -135,6 +135,21 @@ class Comparison:
             f"mean_length_diff_{suffix}": round(self.mean_length_diff, 2),
         }
 
+    def figures(self, suffix: str, digits: int = 3) -> dict[str, list[float]]:
+        """The rates as an axis's figures (compact: up to eight axes share a 4 KiB stage summary): each rate with
+        its 95% interval as [value, low, high], e.g. `lc_win_rate_vs_base: [0.61, 0.52, 0.69]`."""
+        return {
+            f"win_rate_{suffix}": [round(v, digits) for v in (self.win_rate, *self.interval)],
+            f"lc_win_rate_{suffix}": [round(v, digits) for v in (self.lc_win_rate, *self.lc_interval)],
+        }
+
+
+def value_of(figure: Any) -> float | None:
+    """A rate as the evaluate stage reports it: a number (the combined figures) or [value, low, high] (an axis's)."""
+    if isinstance(figure, list) and figure:
+        figure = figure[0]
+    return float(figure) if isinstance(figure, int | float) and not isinstance(figure, bool) else None
+
 
 def compare(outcomes: Sequence[float], length_diffs: Sequence[float]) -> Comparison:
     """Everything reported about one comparison: counts, win rate (Wilson 95%), LC win rate (Wald 95%)."""
@@ -152,42 +167,77 @@ def compare(outcomes: Sequence[float], length_diffs: Sequence[float]) -> Compari
     )
 
 
-def _values(history: Sequence[Mapping[str, Any]], metric: str) -> list[tuple[int, float]]:
+LENGTH_RATIO = "mean_length_ratio_vs_base"  # the evaluate metric `StopWhen.maxLengthRatio` bounds
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _read(entry: Mapping[str, Any], key: str, axis: str | None) -> Any:
+    """`key` of one evaluation: the combined figure, or `axes.<axis>.<key>`."""
+    if axis is None:
+        return entry.get(key)
+    figures = entry.get("axes")
+    figures = figures.get(axis) if isinstance(figures, Mapping) else None
+    return figures.get(key) if isinstance(figures, Mapping) else None
+
+
+def _values(history: Sequence[Mapping[str, Any]], metric: str, axis: str | None = None) -> list[tuple[int, float]]:
     """(position, value) of the evaluations that have `metric` (iteration 0 and failed ones have not)."""
     key = METRIC_KEYS[metric]
-    return [
-        (pos, float(h[key]))
-        for pos, h in enumerate(history)
-        if isinstance(h.get(key), int | float) and not isinstance(h.get(key), bool)
-    ]
+    return [(pos, v) for pos, h in enumerate(history) if (v := value_of(_read(h, key, axis))) is not None]
+
+
+def too_long(entry: Mapping[str, Any], stop_when: StopWhen | None) -> bool:
+    """Whether an evaluation's mean length is past the length guard's bound."""
+    ratio = entry.get(LENGTH_RATIO)
+    bound = stop_when.max_length_ratio if stop_when is not None else None
+    return bound is not None and _number(ratio) and ratio > bound
 
 
 def should_stop(history: Sequence[Mapping[str, Any]], stop_when: StopWhen | None) -> tuple[bool, str]:
     """Whether to start no further iteration, and why, from the evaluate metrics of iterations 1..n in order.
 
-    `below`: the latest value is below it. `patience`: the best of the last `patience` values is less
-    than `minDelta` above the best value before them (so a slow but steady climb does not stop a run).
-    Entries without the metric are skipped.
+    `maxLengthRatio`: the latest mean length is more than this many times the base model's. `below`: the
+    latest value is below it. `patience`: the best of the last `patience` values is less than `minDelta`
+    above the best value before them (so a slow but steady climb does not stop a run). Entries without the
+    metric are skipped. With `axis`, the rules read that axis's figures.
     """
     if stop_when is None:
         return False, ""
-    values = [v for _, v in _values(history, stop_when.metric)]
+    if history and too_long(history[-1], stop_when):
+        ratio, bound = history[-1][LENGTH_RATIO], stop_when.max_length_ratio
+        return True, f"the mean response length is {ratio:.2f} times the base model's, above {bound:g}"
+    name = f"{stop_when.metric} of axis {stop_when.axis}" if stop_when.axis else stop_when.metric
+    values = [v for _, v in _values(history, stop_when.metric, stop_when.axis)]
     if not values:
         return False, ""
     if stop_when.below is not None and values[-1] < stop_when.below:
-        return True, f"{stop_when.metric} {values[-1]:.3f} is below {stop_when.below:g}"
+        return True, f"{name} {values[-1]:.3f} is below {stop_when.below:g}"
     patience = stop_when.patience
     if patience is not None and len(values) > patience:
         before, recent = max(values[:-patience]), max(values[-patience:])
         if recent < before + stop_when.min_delta:
             return True, (
-                f"{stop_when.metric}: the best of the last {patience} iteration(s), {recent:.3f}, is not "
+                f"{name}: the best of the last {patience} iteration(s), {recent:.3f}, is not "
                 f"{stop_when.min_delta:g} above the best before them, {before:.3f}"
             )
     return False, ""
 
 
-def best_index(history: Sequence[Mapping[str, Any]], metric: str = "lcWinRateVsBase") -> int | None:
+def best_index(
+    history: Sequence[Mapping[str, Any]], metric: str = "lcWinRateVsBase", axis: str | None = None
+) -> int | None:
     """Position in `history` of the highest `metric` (the earliest on a tie); None when no entry has it."""
-    values = _values(history, metric)
+    values = _values(history, metric, axis)
     return max(values, key=lambda pv: (pv[1], -pv[0]))[0] if values else None
+
+
+def best_of(history: Sequence[Mapping[str, Any]], stop_when: StopWhen | None) -> int | None:
+    """The best iteration's position as `stopWhen` judges: its metric and axis (the combined LC win rate vs the
+    base model without one), among the evaluations within its length bound."""
+    if stop_when is None:
+        return best_index(history)
+    kept = [{} if too_long(h, stop_when) else h for h in history]  # positions stay
+    return best_index(kept, stop_when.metric, stop_when.axis)

@@ -60,7 +60,8 @@ class ApplyError(workqueue.Retry):
 
 
 class Cache:
-    """What the watches have seen: kopf indexes of RunViews, JobViews and PodViews, and with Kueue its
+    """What the watches have seen: kopf indexes of RunViews, JobViews and PodViews, the Job controller's
+    FailedCreate Events (observe.CreateFailure, by namespace and Job uid), and with Kueue its
     WorkloadViews and each namespace's LocalQueues."""
 
     def __init__(
@@ -70,8 +71,10 @@ class Cache:
         pods: Mapping[Any, Any],
         workloads: Mapping[Any, Any] | None = None,
         local_queues: Mapping[Any, Any] | None = None,
+        failed_creates: Mapping[Any, Any] | None = None,
     ) -> None:
         self._runs, self._jobs, self._pods = runs, jobs, pods
+        self._failed_creates = failed_creates if failed_creates is not None else {}
         # An index is falsy while empty: test for None, or a watch started later would never be seen.
         self._workloads = workloads if workloads is not None else {}
         self._local_queues = local_queues if local_queues is not None else {}
@@ -90,6 +93,23 @@ class Cache:
 
     def queues(self, label: tuple[str, str]) -> reconcile.Queues:
         return reconcile.Queues(list(self._workloads.get(label, ())), dict(self._local_queues.get(label[0], ())))
+
+    def failures(self, namespace: str, jobs: list[observe.JobView]) -> dict[str, observe.CreateFailure]:
+        """The latest FailedCreate of each of `jobs` that has one (a Job may have several Events: the
+        apiserver's message changed, a quota's counts for one)."""
+        out = {}
+        for job in jobs:
+            found = list(self._failed_creates.get((namespace, job.uid), ()))
+            if found and job.uid:
+                out[job.uid] = max(found, key=lambda f: f.last or "")
+        return out
+
+    def job_label(self, namespace: str, uid: str) -> str | None:
+        """The run label of the Job of `uid`, if the cache has it."""
+        for (ns, label), store in self._jobs.items():
+            if ns == namespace and any(j.uid == uid for j in store):
+                return label
+        return None
 
     def job_names(self) -> set[str]:
         return {j.name for store in self._jobs.values() for j in store}
@@ -196,7 +216,7 @@ class Writer:
                 self.core.read_namespaced_persistent_volume_claim,
             ),
             "Service": (self.core.create_namespaced_service, self.core.read_namespaced_service),
-            "Job": (self.batch.create_namespaced_job, None),
+            "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job),
         }[kind]
         try:
             drain(create(ns, obj, _preload_content=False, _request_timeout=TIMEOUT))
@@ -204,12 +224,11 @@ class Writer:
         except ApiException as err:
             # ResourceQuota admission comes before the name is checked: a claim that is there already and
             # fills the namespace's quota is answered 403 "exceeded quota", not 409. Reading it tells which.
-            quota = err.status == 403 and read is not None and "exceeded quota" in api_message(err)
+            quota = err.status == 403 and "exceeded quota" in api_message(err)
             if err.status != 409 and not quota:
                 raise
-            if read is None:
-                return  # a Job: its owner is checked in the decision, from the cache
-            # There already: ours (a restarted operator, a cache a moment behind), or someone else's.
+            # There already: ours (a restarted operator, a cache a moment behind), or someone else's, which
+            # the label-selected watches may never show (a Job without the run's labels): never "created".
             try:
                 found = json.loads(read(name, ns, _preload_content=False, _request_timeout=TIMEOUT).data)
             except ApiException as missing:
@@ -218,6 +237,8 @@ class Writer:
                 raise
             if not resources.owned_by({**found, "kind": kind}, owner_uid):
                 raise ForeignChild(f"{kind} {name} belongs to another object; not using it") from None
+            if kind == "Job" and not resources.watched(found, obj):
+                raise ForeignChild(f"Job {name} has this run's owner but not its labels; not using it") from None
 
     def fail_job(self, namespace: str, name: str, why: str) -> None:
         # The Job controller fails a Job past its deadline and removes its pods: the GPUs go back.
@@ -385,6 +406,12 @@ class Controller:
             if key[0] == namespace and resources.run_label(key[1]) == label:
                 self.changed(key)
 
+    def create_failed(self, namespace: str, job_uid: str) -> None:
+        """The apiserver refused a pod of the Job of `job_uid`: its run, if the Job is one of ours."""
+        label = self.cache.job_label(namespace, job_uid)
+        if label is not None:
+            self.changed_label(namespace, label)
+
     def job_finished(self) -> None:
         """A stage Job ended: runs waiting for capacity may start theirs, oldest first."""
         cap = self.settings.max_concurrent_stages
@@ -415,6 +442,7 @@ class Controller:
                 settings=self.settings.decide(),
                 capacity=capacity,
                 queues=self.cache.queues(label),
+                failures=self.cache.failures(namespace, jobs),
             )
             created = [observe.job_view(o) for o in decision.create if o["kind"] == "Job"]
             for job in created:

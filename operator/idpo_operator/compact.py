@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from idpo_jobs import winrate
 from idpo_jobs.config import Stage
 
 BUDGET = 192 * 1024  # bytes of status.iterations and status.frozenSpecs together
@@ -27,9 +28,21 @@ HEADLINE = {
     Stage.GENERATE.value: ("prompts", "responses", "mean_response_chars", *TRACKING),
     Stage.RANK.value: ("pairs", "dropped_ties", "mean_chosen_score", "mean_rejected_score", *TRACKING),
     Stage.TRAIN.value: ("pairs", "steps", "loss", "reward_accuracy", "reward_margin", "resumed_from_step", *TRACKING),
-    # What early stopping and the best checkpoint are decided on must survive.
-    Stage.EVALUATE.value: ("prompts", "win_rate_vs_base", "lc_win_rate_vs_base", "lc_win_rate_vs_previous", *TRACKING),
+    # What early stopping and the best checkpoint are decided on must survive (per axis too).
+    Stage.EVALUATE.value: (
+        "prompts",
+        "win_rate_vs_base",
+        "lc_win_rate_vs_base",
+        "lc_win_rate_vs_previous",
+        "mean_response_chars",
+        "mean_length_ratio_vs_base",
+        "axes",
+        *TRACKING,
+    ),
 }
+# What a compacted evaluation keeps of the axis `stopWhen` follows (the metrics it can name), as plain values;
+# other axes' figures go (8 axes of 100 iterations would not fit).
+AXIS_HEADLINE = ("lc_win_rate_vs_base", "lc_win_rate_vs_previous")
 KEPT_FIELDS = ("phase", "attempts", "startTime", "completionTime")
 
 
@@ -53,19 +66,31 @@ def kept_specs(iterations: list[dict[str, Any]], specs: dict[str, Any]) -> dict[
     return {d: s for d, s in specs.items() if d in wanted}
 
 
-def _compacted(name: str, stage: dict[str, Any]) -> dict[str, Any]:
+def _headline(key: str, value: Any, axes: tuple[str, ...]) -> Any:
+    if isinstance(value, str):
+        return value[:60]
+    if key == "axes" and isinstance(value, dict):
+        kept = {a: f for a, f in value.items() if a in axes and isinstance(f, dict)}
+        return {a: {k: winrate.value_of(v) for k, v in f.items() if k in AXIS_HEADLINE} for a, f in kept.items()}
+    return value
+
+
+def _compacted(name: str, stage: dict[str, Any], axes: tuple[str, ...]) -> dict[str, Any]:
     metrics = stage.get("metrics") or {}
-    headline = {k: v if not isinstance(v, str) else v[:60] for k, v in metrics.items() if k in HEADLINE[name]}
+    headline = {k: _headline(k, v, axes) for k, v in metrics.items() if k in HEADLINE[name]}
     return {**{k: stage[k] for k in KEPT_FIELDS if k in stage}, "metrics": headline, "compacted": True}
 
 
-def within_budget(iterations: list[dict[str, Any]], specs: dict[str, Any], budget: int = BUDGET) -> None:
-    """Compact the oldest finished iterations, in place, until iterations and specs fit `budget`."""
+def within_budget(
+    iterations: list[dict[str, Any]], specs: dict[str, Any], budget: int = BUDGET, axes: tuple[str, ...] = ()
+) -> None:
+    """Compact the oldest finished iterations, in place, until iterations and specs fit `budget`; `axes`: those
+    whose figures decisions read (`evaluation.stopWhen.axis`)."""
     size = _size(iterations) + _size(specs)
     candidates = [e for e in iterations[:-KEEP_WHOLE] if e["phase"] == "Succeeded"]
     for entry in candidates:
         if size <= budget:
             return
         before = _size(entry)
-        entry["stages"] = {name: _compacted(name, stage) for name, stage in entry["stages"].items()}
+        entry["stages"] = {name: _compacted(name, stage, axes) for name, stage in entry["stages"].items()}
         size -= before - _size(entry)

@@ -4,9 +4,9 @@
 
 pydantic's JSON Schema is converted to the structural OpenAPI v3 subset Kubernetes accepts: refs
 inlined, `X | None` as `nullable`, exclusive bounds in OpenAPI 3.0 form, free-form maps marked
-`x-kubernetes-preserve-unknown-fields`, quantities as int-or-string. Cross-field rules that the
-pydantic validators enforce locally are stated again as CEL (`x-kubernetes-validations`), declared
-on the models themselves through `CEL_RULES` below.
+`x-kubernetes-preserve-unknown-fields`, quantities as int-or-string, a name-or-list as an untyped value.
+Cross-field rules that the pydantic validators enforce locally are stated again as CEL
+(`x-kubernetes-validations`), declared on the models themselves through `CEL_RULES` below.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from idpo_jobs.config import PVC_PATH_RULE
 
-from idpo_operator.spec import GROUP, KIND, PLURAL, VERSION, IterativeDPORunSpec
+from idpo_operator.spec import GROUP, KIND, MAX_ENV_VALUES, PLURAL, VERSION, IterativeDPORunSpec
 
 SHORT_NAMES = ["idpo"]
 CATEGORIES = ["idpo", "ml"]
@@ -47,6 +47,39 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
             "message": "rankers pairrm and reward-model need `model`",
             "fieldPath": ".model",
         },
+        {
+            "rule": "!has(self.axes) || self.axes.all(a, self.axes.exists_one(b, b.name == a.name))",
+            "message": "axes: names must be unique",
+            "fieldPath": ".axes",
+        },
+        {
+            "rule": "!has(self.axes) || self.axes.exists(a, has(a.weight))",
+            "message": "axes: at least one axis needs a `weight`: gates alone choose nothing",
+            "fieldPath": ".axes",
+        },
+    ],
+    "AxisSpec": [
+        _on_the_claim("model", nullable=True),
+        {"rule": "has(self.weight) != has(self.gate)", "message": "an axis needs exactly one of `weight` and `gate`"},
+        {
+            "rule": "self.kind != 'function' || has(self.function)",
+            "message": "an axis of kind function needs `function: module:callable`",
+            "fieldPath": ".function",
+        },
+        {
+            "rule": "self.kind == 'function' || has(self.model)",
+            "message": "axes of kind pairrm and reward-model need `model`",
+            "fieldPath": ".model",
+        },
+        {
+            "rule": "self.kind != 'pairrm' || !has(self.gate)",
+            "message": "a gate needs an absolute score; PairRM's are relative to the other candidates",
+            "fieldPath": ".gate",
+        },
+    ],
+    "GateSpec": [
+        {"rule": "has(self.min) || has(self.max)", "message": "a gate needs `min`, `max` or both"},
+        {"rule": "!has(self.min) || !has(self.max) || self.min <= self.max", "message": "gate min is above max"},
     ],
     "ModelSpec": [
         _on_the_claim("name"),
@@ -70,6 +103,13 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
             "rule": "!has(self.judges) || self.judges.all(j, self.judges.filter(k, k.name == j.name).size() == 1)",
             "message": "evaluation.judges: names must be unique",
             "fieldPath": ".judges",
+        }
+    ],
+    "RuntimeSpec": [
+        {
+            "rule": f"!has(self.env) || self.env.map(e, has(e.value) ? size(e.value) : 0).sum() <= {MAX_ENV_VALUES}",
+            "message": f"runtime.env: the values may add up to {MAX_ENV_VALUES} characters",
+            "fieldPath": ".env",
         }
     ],
 }
@@ -108,6 +148,10 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
         kinds = [v for v in variants if v.get("type") != "null"]
         if {v.get("type") for v in kinds} == {"string", "integer"}:
             out["x-kubernetes-int-or-string"] = True
+        elif {v.get("type") for v in kinds} == {"string", "array"}:
+            # A name or a list of names (training.lossType): no structural type has both, so the apiserver
+            # keeps the value as given and the operator's validation (pydantic) checks it.
+            out["x-kubernetes-preserve-unknown-fields"] = True
         elif len(kinds) == 1:
             out.update(_structural(kinds[0]))
         else:

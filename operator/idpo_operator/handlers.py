@@ -7,7 +7,10 @@ What kopf itself writes to a run is nothing at all: the handlers are event handl
 which keep no progress or diff-base annotations and need no finalizer, and kopf posts no events. So a
 follower replica writes nothing, and a run's cost is our own four writes per stage hand-off. Jobs and
 Pods are watched with the run label as a server-side selector: the operator never receives the
-cluster's other Jobs and Pods. Handlers are coroutines: an event costs no thread hop.
+cluster's other Jobs and Pods. The Job controller reports a pod the apiserver refused (Pod Security, a
+quota, a webhook) only as a `FailedCreate` Event on the Job: Events are watched too, selected by the
+server (involvedObject kind Job, reason FailedCreate). Handlers are coroutines: an event costs no thread
+hop.
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ from typing import Any
 import kopf
 
 from idpo_operator import apply, observe, queueing
-from idpo_operator.reconcile import RETRY_ANNOTATION, RunView
+from idpo_operator.reconcile import RETRY_ANNOTATION, RunView, cached_spec
 from idpo_operator.resources import ANNOTATION_RUN, LABEL_RUN
 from idpo_operator.spec import GROUP, PLURAL, VERSION
 
 RUNS = (GROUP, VERSION, PLURAL)
 JOBS = ("batch", "v1", "jobs")
 PODS = ("", "v1", "pods")
+EVENTS = ("", "v1", "events")
 KUEUE = "kueue.x-k8s.io"
 WORKLOADS = (KUEUE, "v1beta2", "workloads")
 LOCAL_QUEUES = (KUEUE, "v1beta2", "localqueues")
@@ -69,8 +73,11 @@ async def configure(
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # a line per event is much of kopf's cost
     for resource in (JOBS, PODS, WORKLOADS):  # Kueue copies the label onto Workloads (docs/kueue.md)
         settings.watching.label_selectors[resource] = LABEL_RUN  # the label exists: ours only
+    # Events carry no labels: the Job controller's refusals of Jobs' pods only, selected by the server.
+    settings.watching.field_selectors[EVENTS] = observe.FAILED_CREATE_SELECTOR
     api = apply.connect()
-    cache = apply.Cache(runs, jobs, pods, indexes.get("workloads"), indexes.get("local_queues"))
+    queues = indexes.get("workloads"), indexes.get("local_queues")
+    cache = apply.Cache(runs, jobs, pods, *queues, failed_creates=indexes.get("failed_creates"))
     memo.controller = apply.Controller(options, cache, api)
     memo.controller.start()
 
@@ -84,12 +91,14 @@ async def hand_over(memo: kopf.Memo, **_: Any) -> None:
 @kopf.index(*RUNS)
 async def runs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
     meta = body["metadata"]
+    spec, size = cached_spec(body.get("spec"))
     view = RunView(
         name=name,
         namespace=namespace,
         uid=meta["uid"],
         generation=meta.get("generation", 1),
-        spec=body.get("spec") or {},
+        spec=spec,
+        spec_bytes=size,
         status=body.get("status") or {},
         resource_version=meta.get("resourceVersion", ""),
         deleting=bool(meta.get("deletionTimestamp")),
@@ -107,6 +116,15 @@ async def jobs(namespace: str, labels: dict[str, str], body: kopf.Body, **_: Any
 @kopf.index(*PODS, labels=OURS)
 async def pods(namespace: str, labels: dict[str, str], body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return {(namespace, labels[LABEL_RUN]): observe.pod_view(body)}
+
+
+@kopf.index(*EVENTS)
+async def failed_creates(namespace: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    """Why a Job has no pods: the Job controller's FailedCreate Events, by Job uid. Events of other
+    Jobs of the namespace come too (Events have no labels to select ours by); they are few (one object
+    per Job and message, its count bumped) and expire with the Events (an hour by default)."""
+    failure = observe.create_failure(body)
+    return {(namespace, failure.job_uid): failure} if failure else {}
 
 
 # -- triggers ----------------------------------------------------------------------------------------
@@ -142,6 +160,13 @@ async def pod_changed(
     annotations: dict[str, str], labels: dict[str, str], namespace: str, memo: kopf.Memo, **_: Any
 ) -> None:
     memo.controller.changed((namespace, _run_of(annotations, labels)))
+
+
+@kopf.on.event(*EVENTS)
+async def create_failed(type: str | None, namespace: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    failure = observe.create_failure(body)
+    if failure is not None and type != "DELETED":
+        memo.controller.create_failed(namespace, failure.job_uid)
 
 
 @kopf.on.probe(id="reconciles")

@@ -40,6 +40,7 @@ STATUS_FILE = "status.json"
 def resolve_tiny(spec: IterativeDPORunSpec, cache: Path) -> IterativeDPORunSpec:
     """Replace `tiny://name` URIs by paths under `cache`, building the tiny models if needed."""
     uris = [spec.model.name, spec.prompts.source, spec.ranking.model or ""]
+    uris += [a.model or "" for a in spec.ranking.axes or []]
     if not any(u.startswith(TINY_SCHEME) for u in uris):
         return spec
     if not (cache / "_SUCCESS").exists():
@@ -53,6 +54,8 @@ def resolve_tiny(spec: IterativeDPORunSpec, cache: Path) -> IterativeDPORunSpec:
     data["model"]["name"] = local(spec.model.name)
     data["prompts"]["source"] = local(spec.prompts.source)
     data["ranking"]["model"] = local(spec.ranking.model)
+    for axis in data["ranking"]["axes"] or []:
+        axis["model"] = local(axis["model"])
     return IterativeDPORunSpec.model_validate(data)
 
 
@@ -169,7 +172,10 @@ class LocalRunner:
             bar_format="{desc} {percentage:3.0f}%|{bar}| {n}/{total} [{elapsed}]",
         )
         progress: dict[int, tuple[int, int]] = {}
-        command = resources.stage_command(key.stage, str(config_path), sys.executable)
+        # With this process's interpreter flags, not a pod's isolated mode: the environment here is the
+        # user's own (PYTHONPATH may name the module of their function ranker).
+        flags = tuple(subprocess._args_from_interpreter_flags())
+        command = resources.stage_command(key.stage, str(config_path), sys.executable, flags)
         env = self._torchrun_env() if key.stage is Stage.TRAIN else {}
         processes = [_Shard(key, k, command, env, logs, bar, progress) for k in range(shards)]
         codes = [p.wait() for p in processes]
@@ -205,7 +211,7 @@ class _Shard:
         env = {
             **os.environ,
             "JOB_COMPLETION_INDEX": str(shard),
-            "IDPO_TERMINATION_LOG": str(self.termination),
+            contract.TERMINATION_LOG_ENV: str(self.termination),
             "PYTHONUNBUFFERED": "1",
             "TOKENIZERS_PARALLELISM": "false",
             **extra_env,

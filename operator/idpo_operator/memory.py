@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from idpo_jobs.config import AxisSpec, RankingSpec
+
 if TYPE_CHECKING:
     from idpo_operator.spec import IterativeDPORunSpec
 
@@ -53,6 +55,9 @@ KNOWN_MODELS: dict[str, ModelShape] = {
     "Qwen/Qwen2.5-0.5B-Instruct": ModelShape(0.494e9, 896, 24, 4864, 151936, 14, 2, 64),
     # DeBERTa-v3-large, PairRM's backbone: 0.3B in the layers, 0.13B in the embeddings.
     "llm-blender/PairRM": ModelShape(0.435e9, 1024, 24, 4096, 128100, 16, 16, 64),
+    # Reward models (`reward-model` axes): a DeBERTa-v3-large and a Llama-3.1-8B classifier.
+    "OpenAssistant/reward-model-deberta-v3-large-v2": ModelShape(0.435e9, 1024, 24, 4096, 128100, 16, 16, 64),
+    "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2": ModelShape(7.5e9, 4096, 32, 14336, 128256, 32, 8, 128),
 }
 
 
@@ -248,6 +253,64 @@ def rank_memory(
     return StageMemory("rank", variant, model, items)
 
 
+def reward_model_memory(
+    model: str, shape: ModelShape | None, *, batch_size: int, source_length: int, candidate_length: int
+) -> StageMemory:
+    """A sequence classifier in fp32 (the rank stage loads it so) scoring `batch_size` chats of prompt and
+    response: inference keeps one layer's working set at a time (its MLP and the attention scores)."""
+    variant = "reward-model, 1 process"
+    if shape is None:
+        return StageMemory("rank", variant, model, notes=("unknown reward model: add its shape to KNOWN_MODELS",))
+    seq = source_length + candidate_length
+    layer = batch_size * seq * (4 * shape.hidden + 2 * shape.intermediate) * FP32
+    scores = batch_size * shape.heads * seq * seq * FP32
+    items = (
+        Item("weights (fp32)", shape.params * FP32),
+        Item("one layer's forward (MLP and attention scores)", layer + scores),
+        Item("CUDA context, allocator slack", RUNTIME),
+    )
+    return StageMemory("rank", variant, model, items)
+
+
+def function_memory(function: str) -> StageMemory:
+    return StageMemory("rank", "function, 1 process", function, (Item("no model: a Python function on the CPU", 0.0),))
+
+
+def axis_memory(axis: AxisSpec, ranking: RankingSpec) -> StageMemory:
+    """One axis's scorer, as the rank and evaluate stages load it."""
+    lengths = {
+        "batch_size": ranking.batch_size,
+        "source_length": ranking.max_source_length,
+        "candidate_length": ranking.max_candidate_length,
+    }
+    if axis.kind == "pairrm":
+        return rank_memory(axis.model or "", shape_of(axis.model), **lengths)
+    if axis.kind == "reward-model":
+        return reward_model_memory(axis.model or "", shape_of(axis.model), **lengths)
+    return function_memory(axis.function or "")
+
+
+def ranking_memory(ranking: RankingSpec) -> StageMemory:
+    """The rank stage: its axes load one after another, each released before the next, so its memory is its
+    largest axis's, not their sum. One axis (the single-ranker form): that axis's estimate."""
+    axes = ranking.scorer_axes()
+    each = [(a, axis_memory(a, ranking)) for a in axes]
+    if len(each) == 1:
+        return each[0][1]
+    known = [(a, m) for a, m in each if m.known]
+    notes = tuple(
+        f"axis {a.name} ({a.kind}): " + (f"{m.total / GB:.1f} GB" if m.total is not None else "unknown")
+        for a, m in each
+    )
+    if not known:
+        return StageMemory("rank", f"{len(axes)} axes, one at a time", "", notes=notes)
+    largest, estimate = max(known, key=lambda am: am[1].total or 0.0)
+    unknown = [a.name for a, m in each if not m.known]
+    notes += (f"unknown: {', '.join(unknown)}, which may be larger",) if unknown else ()
+    variant = f"{len(axes)} axes, one at a time: memory is the largest, axis {largest.name}"
+    return StageMemory("rank", variant, estimate.model, estimate.items, notes)
+
+
 def _over(shards: int) -> str:
     return f", sharded /{shards}" if shards > 1 else ""
 
@@ -302,13 +365,7 @@ def plan_memory(
             prompt_tokens=prompt_tokens,
             max_new_tokens=g.max_new_tokens,
         ),
-        rank_memory(
-            r.model or r.function or "",
-            shape_of(r.model) if r.ranker == "pairrm" else None,
-            batch_size=r.batch_size,
-            source_length=r.max_source_length,
-            candidate_length=r.max_candidate_length,
-        ),
+        ranking_memory(r),
         *trains,
     ]
     return MemoryPlan(gpu_memory, tuple(stages))

@@ -18,19 +18,33 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from idpo_jobs.config import Stage
+from idpo_jobs.config import MAX_AXES, MAX_AXIS_NAME, Stage
 
 from idpo_operator import resources
 from idpo_operator.plan import StageKey
-from idpo_operator.status import MAX_TEXT, Phase, StageRecord, digests_of, merge_metrics, warned
+from idpo_operator.status import (
+    MAX_METRICS,
+    MAX_TEXT,
+    Phase,
+    StageRecord,
+    cut_note,
+    digests_of,
+    merge_metrics,
+    warned,
+)
 
 CONTROLLER_UID = "batch.kubernetes.io/controller-uid"  # the Job controller's label on its pods
-MAX_METRICS = 64  # keys of one summary's metrics
 MAX_LIST = 64  # items of a list metric (e.g. rank_steps: one per process)
+AXES = "axes"  # the one metric that is a map: per-axis figures, {axis: {metric: value}} (docs/ranking.md)
 # Waiting reasons that no amount of waiting fixes: the stage fails at once, not at its start deadline.
 FATAL_WAITING = frozenset({"InvalidImageName", "ErrImageNeverPull"})
 # Why a gang restarts (StageRecord.restarting): a pod failed (an attempt), or was disrupted (not one).
 POD_FAILED, DISRUPTED = "PodFailed", "DisruptionTarget"
+# The Job controller's Event (its only report) when the apiserver refuses a Job's pod: Pod Security
+# admission, a ResourceQuota, a webhook or admission policy, a missing ServiceAccount, a LimitRange.
+# The Job itself shows nothing: no pod, no condition, `active: 0`.
+FAILED_CREATE = "FailedCreate"
+FAILED_CREATE_SELECTOR = f"involvedObject.kind=Job,reason={FAILED_CREATE}"  # the Events watch's field selector
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,16 @@ class PodView:
 
 
 @dataclass(frozen=True)
+class CreateFailure:
+    """One `FailedCreate` Event of a Job: the apiserver's answer, and when it was first and last given."""
+
+    job_uid: str
+    message: str
+    first: str | None = None  # RFC 3339 to the second, as Job and Pod timestamps are: comparable as text
+    last: str | None = None
+
+
+@dataclass(frozen=True)
 class Condition:
     reason: str = ""
     message: str = ""
@@ -74,6 +98,7 @@ class JobView:
     uid: str | None
     key: StageKey | None
     controller: str | None = None  # the uid of its controlling owner
+    created: str | None = None  # its creationTimestamp
     attempt: int = 1  # ANNOTATION_ATTEMPT: the stage's attempt this Job started at
     gang: bool = False  # a train stage on several nodes: its pods fail and restart together
     failure: str | None = None  # ANNOTATION_FAILURE: the operator's verdict on a Job that cannot start
@@ -116,6 +141,7 @@ def job_view(job: Mapping[str, Any]) -> JobView:
         uid=meta.get("uid"),
         key=key_of(meta.get("labels") or {}),
         controller=controller,
+        created=meta.get("creationTimestamp"),
         attempt=int(attempt) if attempt and attempt.isdigit() else 1,
         gang=bool(((spec.get("template") or {}).get("spec") or {}).get("subdomain")),
         failure=annotations.get(resources.ANNOTATION_FAILURE),
@@ -128,6 +154,43 @@ def job_view(job: Mapping[str, Any]) -> JobView:
         queue=(meta.get("labels") or {}).get(resources.LABEL_QUEUE),
         suspended=bool(spec.get("suspend")),
     )
+
+
+def _second(value: Any) -> str | None:
+    """An Event's timestamp (a MicroTime in `eventTime`) to the second, as Jobs and Pods give theirs."""
+    if not isinstance(value, str) or len(value) < 19:
+        return None
+    return f"{value[:19]}Z"
+
+
+def create_failure(event: Mapping[str, Any]) -> CreateFailure | None:
+    """A `FailedCreate` Event about a Job, as the cache keeps it; None for any other Event. Core v1 Events
+    (the Job controller's recorder) carry first and last timestamps and a count; events.k8s.io ones an
+    eventTime and a series."""
+    involved = event.get("involvedObject") or event.get("regarding") or {}
+    if involved.get("kind") != "Job" or event.get("reason") != FAILED_CREATE or not involved.get("uid"):
+        return None
+    series, created = event.get("series") or {}, (event.get("metadata") or {}).get("creationTimestamp")
+    first = event.get("firstTimestamp") or event.get("eventTime") or created
+    last = event.get("lastTimestamp") or series.get("lastObservedTime") or event.get("eventTime") or created
+    message = str(event.get("message") or event.get("note") or "")
+    return CreateFailure(str(involved["uid"]), message[:MAX_TEXT], _second(first), _second(last))
+
+
+def refused(job: JobView, pods: list[PodView], failure: CreateFailure | None) -> tuple[str, str | None] | None:
+    """(the apiserver's message, since when the Job has had no pod to run) when the Job's latest attempt
+    to create a pod was refused: a refusal since it started (or was admitted by Kueue, which restarts its
+    clock) and since its newest pod. The time is None while another of its pods is active: the stage
+    runs, slowly (a quota that fits some of its pods), and waits without a deadline."""
+    if failure is None or failure.last is None or job.suspended or job.done or job.deleting:
+        return None
+    started = job.start_time or job.created
+    newest = max((p.created for p in pods if p.created), default=None)
+    if any(t is not None and failure.last < t for t in (started, newest)):
+        return None  # a refusal of an earlier admission, or one a pod created since has overcome
+    if any(p.phase in (None, "Pending", "Running") and not p.deleting for p in pods):
+        return failure.message, None
+    return failure.message, max((t for t in (started, newest, failure.first) if t), default=failure.last)
 
 
 def waiting(status: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -144,8 +207,23 @@ def waiting(status: Mapping[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def _axes(value: Any, warnings: list[str]) -> dict[str, dict[str, Any]]:
+    """The per-axis figures (`axes`: {axis: {metric: value}}), bounded as a summary's metrics are."""
+    if not isinstance(value, dict) or len(value) > MAX_AXES:
+        raise ValueError(f"metric 'axes' is not a map of at most {MAX_AXES} axes")
+    out = {}
+    for axis, figures in value.items():
+        if not isinstance(figures, dict) or len(figures) > MAX_METRICS:
+            raise ValueError(f"metric 'axes' has {str(axis)[:40]!r}, not a map of at most {MAX_METRICS} metrics")
+        name = str(axis)[:MAX_AXIS_NAME]
+        out[name] = {str(k)[:100]: _metric(f"axes.{name}.{k}", v, warnings) for k, v in figures.items()}
+    return out
+
+
 def _metric(name: str, value: Any, warnings: list[str]) -> Any:
     """A metric value as status may hold it; raises ValueError for what no metric can be."""
+    if name == AXES:
+        return _axes(value, warnings)
     if isinstance(value, float) and not math.isfinite(value):
         warnings.append(f"metric {name} was {value}; recorded as null")
         return None
@@ -247,7 +325,9 @@ def _succeeded(job: JobView, pods: list[PodView], record: StageRecord) -> StageR
     problems += [
         f"malformed stage summary: not JSON: {p.summary.error}" for p in pods if p.summary and p.summary.log_tail
     ]
-    summaries = [p.summary for p in pods if p.summary is not None and not p.summary.log_tail]
+    summaries = sorted(
+        (p.summary for p in pods if p.summary is not None and not p.summary.log_tail), key=lambda s: s.shard
+    )  # in shard order: a value that only the first shard's counts is the same at every reconcile
     shards = job.completions if stage in (Stage.GENERATE, Stage.RANK) else 1
     for s in summaries:
         if not 0 <= s.shard < shards or s.shards != shards:
@@ -255,19 +335,20 @@ def _succeeded(job: JobView, pods: list[PodView], record: StageRecord) -> StageR
     if problems:
         record.phase, record.message = Phase.FAILED, problems[0][:MAX_TEXT]
         return record
+    parts = [dict(s.metrics) for s in summaries]
     try:
-        record.metrics = merge_metrics(stage, [dict(s.metrics) for s in summaries]) if summaries else {}
+        record.metrics = merge_metrics(stage, parts) if summaries else {}
     except (TypeError, ValueError) as err:
         record.phase, record.message = Phase.FAILED, f"malformed stage summary: {err}"[:MAX_TEXT]
         return record
     record.phase = Phase.SUCCEEDED
     record.digests = digests_of([{"shard": s.shard, "shards": s.shards, "digest": s.digest} for s in summaries])
-    record.message = warned([{"warnings": list(s.warnings)} for s in summaries])
+    record.message = warned([{"warnings": list(s.warnings)} for s in summaries], cut_note(parts, record.metrics))
     return record
 
 
-def job_record(job: JobView, pods: list[PodView]) -> StageRecord:
-    """The stage's record as its Job (and the Job's pods) show it now."""
+def job_record(job: JobView, pods: list[PodView], failure: CreateFailure | None = None) -> StageRecord:
+    """The stage's record as its Job (and the Job's pods, and its latest `FailedCreate` Event) show it now."""
     record = StageRecord(job_name=job.name, start_time=job.start_time, completion_time=job.completion_time)
     done = job.conditions
     if "Complete" in done:
@@ -293,6 +374,10 @@ def job_record(job: JobView, pods: list[PodView]) -> StageRecord:
             record.message = f"Pending: {reason}: {message}"[:MAX_TEXT]
             record.waiting_since = stuck[0].created
             record.waiting_reason = reason
+        elif found := refused(job, pods, failure):
+            record.message = f"Pending: {FAILED_CREATE}: {found[0]}"[:MAX_TEXT]
+            if found[1] is not None:  # no pod at all: the start deadline counts
+                record.waiting_since, record.waiting_reason = found[1], FAILED_CREATE
     # A gang's Job fails at its first failed pod and is re-created whole: its attempt is the Job's. Any
     # other Job retries its shards itself; each failed pod was an attempt (a failed Job: its last one).
     # The Job counts a failed pod only once it has finalized it: the pods themselves say so sooner.

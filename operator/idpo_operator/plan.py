@@ -133,6 +133,7 @@ def stage_config(
             model=policy_for(spec, workspace, i),
             revision=spec.model.revision if i == 1 else None,
             chat_template=spec.model.chat_template,
+            trust_remote_code=spec.model.trust_remote_code,
             prompts=spec.prompts,
             generation=spec.generation,
         )
@@ -142,6 +143,7 @@ def stage_config(
             model=spec.model.name if i == BASE else workspace.checkpoint_uri(i),
             revision=spec.model.revision if i == BASE else None,
             chat_template=spec.model.chat_template,
+            trust_remote_code=spec.model.trust_remote_code,
             prompts=spec.prompts,
             iterations=spec.iterations,
             generation=spec.generation,
@@ -165,6 +167,7 @@ def stage_config(
         reference_model=spec.model.name if initial else policy_for(spec, workspace, i),
         revision=spec.model.revision if i == 1 else None,
         chat_template=spec.model.chat_template,
+        trust_remote_code=spec.model.trust_remote_code,
         input_dir=str(workspace.stage_dir(i, Stage.RANK)),
         input_shards=spec.ranking.shards,
         training=spec.training,

@@ -20,9 +20,18 @@ from pydantic import ValidationError
 
 from idpo_operator import frozen as frozen_specs
 from idpo_operator import memory, plan, queueing, resources, rules
-from idpo_operator.observe import DISRUPTED, FATAL_WAITING, POD_FAILED, JobView, PodView, gang_failure, job_record
+from idpo_operator.observe import (
+    DISRUPTED,
+    FATAL_WAITING,
+    POD_FAILED,
+    CreateFailure,
+    JobView,
+    PodView,
+    gang_failure,
+    job_record,
+)
 from idpo_operator.plan import StageKey
-from idpo_operator.policy import Policy, violations
+from idpo_operator.policy import Policy, pod_template_violations, violations
 from idpo_operator.spec import DEFAULT_STAGE_IMAGE, IterativeDPORunSpec, format_validation_error
 from idpo_operator.status import (
     Phase,
@@ -37,28 +46,44 @@ from idpo_operator.status import (
 from idpo_operator.status import current as status_current
 
 WAITING_FOR_CAPACITY = "Pending: waiting for capacity"
+# Bytes of a run's spec (compact JSON) the operator runs and keeps in memory. The apiserver bounds an
+# object only by its request size (3 MiB) and etcd's (1.5 MiB), and a CEL rule cannot measure a whole
+# spec; real specs are a few KiB (a long chat template and a page of env included), and a stage's
+# config, which holds most of the spec, travels in a pod-template annotation (256 KiB for them all).
+MAX_SPEC_BYTES = 64 * 1024
 RETRY = "Retry"  # StageRecord.restarting: a failed stage started again after the spec changed (a new attempt)
 RETRY_ANNOTATION = "idpo.dev/retry"  # a new value starts a failed stage again without a spec change
 
 
 @dataclass(frozen=True)
 class RunView:
-    """What the operator read of the run itself."""
+    """What the operator read of the run itself. `spec` is as the cache keeps it (`cached_spec`): its
+    compact JSON, or "" for one over MAX_SPEC_BYTES (`spec_bytes` says how big it was); or a mapping."""
 
     name: str
     namespace: str
     uid: str
     generation: int
-    spec: Mapping[str, Any]
+    spec: Mapping[str, Any] | str
     status: Mapping[str, Any] = field(default_factory=dict)
     resource_version: str = ""
     deleting: bool = False
     retry: str | None = None  # RETRY_ANNOTATION's value
     finalizers: tuple[str, ...] = ()
+    spec_bytes: int = 0  # of the spec as compact JSON, when the cache measured it
 
     @property
     def owner(self) -> resources.Owner:
         return resources.Owner(self.name, self.namespace, self.uid)
+
+
+def cached_spec(spec: Mapping[str, Any] | None) -> tuple[str, int]:
+    """What the operator keeps of a run's spec between events, and its size in bytes: its compact JSON
+    text, not the parsed objects (many short env entries take eight times their JSON's size as dicts),
+    and nothing at all past MAX_SPEC_BYTES: memory per run is bounded whatever the spec holds."""
+    text = json.dumps(spec or {}, separators=(",", ":"), ensure_ascii=False)
+    size = len(text.encode())
+    return (text if size <= MAX_SPEC_BYTES else ""), size
 
 
 @dataclass(frozen=True)
@@ -101,15 +126,24 @@ class Queues:
 
 @dataclass
 class Children:
-    """The run's Jobs (owned by its uid, by stage) and their pods; names of Jobs another owner holds."""
+    """The run's Jobs (owned by its uid, by stage) and their pods; names of Jobs another owner holds;
+    the latest refusal of each Job's pods (observe.refused)."""
 
     jobs: dict[StageKey, JobView]
     pods: dict[StageKey, list[PodView]]
     foreign: set[str]
     workloads: dict[str, queueing.WorkloadView] = field(default_factory=dict)  # by Job uid
+    failures: Mapping[str, CreateFailure] = field(default_factory=dict)  # by Job uid
 
     @classmethod
-    def of(cls, uid: str, jobs: list[JobView], pods: list[PodView], queues: Queues | None = None) -> Children:
+    def of(
+        cls,
+        uid: str,
+        jobs: list[JobView],
+        pods: list[PodView],
+        queues: Queues | None = None,
+        failures: Mapping[str, CreateFailure] | None = None,
+    ) -> Children:
         # Ownership is by uid: a Job of a deleted run of the same name is never used (the garbage
         # collector is removing it), and blocks its name until it is gone.
         owned = [j for j in jobs if j.controller == uid]
@@ -123,6 +157,7 @@ class Children:
             by_key,
             {j.name for j in jobs if j.controller != uid},
             {w.job_uid: w for w in (queues.workloads if queues else []) if w.job_uid in uids},
+            {k: f for k, f in (failures or {}).items() if k in uids},
         )
 
 
@@ -176,7 +211,7 @@ def _observed(
         if not job.deleting:
             actions.restart.append(job.name)
         return before
-    record = job_record(job, pods)
+    record = job_record(job, pods, children.failures.get(job.uid or ""))
     if before.phase == Phase.RUNNING and before.job_name == job.name and before.start_time:
         record.start_time = before.start_time  # the operator's own clock, when it created the Job: said once
     if record.phase == Phase.RUNNING:
@@ -226,6 +261,33 @@ def _records(
     return records, actions
 
 
+class Denied(Exception):
+    """What starting a stage would run is not allowed: the frozen spec it would run with, or the pod
+    template it would create. The message names each field."""
+
+
+def _frozen_denied(
+    key: StageKey, effective: IterativeDPORunSpec, policy: Policy | None, digest: str | None
+) -> list[str]:
+    """The policy's verdict on the spec the stage will run: the live spec passed already, so whatever is
+    refused now comes from a section frozen in status (a policy tightened since, or a status write)."""
+    if policy is None:
+        return []
+    where = f"status.frozenSpecs.{digest}" if digest else f"status.iterations[{key.iteration}].spec"
+    return [line.replace("spec.", f"{where}.", 1) for line in violations(effective, policy)]
+
+
+def _template_denied(objects: list[dict[str, Any]], policy: Policy | None) -> list[str]:
+    if policy is None:
+        return []
+    return [
+        f"Job {o['metadata']['name']} pod template: {problem}"
+        for o in objects
+        if o["kind"] == "Job"
+        for problem in pod_template_violations(o["spec"]["template"])
+    ]
+
+
 def _start(
     key: StageKey,
     run: RunView,
@@ -250,6 +312,9 @@ def _start(
             frozen.get(key.iteration, {}), frozen_specs.live_sections(spec), key.stage
         )
     effective = frozen_specs.spec_for(spec, frozen[key.iteration])
+    digest = frozen_specs.digests(run.status).get(key.iteration)
+    if denied := _frozen_denied(key, effective, settings.policy, digest):
+        raise Denied("; ".join(denied))
     owner = run.owner
     ws = resources.workspace(spec, owner)
     source = plan.input_of(key)
@@ -263,8 +328,11 @@ def _start(
     pvc = resources.build_pvc(spec, owner) if first else None
     launch = resources.Launch(effective, owner, key, config, settings.stage_image, attempt, settings.job_ttl_seconds)
     name = resources.job_name(run.name, key)
+    objects = resources.stage_objects(launch)
+    if denied := _template_denied(objects, settings.policy):
+        raise Denied("; ".join(denied))
     records[key] = StageRecord(phase=Phase.RUNNING, job_name=name, attempts=attempt, start_time=now)
-    return [*([pvc] if pvc else []), *resources.stage_objects(launch)]
+    return [*([pvc] if pvc else []), *objects]
 
 
 def _stage_events(previous: Previous, records: Mapping[StageKey, StageRecord]) -> list[Event]:
@@ -315,20 +383,26 @@ def decide(
     settings: Settings | None = None,
     capacity: bool = True,
     queues: Queues | None = None,
+    failures: Mapping[str, CreateFailure] | None = None,
 ) -> Decision:
     """`capacity`: whether the operator's cap on concurrent stage Jobs lets this run start one now.
-    `queues`: what Kueue says of the run's Jobs, when the operator watches it."""
+    `queues`: what Kueue says of the run's Jobs, when the operator watches it. `failures`: the latest
+    `FailedCreate` Event of each Job (by uid): the apiserver refused its pods."""
     now = now or timestamp()
     settings = settings or Settings()
+    if run.spec_bytes > MAX_SPEC_BYTES:
+        message = f"spec: {run.spec_bytes} bytes of JSON, over the {MAX_SPEC_BYTES} this operator runs"
+        return _refused(run, message, now)
     try:
-        spec = IterativeDPORunSpec.model_validate(run.spec)
+        raw = json.loads(run.spec) if isinstance(run.spec, str) else run.spec
+        spec = IterativeDPORunSpec.model_validate(raw)
     except ValidationError as err:
         return _refused(run, format_validation_error(err, prefix="spec.").strip().replace("\n  ", "; "), now)
     if settings.policy is not None and (denied := violations(spec, settings.policy)):
         return _refused(run, "; ".join(denied), now, Reason.POLICY_DENIED)
     previous = parse_previous(run.status)
     queues = queues or Queues()
-    children = Children.of(run.uid, jobs, pods, queues)
+    children = Children.of(run.uid, jobs, pods, queues, failures)
     records, actions = _records(spec, run, previous, children, queues, now)
     step = rules.next_step(spec, records)
     frozen = dict(previous.frozen)
@@ -347,7 +421,10 @@ def decide(
                 Phase.PENDING, message=WAITING_FOR_CAPACITY, attempts=prior.attempts, restarting=prior.restarting
             )
         else:
-            create = _start(key, run, spec, records, previous, frozen, settings, now)
+            try:
+                create = _start(key, run, spec, records, previous, frozen, settings, now)
+            except Denied as err:
+                return _refused(run, str(err), now, Reason.POLICY_DENIED)
 
     spec = step.spec
     out_of_range = [j.name for k, j in children.jobs.items() if k.iteration > spec.iterations]

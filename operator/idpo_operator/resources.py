@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from idpo_jobs.config import PVC_CLAIM_ENV, PVC_ROOT_ENV, Resources, Stage, StageConfig, Workspace
-from idpo_jobs.contract import EXIT_BAD_INPUT, EXIT_VOLUME_FULL
+from idpo_jobs.contract import EXIT_BAD_INPUT, EXIT_VOLUME_FULL, TERMINATION_LOG, TERMINATION_LOG_ENV
 
 from idpo_operator.plan import StageKey
 from idpo_operator.spec import API_VERSION, DEFAULT_STAGE_IMAGE, KIND, IterativeDPORunSpec
@@ -71,13 +71,19 @@ def _digest(text: str) -> str:
 
 
 def child_name(run: str, suffix: str, limit: int = MAX_NAME, dots: bool = True) -> str:
-    """`<run>-<suffix>` when that is valid, else shortened (and dots replaced) with a hash of the
-    full name, so different runs never share a child name and every run name Kubernetes accepts works."""
+    """`<run>-<suffix>` when that is valid, else shortened (and dots replaced) as
+    `<stem>-<hash>--<suffix>`, with a hash of the full name, so that every run name Kubernetes accepts works.
+
+    No two runs compute the same child name. A shortened name is never another run's plain name: the
+    part before `-<suffix>` ends with a hyphen, which no run name can (a DNS subdomain ends with a letter
+    or a digit), and a suffix (`i<n>-<stage>`, `workspace`) is read back from the end in one way only.
+    Two shortened names differ by the hash of the full names (a crafted collision of its 32 bits meets
+    the ownership check: a child of another uid is never used)."""
     full = f"{run}-{suffix}"
     if len(full) <= limit and (dots or "." not in full):
         return full
     stem = run if dots else run.replace(".", "-")
-    return f"{stem[: limit - len(suffix) - 10].rstrip('-.')}-{_digest(full)}-{suffix}"
+    return f"{stem[: limit - len(suffix) - 11].rstrip('-.')}-{_digest(full)}--{suffix}"
 
 
 def job_name(run: str, key: StageKey) -> str:
@@ -117,6 +123,14 @@ def labels(owner: Owner, key: StageKey | None = None) -> dict[str, str]:
     if key is not None:
         out |= {LABEL_ITERATION: str(key.iteration), LABEL_STAGE: key.stage.value}
     return out
+
+
+def watched(obj: dict[str, Any], expected: dict[str, Any]) -> bool:
+    """Whether `obj` carries the identifying labels of `expected` (the child the operator would create):
+    those its watches select on. A Job without them would never be seen, its stage never observed."""
+    have = (obj.get("metadata") or {}).get("labels") or {}
+    want = expected["metadata"]["labels"]
+    return all(have.get(k) == want[k] for k in (LABEL_RUN, LABEL_ITERATION, LABEL_STAGE) if k in want)
 
 
 def owned_by(obj: dict[str, Any], uid: str) -> bool:
@@ -185,7 +199,8 @@ def stage_resources(spec: IterativeDPORunSpec, stage: Stage) -> Resources:
 
 # The restricted Pod Security Standard, with no fixed uid: the image's user (1000) by default, or the
 # one the platform assigns (OpenShift's restricted-v2). fsGroup makes the claim group-writable;
-# `runtime.podSecurityContext` overrides any of it (`fsGroup: null` where the platform picks one).
+# `runtime.podSecurityContext` may change any of it (the policy keeps the result restricted, and the
+# operator checks the rendered template); a null keeps the default, except for REMOVABLE_SECURITY.
 POD_SECURITY: dict[str, Any] = {
     "runAsNonRoot": True,
     "fsGroup": 1000,
@@ -211,17 +226,35 @@ WRITABLE_ENV = {
 }
 
 
+# What a null in runtime.podSecurityContext removes: not part of the restricted profile, and assigned
+# by some platforms (OpenShift's restricted-v2 refuses a pod that names an fsGroup outside its range).
+REMOVABLE_SECURITY = ("fsGroup", "fsGroupChangePolicy")
+
+
 def pod_security(spec: IterativeDPORunSpec) -> dict[str, Any]:
-    merged = {**copy.deepcopy(POD_SECURITY), **spec.runtime.pod_security_context}
-    return {k: v for k, v in merged.items() if v is not None}
+    """The pods' securityContext: the defaults, with the run's values over them. A null is no value (the
+    default stays), so that leaving a field out can never weaken the profile; only REMOVABLE_SECURITY
+    can be removed with a null."""
+    asked = spec.runtime.pod_security_context
+    merged = {**copy.deepcopy(POD_SECURITY), **{k: v for k, v in asked.items() if v is not None}}
+    return {k: v for k, v in merged.items() if not (k in REMOVABLE_SECURITY and k in asked and asked[k] is None)}
 
 
-def stage_command(stage: Stage, config: str = CONFIG_PATH, python: str = "python") -> list[str]:
+# The interpreter flags of a stage in a pod: isolated mode (-I: no PYTHON* variable, no user site, no
+# script directory on the path), so that nothing in the environment changes what Python runs;
+# unbuffered (-u) in place of PYTHONUNBUFFERED, which -I ignores. Every Python process the stage starts
+# gets the same flags (multiprocessing copies them; the train launcher hands them to torchrun's workers).
+ISOLATED = ("-I", "-u")
+
+
+def stage_command(
+    stage: Stage, config: str = CONFIG_PATH, python: str = "python", flags: tuple[str, ...] = ISOLATED
+) -> list[str]:
     """The command a stage runs, in a Job and under `idpo run` alike. Train goes through the torchrun
     launcher (a world of one runs in-process); the rest run as is."""
     if stage is Stage.TRAIN:
-        return [python, "-m", "idpo_jobs.distributed", "train", "--config", config]
-    return [python, "-m", f"idpo_jobs.{stage.value}", "--config", config]
+        return [python, *flags, "-m", "idpo_jobs.distributed", "train", "--config", config]
+    return [python, *flags, "-m", f"idpo_jobs.{stage.value}", "--config", config]
 
 
 def gang(spec: IterativeDPORunSpec, stage: Stage) -> bool:
@@ -272,15 +305,33 @@ def build_service(launch: Launch) -> dict[str, Any]:
     }
 
 
+# The keys of `tracking.mlflow.credentialsSecret` a stage gets, by name: never the whole Secret (envFrom),
+# whose other keys would become variables no policy has judged.
+MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+def _credentials(spec: IterativeDPORunSpec) -> list[dict[str, Any]]:
+    mlflow = spec.tracking.mlflow
+    if not (mlflow and mlflow.credentials_secret):
+        return []
+    return [
+        {"name": k, "valueFrom": {"secretKeyRef": {"name": mlflow.credentials_secret, "key": k, "optional": True}}}
+        for k in MLFLOW_CREDENTIALS
+    ]
+
+
 def _container(spec: IterativeDPORunSpec, owner: Owner, key: StageKey, image: str) -> dict[str, Any]:
     rt = spec.runtime
     env = [
+        *rt.env_wire(),
+        *_credentials(spec),
+        # Last, so that they win over the run's: a later entry of the same name replaces an earlier one
+        # (and env replaces envFrom). The stage's paths and termination log are the operator's alone.
         {"name": PVC_ROOT_ENV, "value": VOLUME_MOUNT},
         {"name": PVC_CLAIM_ENV, "value": pvc_name(spec, owner.name)},
+        {"name": TERMINATION_LOG_ENV, "value": TERMINATION_LOG},
         *({"name": k, "value": v} for k, v in WRITABLE_ENV.items()),
-        {"name": "PYTHONUNBUFFERED", "value": "1"},
         *(rendezvous_env(spec, owner, key) if key.stage is Stage.TRAIN else []),
-        *rt.env,  # last: the user's values win
     ]
     res = stage_resources(spec, key.stage)
     container: dict[str, Any] = {
@@ -288,6 +339,9 @@ def _container(spec: IterativeDPORunSpec, owner: Owner, key: StageKey, image: st
         "image": rt.image or image,
         "imagePullPolicy": rt.image_pull_policy,
         "command": stage_command(key.stage),
+        # The pod's own scratch directory: a relative model or data name that is not a Hub id can only
+        # resolve into it, never into the claim or the image.
+        "workingDir": SCRATCH,
         "env": env,
         "volumeMounts": [
             {"name": "workspace", "mountPath": VOLUME_MOUNT},
@@ -298,10 +352,8 @@ def _container(spec: IterativeDPORunSpec, owner: Owner, key: StageKey, image: st
         "securityContext": copy.deepcopy(CONTAINER_SECURITY),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    mlflow = spec.tracking.mlflow
-    credentials = [{"secretRef": {"name": mlflow.credentials_secret}}] if mlflow and mlflow.credentials_secret else []
-    if rt.env_from or credentials:
-        container["envFrom"] = [*rt.env_from, *credentials]
+    if rt.env_from:
+        container["envFrom"] = rt.env_from_wire()
     if res.requests or res.limits:
         # Quantities as strings: the API takes `4` or "4", but typed clients (and admission
         # webhooks written with them) accept only strings.

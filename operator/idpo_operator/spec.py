@@ -52,6 +52,52 @@ class StorageSpec(Model):
     )
 
 
+# Bounds on what a run puts into its pods' environment: the operator holds every run's spec in memory.
+MAX_ENV_NAME = 256
+MAX_ENV_VALUE = 4096  # one value: a token, a PEM certificate
+MAX_ENV_VALUES = 16 * 1024  # all of a run's `env` values together
+
+
+class KeyRef(Model):
+    """A key of a Secret or ConfigMap, as in a Pod spec."""
+
+    name: str = Field(min_length=1, max_length=MAX_NAME)
+    key: str = Field(min_length=1, max_length=MAX_NAME)
+    optional: bool | None = None
+
+
+class EnvVarSource(Model):
+    """Where a variable's value comes from, as in a Pod spec (one of these)."""
+
+    secret_key_ref: KeyRef | None = None
+    config_map_key_ref: KeyRef | None = None
+    field_ref: dict[str, Any] | None = Field(None, max_length=2, description="As in a Pod spec.")
+    resource_field_ref: dict[str, Any] | None = Field(None, max_length=3, description="As in a Pod spec.")
+
+
+class EnvVar(Model):
+    """A container env entry, as in a Pod spec. The cluster's policy decides which names a run may set."""
+
+    name: str = Field(min_length=1, max_length=MAX_ENV_NAME, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+    value: str | None = Field(None, max_length=MAX_ENV_VALUE)
+    value_from: EnvVarSource | None = None
+
+
+class SourceRef(Model):
+    """A whole Secret or ConfigMap, as in a Pod spec's envFrom."""
+
+    name: str = Field(min_length=1, max_length=MAX_NAME)
+    optional: bool | None = None
+
+
+class EnvFromSource(Model):
+    """An envFrom entry, as in a Pod spec; every key of its source becomes a variable (docs/security.md)."""
+
+    prefix: str | None = Field(None, max_length=MAX_ENV_NAME)
+    config_map_ref: SourceRef | None = None
+    secret_ref: SourceRef | None = None
+
+
 # The stage image when neither the run nor the operator (`idpo operator --stage-image`, which the
 # chart sets from its values) names one: the `jobs` target of the Dockerfile, at this version.
 DEFAULT_STAGE_IMAGE = "ghcr.io/idpo-dev/idpo-jobs:0.1.0"
@@ -74,12 +120,19 @@ class RuntimeSpec(Model):
     queue_name: str | None = Field(
         None, max_length=63, description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name; docs/kueue.md)."
     )
-    env: list[dict[str, Any]] = Field(
+    env: list[EnvVar] = Field(
         default_factory=list,
         max_length=MAX_ITEMS,
-        description="Extra container env, as in a Pod spec (e.g. HF_TOKEN from a Secret the policy allows).",
+        description="Extra container env, as in a Pod spec (e.g. HF_TOKEN from a Secret the policy allows): names "
+        f"the cluster's policy allows; values at most {MAX_ENV_VALUE} characters, {MAX_ENV_VALUES} in all. The "
+        "operator's own variables (paths, the termination log, PET_*) come after these and win.",
     )
-    env_from: list[dict[str, Any]] = Field(default_factory=list, max_length=16, description="As in a Pod spec.")
+    env_from: list[EnvFromSource] = Field(
+        default_factory=list,
+        max_length=16,
+        description="As in a Pod spec; only from sources the cluster's policy lists (their keys cannot be judged "
+        "by name at admission).",
+    )
     retries: int = Field(
         2,
         ge=0,
@@ -92,15 +145,31 @@ class RuntimeSpec(Model):
         600,
         ge=30,
         description="A stage pod that has not started after this long (image pull, scheduling, a missing "
-        "Secret) fails the stage with the reason it was waiting for.",
+        "Secret), or a stage Job whose pods the apiserver refuses (Pod Security, a quota, a webhook) for this "
+        "long, fails the stage with the reason it was waiting for.",
     )
     pod_security_context: dict[str, Any] = Field(
         default_factory=dict,
         max_length=16,
         description="Merged over the stage pods' securityContext (runAsNonRoot, seccomp RuntimeDefault, "
-        "fsGroup 1000); a null removes a default, e.g. `fsGroup: null` where the platform assigns one "
-        "(OpenShift restricted-v2).",
+        "fsGroup 1000). It cannot weaken the restricted Pod Security profile. `fsGroup: null` (and "
+        "`fsGroupChangePolicy: null`) removes that default, where the platform assigns one (OpenShift "
+        "restricted-v2); a null for any other key keeps the default.",
     )
+
+    @model_validator(mode="after")
+    def _env_size(self) -> RuntimeSpec:
+        total = sum(len(e.value or "") for e in self.env)
+        if total > MAX_ENV_VALUES:
+            raise ValueError(f"env: the values add up to {total} characters, more than {MAX_ENV_VALUES}")
+        return self
+
+    def env_wire(self) -> list[dict[str, Any]]:
+        """`env` as a Pod spec takes it (no null fields)."""
+        return [e.model_dump(mode="json", by_alias=True, exclude_none=True) for e in self.env]
+
+    def env_from_wire(self) -> list[dict[str, Any]]:
+        return [e.model_dump(mode="json", by_alias=True, exclude_none=True) for e in self.env_from]
 
 
 class IterativeDPORunSpec(Model):
@@ -137,6 +206,11 @@ class IterativeDPORunSpec(Model):
         problem = self.evaluation.heldout_problem(self.prompts, self.iterations)
         if problem:
             raise ValueError(f"evaluation: {problem}")
+        rule = self.evaluation.stop_when
+        names = [a.name for a in self.ranking.axes or []]
+        if rule is not None and rule.axis is not None and rule.axis not in names:
+            known = ", ".join(names) or "none: per-axis figures come with ranking.axes"
+            raise ValueError(f"evaluation.stopWhen.axis: {rule.axis!r} is not an axis of ranking.axes ({known})")
         return self
 
 

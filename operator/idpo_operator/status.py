@@ -14,6 +14,7 @@ Phases: Pending, Running, Succeeded, Failed, Suspended. Conditions (kstatus-comp
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from idpo_operator.plan import StageKey, all_stages, iteration_stages
 from idpo_operator.spec import IterativeDPORunSpec
 
 MAX_TEXT = 500  # characters of a string metric, or of a stage's message in status
+MAX_METRICS = 64  # keys of a stage's metrics: of one summary, and of its shards' merged
+MAX_METRICS_BYTES = 4096  # of a stage's metrics as compact JSON: what one summary (a termination message) holds
 
 
 class Phase:
@@ -209,24 +212,59 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _candidates(stage: Stage, parts: list[dict[str, Any]]) -> list[str]:
+    """The keys a merged record may keep, at most MAX_METRICS: the stage's headline metrics first (what
+    compaction keeps, the tracking run ids later stages report to), then in order of first appearance."""
+    seen = dict.fromkeys(k for p in parts for k in p)
+    first = [k for k in compact.HEADLINE[stage.value] if k in seen]
+    return [*first, *(k for k in seen if k not in first)][:MAX_METRICS]
+
+
 def merge_metrics(stage: Stage, parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """One stage's metrics from its shards: counts add up, `mean_*` are weighted by the stage's count.
-    A value that is not a number in some shard (a null, a string) is taken from the first shard."""
-    if len(parts) == 1:
-        return dict(parts[0])
-    weight = _WEIGHTS[stage]
+    """One stage's metrics from its shards: counts add up, `mean_*` are weighted by the stage's count, maps
+    (the per-axis figures) merge key by key the same way. A value that is not a number in some shard (a
+    null, a string) is taken from the first shard.
+
+    Bounded whatever the shards report, so that one stage record stays small (256 shards of 64 metrics
+    each would be 16,384 keys): at most MAX_METRICS keys and MAX_METRICS_BYTES of JSON, what a single
+    summary can hold; `cut_note` says what was left out."""
+    weight, keys = _WEIGHTS[stage], _candidates(stage, parts)
+    weights = [p.get(weight, 0) if _number(p.get(weight, 0)) else 0 for p in parts]
+    merged = _merged([{k: p[k] for k in keys if k in p} for p in parts], weights)
+    size, kept = 2, set()  # "{}"
+    for key, value in merged.items():
+        item = len(json.dumps({key: value}, separators=(",", ":"), default=str)) - 1  # '"k":v' and a comma
+        if size + item <= MAX_METRICS_BYTES:
+            size += item
+            kept.add(key)
+    return {k: v for k, v in merged.items() if k in kept}
+
+
+def _merged(parts: list[Mapping[str, Any]], weights: list[float]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for key in dict.fromkeys(k for p in parts for k in p):
-        values = [p[key] for p in parts if key in p]
-        if not all(_number(v) for v in values):
+        present = [(p[key], w) for p, w in zip(parts, weights, strict=True) if key in p]
+        values = [v for v, _ in present]
+        if len(values) > 1 and all(isinstance(v, Mapping) for v in values):
+            merged[key] = _merged(values, [w for _, w in present])
+        elif len(parts) == 1 or not all(_number(v) for v in values):
             merged[key] = values[0]
         elif key.startswith("mean_"):
-            weights = [p.get(weight, 0) if _number(p.get(weight, 0)) else 0 for p in parts if key in p]
-            total = sum(weights)
-            merged[key] = round(sum(v * w for v, w in zip(values, weights, strict=True)) / total, 4) if total else 0.0
+            total = sum(w for _, w in present)
+            merged[key] = round(sum(v * w for v, w in present) / total, 4) if total else 0.0
         else:
             merged[key] = round(sum(values), 4)
     return merged
+
+
+def cut_note(parts: list[dict[str, Any]], merged: dict[str, Any]) -> str | None:
+    """What `merge_metrics` left out, for the record's message (the stage's `_SUCCESS.json` has it all)."""
+    left = [k for k in dict.fromkeys(k for p in parts for k in p) if k not in merged]
+    if not left:
+        return None
+    shown = ", ".join(k[:40] for k in left[:5])
+    limit = f"{MAX_METRICS} keys, {MAX_METRICS_BYTES} bytes"
+    return f"{len(left)} metric(s) over the status limit ({limit}) left out: {shown}"
 
 
 def digests_of(summaries: list[dict[str, Any]]) -> list[str] | None:
@@ -238,19 +276,23 @@ def digests_of(summaries: list[dict[str, Any]]) -> list[str] | None:
 
 
 def record_from_summaries(stage: Stage, summaries: list[dict[str, Any]], attempts: int = 1) -> StageRecord:
+    parts = [s["metrics"] for s in summaries]
+    metrics = merge_metrics(stage, parts)
     return StageRecord(
         phase=Phase.SUCCEEDED,
         attempts=max(attempts, 1),
         start_time=timestamp(min(s["startTime"] for s in summaries)),
         completion_time=timestamp(max(s["completionTime"] for s in summaries)),
-        metrics=merge_metrics(stage, [s["metrics"] for s in summaries]),
-        message=warned(summaries),
+        metrics=metrics,
+        message=warned(summaries, cut_note(parts, metrics)),
     )
 
 
-def warned(summaries: list[dict[str, Any]]) -> str | None:
-    """What the stage's parts warned of (a tracking server away), as a succeeded record's message."""
+def warned(summaries: list[dict[str, Any]], *notes: str | None) -> str | None:
+    """What the stage's parts warned of (a tracking server away), and `notes` of our own, as a succeeded
+    record's message."""
     said = [w for s in summaries for w in s.get("warnings") or [] if isinstance(w, str)]
+    said += [n for n in notes if n]
     return "; ".join(dict.fromkeys(said))[:MAX_TEXT] if said else None
 
 
@@ -386,13 +428,13 @@ def build_status(
         iterations.append(entry)
     compact.drop_used_digests(iterations)
     stored_specs = compact.kept_specs(iterations, stored_specs)
-    compact.within_budget(iterations, stored_specs)
+    rule = spec.evaluation.stop_when
+    compact.within_budget(iterations, stored_specs, axes=(rule.axis,) if rule and rule.axis else ())
 
     done_iterations = [e for e in iterations if "checkpoint" in e]
     evaluated = [e for e in iterations if e["iteration"] >= 1 and "evaluate" in e["stages"]]
     history = [e["stages"]["evaluate"].get("metrics", {}) for e in evaluated]
-    rule = spec.evaluation.stop_when
-    best = winrate.best_index(history, rule.metric if rule else "lcWinRateVsBase")
+    best = winrate.best_of(history, rule)
     latest = next((h["lc_win_rate_vs_base"] for h in reversed(history) if "lc_win_rate_vs_base" in h), None)
     started = [r.start_time for r in records.values() if r.start_time]
     mlflow = next((m for r in records.values() if isinstance(m := r.metrics.get("mlflow_run_id"), str)), None)

@@ -1,9 +1,17 @@
-"""The per-iteration table `idpo status` prints, from a status dict (local or cluster)."""
+"""The per-iteration table `idpo status` prints, from a status dict (local or cluster).
+
+Every value comes from status, which is not trusted text: each goes through `display.printable` (no
+terminal escape sequence or line break reaches the screen), and a field of the wrong shape reads as
+absent (idpo_jobs.display).
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 from typing import Any
+
+from idpo_jobs.display import iteration_number, listing, mapping, number, printable
+from idpo_jobs.winrate import value_of
 
 COLUMNS = (
     "ITER",
@@ -22,11 +30,14 @@ COLUMNS = (
 )
 
 
-def _seconds(start: str | None, end: str | None) -> float | None:
-    if not start or not end:
+def _seconds(start: Any, end: Any) -> float | None:
+    if not isinstance(start, str) or not isinstance(end, str):
         return None
-    parse = dt.datetime.fromisoformat
-    return (parse(end.replace("Z", "+00:00")) - parse(start.replace("Z", "+00:00"))).total_seconds()
+    try:
+        parse = dt.datetime.fromisoformat
+        return (parse(end.replace("Z", "+00:00")) - parse(start.replace("Z", "+00:00"))).total_seconds()
+    except (ValueError, TypeError):  # not a timestamp, or one with and one without a zone
+        return None
 
 
 def _duration(seconds: float | None) -> str:
@@ -39,25 +50,23 @@ def _duration(seconds: float | None) -> str:
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "-"
-    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+    return f"{value:.{digits}g}" if isinstance(value, float) else printable(value, 40)
 
 
 def iteration_row(it: dict[str, Any]) -> list[str]:
-    stages = it.get("stages", {})
-    gen = stages.get("generate", {}).get("metrics", {})
-    rank = stages.get("rank", {}).get("metrics", {})
-    train = stages.get("train", {}).get("metrics", {})
-    running = next((name for name, s in stages.items() if s.get("phase") != "Succeeded"), "-")
+    stages = {name: mapping(s) for name, s in mapping(it.get("stages")).items()}
+    gen, rank, train = (mapping(stages.get(name, {}).get("metrics")) for name in ("generate", "rank", "train"))
+    running = next((printable(name, 40) for name, s in stages.items() if s.get("phase") != "Succeeded"), "-")
     durations = [_seconds(s.get("startTime"), s.get("completionTime")) for s in stages.values()]
-    known = [d for d in durations if d is not None]
+    known = [d for d in durations if d is not None and abs(d) < 1e12]
 
     def side(kind: str) -> str:
         score, chars = rank.get(f"mean_{kind}_score"), rank.get(f"mean_{kind}_chars")
         return "-" if score is None else f"{_fmt(score)} / {_fmt(chars, 4)}ch"
 
     return [
-        str(it["iteration"]),
-        it.get("phase", "-"),
+        str(iteration_number(it)),
+        printable(it.get("phase", "-"), 40),
         running,
         _duration(sum(known) if known else None),
         _fmt(gen.get("prompts")),
@@ -68,17 +77,52 @@ def iteration_row(it: dict[str, Any]) -> list[str]:
         _fmt(train.get("loss")),
         _fmt(train.get("reward_accuracy")),
         _fmt(train.get("reward_margin")),
-        it.get("checkpoint", "-"),
+        printable(it.get("checkpoint") or "-"),
     ]
 
 
+def _aligned(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+def _evaluated(it: Any) -> dict[str, Any]:
+    return mapping(mapping(mapping(mapping(it).get("stages")).get("evaluate")).get("metrics"))
+
+
+def axes_block(status: dict[str, Any]) -> list[str]:
+    """Per iteration, each axis's own LC win rate against the base model (a gate's pass rate), and the mean
+    length against the base model's: does each axis move, and does length stay put? Empty without axes."""
+    entries = [it for it in listing(status.get("iterations")) if iteration_number(it) is not None]
+    iterations = [it for it in entries if isinstance(_evaluated(it).get("axes"), dict)]
+    names = list(dict.fromkeys(n for it in iterations for n in _evaluated(it)["axes"]))
+    if not names:
+        return []
+
+    def cell(figures: Any) -> str:
+        if not isinstance(figures, dict):
+            return "-"
+        lc, passed = value_of(figures.get("lc_win_rate_vs_base")), figures.get("pass_rate")
+        shown = [f"{lc:.3f}"] if number(lc) is not None else []
+        shown += [f"pass {passed:.3f}"] if number(passed) is not None else []
+        return " / ".join(shown) or "-"
+
+    header = ["ITER", *(printable(n, 32).upper() for n in names), "LENGTH/BASE"]
+    rows = []
+    for it in iterations:
+        metrics = _evaluated(it)
+        ratio = _fmt(metrics.get("mean_length_ratio_vs_base"))
+        rows.append([str(iteration_number(it)), *(cell(metrics["axes"].get(n)) for n in names), ratio])
+    return ["", "axes: LC win rate vs base (gates: pass rate)", *_aligned([header, *rows])]
+
+
 def render(status: dict[str, Any], name: str = "") -> str:
-    rows = [list(COLUMNS)] + [iteration_row(it) for it in status.get("iterations", [])]
-    widths = [max(len(r[c]) for r in rows) for c in range(len(COLUMNS))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    status = mapping(status)
+    entries = [it for it in listing(status.get("iterations")) if iteration_number(it) is not None]
+    rows = [list(COLUMNS)] + [iteration_row(it) for it in entries]
+    field = lambda key, default="-": printable(status.get(key, default), 500)  # noqa: E731
     head = (
-        f"{name + ': ' if name else ''}{status.get('phase', 'Pending')} — {status.get('message', '')}\n"
-        f"iteration {status.get('currentIteration', '-')}/{status.get('iterationsTotal', '-')}"
-        f", stage {status.get('currentStage', '-')}"
+        f"{printable(name) + ': ' if name else ''}{field('phase', 'Pending')} — {field('message', '')}\n"
+        f"iteration {field('currentIteration')}/{field('iterationsTotal')}, stage {field('currentStage')}"
     )
-    return head + "\n\n" + "\n".join(lines)
+    return head + "\n\n" + "\n".join([*_aligned(rows), *axes_block(status)])

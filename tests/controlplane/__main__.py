@@ -20,7 +20,12 @@ def main() -> None:
     up.add_argument("--nodes", type=int, default=1)
     up.add_argument("--gpus", type=int, default=0, help="nvidia.com/gpu per node")
     up.add_argument("--fast-pods", type=float, help="pods succeed after this many seconds, without running")
-    up.add_argument("--image", action="append", help="an image the nodes have (default: the spec's stage image)")
+    up.add_argument(
+        "--image",
+        action="append",
+        help="an image the nodes have, as IMAGE or IMAGE=LAYER (a virtualenv the image adds; default: the spec's "
+        "stage image)",
+    )
     up.add_argument("--kueue", action="store_true", help="start Kueue's manager too (built on first use)")
     args = parser.parse_args()
     if args.command == "build":

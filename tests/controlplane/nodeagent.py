@@ -2,7 +2,7 @@
 a container runtime and a storage provisioner.
 
     python -m tests.controlplane.nodeagent --kubeconfig F --root DIR [--nodes K] [--gpus N]
-        [--fast-pods SECONDS] [--image IMAGE ...]
+        [--fast-pods SECONDS] [--image IMAGE[=LAYER] ...]
 
 - Registers K Nodes with the given capacity (cpu, memory, `nvidia.com/gpu`) and keeps them Ready
   (a status at start, then Lease heartbeats, as kubelets do).
@@ -10,7 +10,9 @@ a container runtime and a storage provisioner.
   local-path-provisioner does): a directory per claim, deleted when the claim is released.
 - Runs each Pod scheduled to its Nodes (pods.py): the container command as a local process.
   Images: the node "has" the configured images, all of them this checkout's code on this
-  interpreter; any other image waits in ErrImagePull / ImagePullBackOff.
+  interpreter; any other image waits in ErrImagePull / ImagePullBackOff. `IMAGE=LAYER` adds a layer,
+  as an image built FROM another adds its files: LAYER is a virtualenv whose interpreter comes first
+  on the image's PATH (its site-packages holds what the layer adds, e.g. a ranker module).
 
 Everything a Job needs beyond that (indexes, retries, failure policies, garbage collection) is the
 real controller-manager's. All addresses are 127.0.0.1: pods resolve every pod name to loopback.
@@ -51,6 +53,12 @@ def micro_now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def parse_image(arg: str) -> tuple[str, Path | None]:
+    """`IMAGE` or `IMAGE=LAYER` (a virtualenv the image adds in front of this interpreter)."""
+    image, _, layer = arg.partition("=")
+    return image, Path(layer).resolve() if layer else None
+
+
 def image_mounts(paths: list[Path]) -> list[dict[str, Any]]:
     """Read-only binds of the interpreter, its virtualenv and this checkout, bound in place last, as
     an image's own files are always there: a volume at /tmp must not hide a checkout below /tmp,
@@ -74,14 +82,16 @@ class Agent:
         self.capacity = {"cpu": args.cpu, "memory": args.memory, "pods": "250", "nvidia.com/gpu": str(args.gpus)}
         self.free_gpus = {n: set(range(args.gpus)) for n in self.nodes}
         self.fast_pods: float | None = args.fast_pods
-        self.images: list[str] = args.image or [DEFAULT_STAGE_IMAGE]  # the operator's default stage image
+        # image -> its layer (or None); by default the operator's default stage image
+        self.images: dict[str, Path | None] = dict(map(parse_image, args.image or [DEFAULT_STAGE_IMAGE]))
         self.image_user = (1000, 1000)  # USER 1000:1000, as in the Dockerfile
         venv_bin = Path(sys.executable).parent
         self.image_env = {
             "PATH": f"{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             **{k: os.environ[k] for k in IMAGE_ENV_PASSTHROUGH if k in os.environ},
         }
-        self.image_mounts = image_mounts([Path(sys.prefix), Path(sys.base_prefix), REPO])
+        layers = [layer for layer in self.images.values() if layer is not None]
+        self.image_mounts = image_mounts([Path(sys.prefix), Path(sys.base_prefix), REPO, *layers])
         # In-cluster clients reach the apiserver on loopback, never through the Service's ClusterIP.
         port = str(args.apiserver_port)
         self.service_env = {
@@ -356,7 +366,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpu", default="32", help="cpu capacity per node")
     parser.add_argument("--memory", default="128Gi", help="memory capacity per node")
     parser.add_argument("--fast-pods", type=float, help="complete pods after this many seconds, without running them")
-    parser.add_argument("--image", action="append", help="an image the nodes have (repeatable)")
+    parser.add_argument(
+        "--image", action="append", help="an image the nodes have, as IMAGE or IMAGE=LAYER (repeatable)"
+    )
     parser.add_argument("--apiserver-port", type=int, required=True)
     parser.add_argument("--tls-cert", required=True, help="serving certificate for the log endpoint")
     parser.add_argument("--tls-key", required=True)

@@ -331,6 +331,9 @@ class PodWorker(threading.Thread):
 
     def _image_env(self, container: dict[str, Any], uid: int) -> dict[str, str]:
         env = dict(self.agent.image_env)
+        layer = self.agent.images.get(container["image"])
+        if layer is not None:
+            env["PATH"] = f"{layer / 'bin'}:{env['PATH']}"
         env |= {"HOSTNAME": podspec.hostname(self.pod), "HOME": "/root" if uid == 0 else "/"}
         env |= self.agent.service_env
         gpus = int((container.get("resources", {}).get("limits") or {}).get("nvidia.com/gpu", 0))

@@ -5,9 +5,10 @@ Two ways to get one, one interface for the tests:
   kube-apiserver, kube-controller-manager, kube-scheduler and the node agent, on 127.0.0.1.
   The operator runs under the chart's ServiceAccount (a TokenRequest token), so the real
   authorizer enforces the chart's RBAC, and the apiserver's audit log records its calls;
-- `IDPO_E2E_KUBECONFIG`: any cluster that can pull `IDPO_E2E_IMAGE` (the `jobs` image built from
-  this checkout). Optional: `IDPO_E2E_NAMESPACE` (an existing namespace; otherwise one is created
-  and deleted), `IDPO_E2E_STORAGE_CLASS`, `IDPO_E2E_PATIENCE` (a factor on every wait, default 5:
+- `IDPO_E2E_KUBECONFIG`: any cluster that can pull `IDPO_E2E_IMAGE` (the Dockerfile's `e2e` image,
+  built from this checkout: the `jobs` image with the test rankers and hooks). Optional:
+  `IDPO_E2E_NAMESPACE` (an existing namespace; otherwise one is created and deleted),
+  `IDPO_E2E_STORAGE_CLASS`, `IDPO_E2E_PATIENCE` (a factor on every wait, default 5:
   image pulls and scheduling take time). The operator runs with that kubeconfig.
 
 Either way the stage namespace enforces the restricted Pod Security profile, and the real operator
@@ -18,6 +19,7 @@ paths, and count pods through the API.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -25,9 +27,12 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
+import tempfile
 import time
 import urllib.request
 import uuid
+import venv
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +40,7 @@ from typing import Any
 import yaml
 from idpo_operator import resources
 from idpo_operator.crd import crd
+from idpo_operator.policy import SAFE_ENV
 from idpo_operator.resources import CONTAINER_SECURITY, POD_SECURITY, VOLUME_MOUNT
 from idpo_operator.spec import DEFAULT_STAGE_IMAGE, GROUP, KIND, PLURAL, VERSION
 from kubernetes import client, config
@@ -43,8 +49,11 @@ from tests.harness import chart
 
 HARNESS_AGENT = "idpo-test-harness"
 TESTS = Path(__file__).parents[1]
-FUNCTIONS_DIR = f"{VOLUME_MOUNT}/fns"  # where `seed` puts tests/rewards.py; stages get it on PYTHONPATH
-HOOKS_DIR = f"{VOLUME_MOUNT}/hooks"  # where `install_hooks` puts tests/hooks/sitecustomize.py
+# What the suite's stage image adds to the jobs image (the Dockerfile's `e2e` target, `e2e_layer` on the
+# local plane): stages run in isolated mode, so a module reaches them only by being in the image.
+IMAGE_MODULES = {"rewards.py": TESTS / "rewards.py", "sitecustomize.py": TESTS / "hooks" / "sitecustomize.py"}
+# Variables the suite's runs set besides the default ones: the test hooks' and test rankers' switches.
+TEST_ENV = ["IDPO_TEST_*", "IDPO_FLAKY_MARKER", "IDPO_STUB_SUMMARY"]
 SEED_MOUNT = "/etc/idpo-e2e"
 JOB_NAME = "batch.kubernetes.io/job-name"
 LOCAL_GPUS = 8  # nvidia.com/gpu on the local plane's node: what Kueue's quota tests count against
@@ -53,36 +62,37 @@ RESTRICTED = {
     "pod-security.kubernetes.io/enforce-version": "latest",
 }
 
-INSTALL_HOOKS = """
-import pathlib, sys
-directory = pathlib.Path(sys.argv[1])
-directory.mkdir(parents=True, exist_ok=True)
-(directory / "sitecustomize.py").write_text(sys.argv[2])
-"""
-
 
 def slowed(delay: float, log: str, env: list[dict[str, Any]]) -> dict[str, Any]:
-    """A run's `runtime` whose stages report progress slowly (tests/hooks/sitecustomize.py, installed by
-    `Cluster.install_hooks`) and log it to `log` on the claim; `env`: the run's other variables."""
+    """A run's `runtime` whose stages report progress slowly (tests/hooks/sitecustomize.py, in the suite's
+    stage image) and log it to `log` on the claim; `env`: the run's other variables."""
     return {
         "env": [
-            *(e for e in env if e["name"] != "PYTHONPATH"),
-            {"name": "PYTHONPATH", "value": f"{HOOKS_DIR}:{FUNCTIONS_DIR}"},
+            *env,
             {"name": "IDPO_TEST_PROGRESS_DELAY", "value": str(delay)},
             {"name": "IDPO_TEST_PROGRESS_LOG", "value": log},
         ]
     }
 
 
-# Builds the tiny models on the claim and copies the test reward functions beside them.
-SEED_SCRIPT = """
-import shutil, sys
-from pathlib import Path
-from idpo_jobs.tiny import build_tiny
-build_tiny(sys.argv[1])
-Path(sys.argv[3]).mkdir(parents=True, exist_ok=True)
-shutil.copy(sys.argv[2], sys.argv[3])
-"""
+# Builds the tiny models on the claim.
+SEED_SCRIPT = "import sys; from idpo_jobs.tiny import build_tiny; build_tiny(sys.argv[1])"
+
+
+def e2e_layer() -> Path:
+    """The local plane's version of the Dockerfile's `e2e` target: a virtualenv whose site-packages holds
+    IMAGE_MODULES and takes in this interpreter's own (the node agent puts it first on the image's PATH).
+    In a folder of its own that the pods' user may enter (pytest's temporary folders are private), removed
+    when this process exits."""
+    layer = Path(tempfile.mkdtemp(prefix="idpo-e2e-image-"))
+    layer.chmod(0o755)
+    atexit.register(shutil.rmtree, layer, ignore_errors=True)
+    venv.EnvBuilder(symlinks=True).create(layer)
+    site = Path(sysconfig.get_path("purelib", vars={"base": str(layer), "platbase": str(layer)}))
+    (site / "_idpo_jobs_image.pth").write_text(f"import site; site.addsitedir({sysconfig.get_path('purelib')!r})\n")
+    for name, source in IMAGE_MODULES.items():
+        shutil.copy(source, site / name)
+    return layer
 
 
 def free_port() -> int:
@@ -149,8 +159,10 @@ def local_target(root: Path) -> Target:
     """Starts a control plane of our own; the caller stops it (`target.plane.stop()`)."""
     from tests.controlplane.plane import ControlPlane
 
-    image = DEFAULT_STAGE_IMAGE  # what the node agent "has" (this checkout's code) and the operator's default
-    plane = ControlPlane(root / "admin.kubeconfig", images=[image], gpus=LOCAL_GPUS, log=lambda *_: None).__enter__()
+    # What the node agent "has" (this checkout's code, with the suite's layer) and the operator's default.
+    image = DEFAULT_STAGE_IMAGE
+    images = [f"{image}={e2e_layer()}"]
+    plane = ControlPlane(root / "admin.kubeconfig", images=images, gpus=LOCAL_GPUS, log=lambda *_: None).__enter__()
     return Target(plane.kubeconfig, image, patience=1.0, plane=plane)
 
 
@@ -186,6 +198,7 @@ class Cluster:
         self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
         self.metrics_port = free_port()
         self.kubectl_bin = kubectl_binary()
+        self.policy_overrides: dict[str, Any] = {}  # over `write_policy`'s, for the operator started next
 
     def __enter__(self) -> Cluster:
         self.api = config.new_client_from_config(str(self.kubeconfig))
@@ -253,6 +266,8 @@ class Cluster:
             "images": [self.image, "registry.invalid/"],
             "functionModules": ["rewards", "idpo_jobs.rewards"],
             "secrets": ["hub-token"],
+            "env": [*SAFE_ENV, *TEST_ENV],
+            **self.policy_overrides,
         }
         path.write_text(yaml.safe_dump(policy))
         return path
@@ -431,12 +446,6 @@ class Cluster:
             time.sleep(0.5)
         raise AssertionError(f"Job {name} ({args[:2]}) did not finish in time")
 
-    def install_hooks(self, claim: str) -> None:
-        """Put tests/hooks/sitecustomize.py under `hooks/` on `claim` (see `slowed`)."""
-        source = (TESTS / "hooks" / "sitecustomize.py").read_text()
-        installed, message = self.run_job(["-c", INSTALL_HOOKS, HOOKS_DIR, source], claim=claim)
-        assert installed, message
-
     def pod_that_logged(self, job: str, text: str, timeout: float = 180) -> str:
         """The name of a running pod of `job` once its log shows `text`."""
         deadline = time.monotonic() + timeout * self.patience
@@ -449,19 +458,7 @@ class Cluster:
         raise AssertionError(f"no pod of {job} logged {text!r}: {json.dumps(self.pods(job))[:2000]}")
 
     def seed(self, claim: str) -> None:
-        """Put the tiny models under `tiny/` and tests/rewards.py under `fns/` on `claim`."""
+        """Put the tiny models under `tiny/` on `claim`."""
         self.ensure_claim(claim)
-        functions = {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": "e2e-functions"},
-            "data": {"rewards.py": (TESTS / "rewards.py").read_text()},
-        }
-        self._create_if_absent(self.core.create_namespaced_config_map, functions)
-        ok, message = self.run_job(
-            ["-c", SEED_SCRIPT, f"{VOLUME_MOUNT}/tiny", f"{SEED_MOUNT}/rewards.py", FUNCTIONS_DIR],
-            claim=claim,
-            config_map="e2e-functions",
-            timeout=300,
-        )
+        ok, message = self.run_job(["-c", SEED_SCRIPT, f"{VOLUME_MOUNT}/tiny"], claim=claim, timeout=300)
         assert ok, f"seeding {claim} failed: {message}"

@@ -6,7 +6,8 @@
 - IDPO_TEST_PROGRESS_LOG=FILE: append `<stage> <pid> <done> <total>` to FILE at each report (the work
   each attempt did);
 - IDPO_TEST_KILL_AT=WHERE: SIGKILL this process at WHERE: `marker:<name>` just before the completeness
-  marker of a directory named <name> is written (after its rename), `save:<name>` inside the Trainer's
+  marker of a directory named <name> (or whose path ends with <name>, e.g. `<axis>/chunk-00002`) is written
+  (after its rename), `save:<name>` inside the Trainer's
   save of <name> (the weights written, the optimizer not yet), `progress:<n>` at the report of n done;
 - IDPO_TEST_ENOSPC=NAME: writing a JSONL file named NAME fails with ENOSPC, as on a full volume.
 """
@@ -55,7 +56,8 @@ if _KILL.startswith("marker:"):
     _write_marker = durable.write_marker
 
     def _killing_write_marker(directory, content):
-        if directory.name == _KILL.removeprefix("marker:"):
+        where = _KILL.removeprefix("marker:")
+        if directory.name == where or directory.as_posix().endswith(f"/{where}"):
             _die()
         _write_marker(directory, content)
 

@@ -24,9 +24,10 @@ app.kubernetes.io/component: operator
 - apiGroups: ["idpo.dev"]
   resources: ["iterativedporuns/finalizers"]
   verbs: ["update"]
+{{/* get: only when a create meets a Job of the name, to check whose it is. */}}
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["list", "watch", "create", "patch", "delete"]
+  verbs: ["list", "watch", "get", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
@@ -34,9 +35,10 @@ app.kubernetes.io/component: operator
 - apiGroups: [""]
   resources: ["persistentvolumeclaims", "services"]
   verbs: ["create", "get"]
+{{/* list, watch: the Job controller's FailedCreate Events only (a field selector): a Job's refused pods. */}}
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "list", "watch"]
 {{- if .Values.kueue.enabled }}
 {{/* Why a stage is queued or preempted (docs/kueue.md): read only. */}}
 - apiGroups: ["kueue.x-k8s.io"]
