@@ -614,6 +614,13 @@ class StopWhen(Model):
         description="Read `metric` of this axis of `ranking.axes` (its own judgement of each iteration) instead of "
         "the combined one; `bestIteration` follows it too. None: the combined judgement.",
     )
+    judge: str | None = Field(
+        None,
+        max_length=MAX_AXIS_NAME,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="Read `metric` of this judge of `evaluation.judges` (an LLM judge's view of each iteration) "
+        "instead of the ranker's; `bestIteration` follows it too. At most one of `axis` and `judge`.",
+    )
     max_length_ratio: float | None = Field(
         None,
         gt=0,
@@ -641,6 +648,19 @@ class StopWhen(Model):
         description="Stop when the best of the last `patience` iterations is less than `minDelta` above the best "
         "before them: a plateau (most meaningful with lcWinRateVsBase). None: no plateau rule.",
     )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StopWhen:
+        if self.axis is not None and self.judge is not None:
+            raise ValueError("stopWhen: name an `axis` or a `judge`, not both")
+        return self
+
+    @property
+    def source(self) -> tuple[str, str] | None:
+        """Where the rules read `metric`: ("axes", name), ("judges", name), or None for the combined figures."""
+        if self.judge is not None:
+            return "judges", self.judge
+        return ("axes", self.axis) if self.axis is not None else None
 
     @model_validator(mode="after")
     def _has_a_rule(self) -> StopWhen:
@@ -688,9 +708,10 @@ class JudgeSpec(Model):
 
     name: str = Field(
         min_length=1,
-        max_length=63,
+        max_length=MAX_AXIS_NAME,
         pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
-        description="The judge's name (a DNS label): its figures appear under it in status, reports and MLflow.",
+        description="The judge's name (a DNS label of at most 32 characters, as an axis's): its figures appear "
+        "under it in status, reports and MLflow.",
     )
     endpoint: JudgeEndpoint
     template: Literal["alpaca-eval", "pairwise", "pointwise"] = Field(
@@ -780,7 +801,8 @@ class EvaluationSpec(Model):
         default_factory=list,
         max_length=MAX_JUDGES,
         description="LLM judges over OpenAI-compatible endpoints, each with a unique name: an independent view "
-        "of every iteration (not wired into the evaluate stage yet). Empty: none.",
+        "of every iteration: the evaluate stage has each judge compare its responses with the base model's and the "
+        "previous iteration's, in both orders; figures under `judges.<name>` (docs/evaluation.md). Empty: none.",
     )
 
     @model_validator(mode="after")

@@ -211,6 +211,10 @@ class IterativeDPORunSpec(Model):
         if rule is not None and rule.axis is not None and rule.axis not in names:
             known = ", ".join(names) or "none: per-axis figures come with ranking.axes"
             raise ValueError(f"evaluation.stopWhen.axis: {rule.axis!r} is not an axis of ranking.axes ({known})")
+        judges = [j.name for j in self.evaluation.judges]
+        if rule is not None and rule.judge is not None and rule.judge not in judges:
+            known = ", ".join(judges) or "none"
+            raise ValueError(f"evaluation.stopWhen.judge: {rule.judge!r} is not a judge of evaluation.judges ({known})")
         return self
 
 
