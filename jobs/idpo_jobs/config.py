@@ -231,7 +231,7 @@ AXIS_NAME = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 MAX_AXIS_NAME = 32
 MAX_AXES = 8  # axes of a run: each is a model load per rank shard and a block of figures per evaluation
 FUNCTION_REF = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
-ScorerKind = Literal["pairrm", "reward-model", "function"]
+ScorerKind = Literal["pairrm", "reward-model", "function", "judge"]
 
 
 class GateSpec(Model):
@@ -263,7 +263,13 @@ class AxisSpec(Model):
     )
     kind: ScorerKind = Field(
         description="pairrm: PairRM through llm-blender; reward-model: a sequence-classification reward model "
-        "(score = logit 0); function: a Python callable `module:function` (as `ranking.ranker`)."
+        "(score = logit 0); function: a Python callable `module:function` (as `ranking.ranker`); judge: an LLM "
+        "judge over an OpenAI-compatible endpoint rating each response 1-9 (`judge`, template `pointwise`)."
+    )
+    judge: JudgeSpec | None = Field(
+        None,
+        description="For kind judge: the LLM judge (as an `evaluation.judges` entry, template `pointwise`). A "
+        "response it gives no readable rating is never chosen (it may be rejected).",
     )
     model: Location | None = Field(
         None, max_length=MAX_URI, description="Checkpoint (HF id, directory or `pvc://`), for pairrm and reward-model."
@@ -295,7 +301,12 @@ class AxisSpec(Model):
             raise ValueError(f"axis {self.name!r}: weight 0 makes no objective; leave the axis out")
         if self.kind == "function" and not self.function:
             raise ValueError(f"axis {self.name!r} of kind function needs `function: module:callable`")
-        if self.kind != "function" and not self.model:
+        if self.kind == "judge":
+            if self.judge is None or self.judge.template != "pointwise":
+                raise ValueError(f"axis {self.name!r} of kind judge needs `judge` with template `pointwise`")
+        elif self.judge is not None:
+            raise ValueError(f"axis {self.name!r}: `judge` is for kind judge")
+        if self.kind not in ("function", "judge") and not self.model:
             raise ValueError(f"axis {self.name!r} of kind {self.kind} needs `model`")
         if self.kind == "pairrm" and self.gate is not None:
             raise ValueError(

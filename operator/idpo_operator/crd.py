@@ -67,9 +67,20 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
             "fieldPath": ".function",
         },
         {
-            "rule": "self.kind == 'function' || has(self.model)",
+            "rule": "self.kind == 'function' || self.kind == 'judge' || has(self.model)",
             "message": "axes of kind pairrm and reward-model need `model`",
             "fieldPath": ".model",
+        },
+        {
+            "rule": "(self.kind == 'judge') == (has(self.judge) && self.judge != null)",
+            "message": "an axis of kind judge needs `judge`, and only it",
+            "fieldPath": ".judge",
+        },
+        {
+            "rule": "!has(self.judge) || self.judge == null || "
+            "(has(self.judge.template) && self.judge.template == 'pointwise')",
+            "message": "a judge axis needs template `pointwise` (a rating per response)",
+            "fieldPath": ".judge.template",
         },
         {
             "rule": "self.kind != 'pairrm' || !has(self.gate)",

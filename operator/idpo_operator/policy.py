@@ -411,13 +411,16 @@ def tracking_problems(spec: IterativeDPORunSpec, policy: Policy) -> list[str]:
 
 
 def judge_problems(spec: IterativeDPORunSpec, policy: Policy) -> list[str]:
-    """LLM judges: a judge's `baseUrl` is always under `endpoints`, with a key or without. Without a key the
+    """LLM judges (`evaluation.judges`, judge axes): a judge's `baseUrl` is always under `endpoints`, with a key
+    or without. Without a key the
     stage still sends the run's prompts and responses there, and an address of the tenant's choosing would
     let a run make the cluster's pods call any internal service (SSRF), so there is no keyless exception.
     Its `apiKeySecret` must be one of `secrets`."""
     out = []
-    for n, judge in enumerate(spec.evaluation.judges):
-        field = f"spec.evaluation.judges[{n}].endpoint"
+    judges = [(f"spec.evaluation.judges[{n}]", j) for n, j in enumerate(spec.evaluation.judges)]
+    judges += [(f"spec.ranking.axes[{n}].judge", a.judge) for n, a in enumerate(spec.ranking.axes or []) if a.judge]
+    for where, judge in judges:
+        field = f"{where}.endpoint"
         secret = judge.endpoint.api_key_secret
         if secret is not None and not _allowed(secret.name, policy.secrets):
             out.append(f"{field}.apiKeySecret: Secret {secret.name!r} is not allowed")

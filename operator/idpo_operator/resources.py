@@ -321,8 +321,12 @@ def _credentials(spec: IterativeDPORunSpec) -> list[dict[str, Any]]:
 
 
 def judges_of(spec: IterativeDPORunSpec, stage: Stage) -> list[JudgeSpec]:
-    """The LLM judges a stage calls: the evaluation's judges in the evaluate stage only."""
-    return list(spec.evaluation.judges) if stage is Stage.EVALUATE else []
+    """The LLM judges a stage calls: the evaluation's judges in the evaluate stage, a judge axis's in the rank
+    and evaluate stages (which score with every axis); one per name."""
+    found = list(spec.evaluation.judges) if stage is Stage.EVALUATE else []
+    if stage in (Stage.RANK, Stage.EVALUATE):
+        found += [a.judge for a in spec.ranking.axes or [] if a.judge is not None]
+    return list({j.name: j for j in reversed(found)}.values())
 
 
 def _judge_keys(spec: IterativeDPORunSpec, stage: Stage) -> list[dict[str, Any]]:
