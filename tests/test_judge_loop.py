@@ -218,3 +218,38 @@ def test_a_local_run_ranks_by_a_judge_axis_and_reports_per_iteration_judge_figur
     assert len(sent) > figures["calls"]  # the rank stage's ratings went to the same server
     assert status["bestIteration"] == 1  # picked by the stop rule's judge: it has figures for iteration 1
     assert key not in _tree_text(workdir)  # not in status, logs, configs or the judgment cache
+
+
+@pytest.mark.slow
+def test_a_cluster_run_reports_per_iteration_judge_figures_in_its_status(
+    kube: Any, judge_server: VLLMServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The operator gives the evaluate pod the key from a Secret; the pod (a local process on the test cluster)
+    reaches the judge on loopback, which the policy's `endpoints` lists."""
+    from tests.harness.cluster import Cluster
+    from tests.test_operator_e2e import CLAIM, run_manifest
+
+    if kube.plane is None:
+        pytest.skip("the judge listens on this machine's loopback, which only the local control plane's pods reach")
+    with Front(judge_server.url) as front:
+        cluster = Cluster(kube, tmp_path_factory.mktemp("judge-e2e"), "judge")
+        cluster.policy_overrides = {"secrets": ["judge-key"], "endpoints": [front.url]}
+        with cluster:
+            cluster.seed(CLAIM)
+            key = judge_server.api_key or ""
+            made = cluster.kubectl("create", "secret", "generic", "judge-key", f"--from-literal=token={key}")
+            assert made.returncode == 0, made.stderr
+            endpoint = {"baseUrl": f"{front.url}/v1", "model": "tiny-judge",
+                        "apiKeySecret": {"name": "judge-key", "key": "token"}}  # fmt: skip
+            evaluation = {"enabled": True, "limit": 6, "minPrompts": 4,
+                          "judges": [{"name": "tiny", "endpoint": endpoint}]}  # fmt: skip
+            assert cluster.apply(run_manifest("judged", iterations=1, evaluation=evaluation)).returncode == 0
+            status = cluster.wait_phase("judged", "Succeeded", "Failed", timeout=900)
+            assert status["phase"] == "Succeeded", status.get("message")
+            (entry,) = [it for it in status["iterations"] if it["iteration"] == 1]
+            figures = entry["stages"]["evaluate"]["metrics"]["judges"]["tiny"]
+            run = cluster.kubectl("get", "idpo", "judged", "-o", "json").stdout
+        sent = front.requests()
+    assert len(figures["lc_win_rate_vs_base"]) == 3 and figures["failures"] == 0
+    assert figures["calls"] == len(sent) > 0  # every request the pod made, and only the evaluate stage's
+    assert key not in run
