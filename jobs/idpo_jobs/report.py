@@ -240,13 +240,17 @@ def axes_table(status: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return titles, cells
 
 
-def axes_markdown(status: dict[str, Any]) -> list[str]:
-    titles, cells = axes_table(status)
+def _named_markdown(heading: str, titles: list[str], cells: list[list[str]], note: str) -> list[str]:
+    """A per-axis or per-judge table in Markdown; its second column, a name, is status text (escaped)."""
     if not cells:
         return []
-    lines = ["## Axes", "", "| " + " | ".join(titles) + " |", "|" + "|".join("---:" for _ in titles) + "|"]
-    cells = [[row[0], markdown(row[1], 32), *row[2:]] for row in cells]  # the axis name is status text
-    return ["", *lines, *("| " + " | ".join(row) + " |" for row in cells), "", AXES_NOTE]
+    lines = [f"## {heading}", "", "| " + " | ".join(titles) + " |", "|" + "|".join("---:" for _ in titles) + "|"]
+    cells = [[row[0], markdown(row[1], 32), *row[2:]] for row in cells]
+    return ["", *lines, *("| " + " | ".join(row) + " |" for row in cells), "", note]
+
+
+def axes_markdown(status: dict[str, Any]) -> list[str]:
+    return _named_markdown("Axes", *axes_table(status), AXES_NOTE)
 
 
 def _rates_of(figures: dict[str, Any]) -> dict[str, Any]:
@@ -289,12 +293,7 @@ def judges_table(status: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def judges_markdown(status: dict[str, Any]) -> list[str]:
-    titles, cells = judges_table(status)
-    if not cells:
-        return []
-    lines = ["## LLM judges", "", "| " + " | ".join(titles) + " |", "|" + "|".join("---:" for _ in titles) + "|"]
-    cells = [[row[0], markdown(row[1], 32), *row[2:]] for row in cells]  # the judge's name is status text
-    return ["", *lines, *("| " + " | ".join(row) + " |" for row in cells), "", JUDGES_NOTE]
+    return _named_markdown("LLM judges", *judges_table(status), JUDGES_NOTE)
 
 
 def _html_table(titles: list[str], cells: list[list[str]]) -> str:
