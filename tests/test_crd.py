@@ -36,6 +36,19 @@ def test_schema_is_structural() -> None:
             assert {"properties", "additionalProperties", "x-kubernetes-preserve-unknown-fields"} & set(node), path
 
 
+def test_exclusive_bounds_are_whole_numbers_or_cel_rules() -> None:
+    """The apiserver checks a whole-number value against int64(bound) when a bound is exclusive: with
+    `maximum: 0.5, exclusiveMaximum: true` it refuses `0` (and refused the CRD itself, whose default is 0).
+    Fractional strict bounds are CEL rules instead."""
+    strict = []
+    for path, node in walk(crd.spec_schema()):
+        for flag, bound in (("exclusiveMaximum", "maximum"), ("exclusiveMinimum", "minimum")):
+            if node.get(flag):
+                assert float(node[bound]).is_integer(), f"{path}: exclusive fractional {bound}"
+        strict += [(path, r["rule"]) for r in node.get("x-kubernetes-validations", []) if r["rule"].startswith("self ")]
+    assert ("spec.training.labelSmoothing", "self < 0.5") in strict
+
+
 def defaults(schema: dict[str, Any], value: Any) -> Any:
     """Apiserver-style defaulting: fill absent fields that have defaults, recursively."""
     if not isinstance(value, dict):

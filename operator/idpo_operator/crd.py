@@ -169,6 +169,7 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"cannot express union {variants} in a structural schema")
         if len(kinds) < len(variants):
             out["nullable"] = True
+    strict: list[dict[str, str]] = []
     for key, value in node.items():
         if key in _DROP or key == "anyOf" or (key == "default" and value is None):
             continue
@@ -180,7 +181,14 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
             out["enum"] = [value]
         elif key in ("exclusiveMinimum", "exclusiveMaximum"):
             out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
-            out[key] = True
+            if float(value).is_integer():
+                out[key] = True
+            else:
+                # The apiserver checks a whole-number value against int64(bound) when exclusive, so `0` fails
+                # `< 0.5` ("should be less than 0"): the bound stays inclusive and CEL, which compares as
+                # doubles, makes it strict.
+                op = ">" if key == "exclusiveMinimum" else "<"
+                strict.append({"rule": f"self {op} {value}", "message": f"must be {op} {value}"})
         else:
             out[key] = value
     extra = node.get("additionalProperties")
@@ -188,7 +196,7 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
         out["additionalProperties"] = _structural(extra)
     elif extra is True or (node.get("type") == "object" and "properties" not in node and extra is None):
         out["x-kubernetes-preserve-unknown-fields"] = True
-    rules = CEL_RULES.get(node.get("title", ""))
+    rules = [*strict, *CEL_RULES.get(node.get("title", ""), [])]
     if rules:
         out["x-kubernetes-validations"] = rules
     if out.get("nullable") and any("oldSelf" in r["rule"] for r in out.get("x-kubernetes-validations", [])):

@@ -61,10 +61,10 @@ SAFE_ENV = [
 ]
 # What a pattern never admits: names that by convention hold a file, a library, a plugin, a command, a
 # directory or an address (NCCL_NET_PLUGIN loads a shared object, NCCL_CONF_FILE reads more variables,
-# NCCL_DEBUG_FILE writes where it says). An admin who wants one names it exactly.
+# NCCL_DEBUG_FILE writes where it says, NCCL_COMM_ID is the address ranks meet at). An admin who wants one names it exactly.
 PATTERN_NEVER = (
     "_PLUGIN|_FILE|_PATH|_DIR|_LIB|_LIBRARY|_PRELOAD|_EXEC|_CMD|_COMMAND|_MODULE|_HOME|_ROOT|"
-    "_URL|_URI|_ENDPOINT|_HOST|_ADDR|_PROXY"
+    "_URL|_URI|_ENDPOINT|_HOST|_ADDR|_PROXY|_ID"
 )
 PATTERN_NEVER_RULE = f"({PATTERN_NEVER})$"
 # A model or data location in a cluster run: a Hub id (`name` or `org/name`), or a `pvc://`/`tiny://` URI.
