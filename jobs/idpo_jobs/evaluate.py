@@ -273,17 +273,15 @@ def score_all(
     return best, own
 
 
-def judge_all(
-    config: EvaluateConfig, versus: list[Versus], labels: dict[str, list[str]], work: Path
-) -> dict[str, dict[str, Any]]:
+def judge_all(judges: list[Judge], versus: list[Versus], labels: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
     """Every LLM judge of `evaluation.judges` on each comparison in `versus` (both orders; identical responses
-    tie without a call), its answers cached in `work` (the stage's work directory: it outlives a failed
-    attempt, so a retry pays only for what is left). Per judge, compact figures: the rates as
+    tie without a call), its answers cached in the stage's work directory (it outlives a failed attempt, so a
+    retry pays only for what is left). Per judge, compact figures: the rates as
     [value, low, high] as an axis's, ties per baseline, and what the judge cost this attempt. `labels`: the
     baselines each comparison stands for (iteration 1's base is also its previous)."""
     out: dict[str, dict[str, Any]] = {}
-    for spec in config.evaluation.judges:
-        judge = Judge(spec, work / "judges")
+    for judge in judges:
+        spec = judge.spec
         figures: dict[str, Any] = {}
         for vs in versus:
             todo = [i for i, (a, b) in enumerate(zip(vs.ours, vs.theirs, strict=True)) if a != b]
@@ -339,6 +337,7 @@ def compute(config: EvaluateConfig, out: Path, shard: int) -> dict[str, Any]:
     baselines = {name: read_responses(config, k) for name, k in iterations.items() if k is not None}
     prompts = [row["prompt"] for row in rows]
     work = contract.work_dir(contract.output_dir(config, shard))
+    judges = [Judge(spec, work / "judges") for spec in ev.judges]  # a missing key fails now, not after generating
     kept = cached_responses(work, rows) if ev.judges else None
     if kept is not None:
         responses, samples = kept
@@ -393,7 +392,7 @@ def compute(config: EvaluateConfig, out: Path, shard: int) -> dict[str, Any]:
             vs.against: [n for n, k in iterations.items() if k is not None and distinct[k] == vs.against]
             for vs in versus
         }
-        metrics["judges"] = judge_all(config, versus, labels, work)
+        metrics["judges"] = judge_all(judges, versus, labels)
 
     best = None
     if samples is not None and best_index is not None:
