@@ -253,3 +253,15 @@ def test_a_cluster_run_reports_per_iteration_judge_figures_in_its_status(
     assert len(figures["lc_win_rate_vs_base"]) == 3 and figures["failures"] == 0
     assert figures["calls"] == len(sent) > 0  # every request the pod made, and only the evaluate stage's
     assert key not in run
+
+
+def test_a_retried_evaluation_judges_the_responses_its_failed_attempt_generated(tmp_path: Path) -> None:
+    from idpo_jobs import evaluate
+
+    rows = [{"prompt_id": "p1", "prompt": "a"}, {"prompt_id": "p2", "prompt": "b"}]
+    assert evaluate.cached_responses(tmp_path, rows) is None
+    evaluate.keep_responses(tmp_path, rows, ["x", "y"], None)
+    assert evaluate.cached_responses(tmp_path, rows) == (["x", "y"], None)  # the same texts: the judges' cache hits
+    assert evaluate.cached_responses(tmp_path, rows[:1]) is None  # another held-out set: generated again
+    (tmp_path / evaluate.RESPONSES_KEPT).write_text('{"prompt_ids": ["p1", "p2"], "respo')  # torn by a kill
+    assert evaluate.cached_responses(tmp_path, rows) is None

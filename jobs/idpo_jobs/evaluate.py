@@ -316,7 +316,8 @@ def cached_responses(work: Path, rows: list[dict[str, Any]]) -> tuple[list[str],
         return None
     if not isinstance(kept, dict) or kept.get("prompt_ids") != [row["prompt_id"] for row in rows]:
         return None
-    return kept["responses"], kept.get("samples")
+    responses = kept.get("responses")
+    return (responses, kept.get("samples")) if isinstance(responses, list) and len(responses) == len(rows) else None
 
 
 def keep_responses(
