@@ -8,6 +8,7 @@ that many times longer than. A prompt without a pair is dropped, and why (`Drop`
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +80,6 @@ def preference_row(
         "score_chosen": scores[pair.chosen],
         "score_rejected": scores[pair.rejected],
     }
-    if axis_scores is not None:
-        out["axis_scores"] = dict(axis_scores)
+    if axis_scores is not None:  # an LLM judge's missing rating (NaN) as null: pairs.jsonl stays strict JSON
+        out["axis_scores"] = {k: [v if math.isfinite(v) else None for v in vs] for k, vs in axis_scores.items()}
     return out
