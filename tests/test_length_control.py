@@ -106,5 +106,6 @@ def test_the_example_is_a_gated_two_axis_run_whose_report_shows_each_axis(runs: 
     )
     assert report.returncode == 0, report.stderr
     print(report.stdout)
-    axes_rows = [line for line in report.stdout.split("## Axes")[1].splitlines() if line.startswith("| 2 |")]
+    section = report.stdout.split("## Axes")[1].split("\n## ")[0]
+    axes_rows = [line for line in section.splitlines() if line.startswith("| 2 |")]
     assert [row.split("|")[2].strip() for row in axes_rows] == ["s-words", "length", "distinct"]
