@@ -179,11 +179,6 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
             out["items"] = _structural(value)
         elif key == "const":
             out["enum"] = [value]
-        elif key == "exclusiveMaximum" and value != int(value):
-            # The apiserver compares an integral value (`0` or `0.0` arrive as integers) with the bound
-            # truncated to an integer, so `< 0.5` would refuse 0: a fractional exclusive maximum is stated
-            # inclusive here; the operator's validation (pydantic) still refuses the bound itself.
-            out["maximum"] = value
         elif key in ("exclusiveMinimum", "exclusiveMaximum"):
             out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
             if float(value).is_integer():
