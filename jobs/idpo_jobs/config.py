@@ -224,6 +224,14 @@ class PairingSpec(Model):
         "where none does is dropped and counted (`dropped_length_ratio`). 1.0: never prefer the longer of a pair, "
         "so a length-biased ranker teaches nothing about length. None: off (docs/ranking.md).",
     )
+    min_length_ratio: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="The other side of the band: the chosen response is at least this many times as long as the "
+        "rejected one. With `maxLengthRatio`, pairs whose lengths are close either way teach neither longer nor "
+        "shorter (a one-sided `maxLengthRatio: 1.0` teaches shorter). None: off (docs/ranking.md).",
+    )
 
 
 # An axis's name: a DNS label of at most 32 characters, so that status keys stay short and safe.
