@@ -72,7 +72,7 @@ def manifest(name: str = "tiny-test", **spec: Any) -> dict[str, Any]:
 # fixtures (its cluster namespace with operator and seeded claim, its stage outputs), and the users of
 # the session fixtures below. A module may set XDIST_SPLIT = K: its tests then form K groups, each of
 # which builds the module's fixtures on its own worker.
-SHARED_SESSION_FIXTURES = ("evaluated_run", "kueue")
+SHARED_SESSION_FIXTURES = ("evaluated_run", "kueue", "judge_server")
 
 
 def xdist_group(item: pytest.Item) -> str | None:
@@ -243,3 +243,24 @@ def run_cli(stage: str, config: Path, shard: int = 0, **env: str) -> subprocess.
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_judge(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny chat model trained to answer the judge templates (idpo_jobs.tiny.build_tiny_judge)."""
+    from idpo_jobs.tiny import build_tiny_judge
+
+    return build_tiny_judge(tmp_path_factory.mktemp("tiny-judge") / "judge")
+
+
+@pytest.fixture(scope="session")
+def judge_server(tiny_judge: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """vLLM's OpenAI server on 127.0.0.1 serving `tiny_judge` as `tiny-judge`, with log-probabilities and an
+    API key (tests/harness/vllm_server.py), started once."""
+    from tests.harness.vllm_server import VLLMServer
+
+    server = VLLMServer(tiny_judge, tmp_path_factory.mktemp("vllm-judge"), api_key="test-judge-key").start()
+    try:
+        yield server
+    finally:
+        server.stop()

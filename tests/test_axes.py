@@ -168,7 +168,8 @@ def test_a_response_failing_a_gate_is_never_chosen_and_a_prompt_without_one_is_d
     band = axis("band", gate={"min": -2.0, "max": 5.0})
     gated = [S, LENGTH, axis("distinct", gate={"min": 0.0}), band]
     scores["band"] = data.draw(column)
-    spec = PairingSpec(length_penalty=penalty, max_length_ratio=ratio, drop_ties=drop_ties)
+    low = data.draw(st.none() | st.floats(0.5, 1.0))
+    spec = PairingSpec(length_penalty=penalty, max_length_ratio=ratio, min_length_ratio=low, drop_ties=drop_ties)
     ok = axes.passing(scores, gated)
     found = decide(axes.combine(scores, gated, how), texts, spec, ok)
     if not any(ok):
@@ -180,6 +181,7 @@ def test_a_response_failing_a_gate_is_never_chosen_and_a_prompt_without_one_is_d
         assert ok[found.chosen], "a response that fails a gate was chosen"
         assert found.chosen != found.rejected
         assert ratio is None or len(texts[found.chosen]) <= ratio * len(texts[found.rejected])
+        assert low is None or len(texts[found.chosen]) >= low * len(texts[found.rejected])
         assert scores["distinct"][found.chosen] >= 0.0 and -2.0 <= scores["band"][found.chosen] <= 5.0
     else:
         assert found in (Drop.TIE, Drop.LENGTH_RATIO)
@@ -192,6 +194,16 @@ def test_max_length_ratio_pairs_the_best_with_the_worst_it_is_not_much_longer_th
     assert choose(scores, texts, PairingSpec(max_length_ratio=1.2)) == Pair(0, 2)  # 100 <= 1.2 x 90
     assert decide(scores, texts, PairingSpec(max_length_ratio=1.05)) is Drop.LENGTH_RATIO  # nothing is 96+ long
     assert choose([4.0, 1.0], ["", ""], PairingSpec(max_length_ratio=1.0, drop_ties=False)) == Pair(0, 1)
+
+
+def test_a_length_band_pairs_the_best_with_the_worst_of_about_its_length_either_way() -> None:
+    texts = ["x" * 60, "x" * 100, "x" * 55, "x" * 10]
+    scores = [4.0, 3.0, 2.0, 1.0]
+    assert choose(scores, texts, PairingSpec(max_length_ratio=1.0)) == Pair(0, 1)  # one-sided: only longer ones lose
+    band = PairingSpec(max_length_ratio=1.2, min_length_ratio=0.8)
+    assert choose(scores, texts, band) == Pair(0, 2)  # 55 and 60 within the band; 100 and 10 not
+    assert decide([4.0, 3.0, 1.0], ["x" * 60, "x" * 100, "x" * 10], band) is Drop.LENGTH_RATIO
+    assert choose(scores, texts, PairingSpec(min_length_ratio=0.9)) == Pair(0, 3)  # one-sided: only shorter ones lose
 
 
 def test_the_single_ranker_pairs_as_before() -> None:

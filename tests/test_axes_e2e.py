@@ -84,9 +84,9 @@ def test_a_gated_two_axis_run_reports_each_axis_and_a_forbidden_one_is_refused(c
 def test_the_admission_policy_refuses_a_function_axis_it_does_not_allow(cluster: Cluster) -> None:
     allowed = axes_run("allowed", AXES, iterations=1)
     allowed["spec"]["runtime"]["image"] = cluster.image
-    with admission_policy(cluster, SUITE):  # in force from here on, gone after
+    with admission_policy(cluster, SUITE):  # in force inside, removed after
         refused = cluster.apply(axes_run("forbidden", FORBIDDEN, iterations=1))
-        assert refused.returncode != 0, "a forbidden axis was admitted"
+        assert refused.returncode != 0, "the admission policy let a forbidden function axis through"
         assert "spec.ranking.axes: an axis's function module is not allowed" in refused.stderr, refused.stderr
         checked = cluster.kubectl("apply", "--dry-run=server", "-f", "-", stdin=yaml.safe_dump(allowed))
         assert checked.returncode == 0, checked.stderr

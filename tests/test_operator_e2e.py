@@ -218,6 +218,9 @@ def test_a_stage_that_always_fails_stalls_the_run_and_keeps_earlier_outputs(clus
     assert pods_per_job(cluster, "doomed")["doomed-i1-rank"] == 1  # bad input: not retried
 
 
+JUDGE = {"name": "gpt4", "endpoint": {"baseUrl": "https://api.openai.com/v1", "model": "gpt-4-1106-preview"}}
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -232,8 +235,9 @@ def test_a_stage_that_always_fails_stalls_the_run_and_keeps_earlier_outputs(clus
         ),
         ({"storage": {"root": "../elsewhere"}}, "spec.storage.root: Invalid value"),
         ({"model": {"name": "pvc://../other-team/model"}}, "spec.model.name: Invalid value"),
+        ({"evaluation": {"judges": [JUDGE, JUDGE]}}, "evaluation.judges: names must be unique"),
     ],
-    ids=["bounds", "cel-cross-field", "enum", "root-traversal", "pvc-traversal"],
+    ids=["bounds", "cel-cross-field", "enum", "root-traversal", "pvc-traversal", "judge-names"],
 )
 def test_invalid_manifests_are_refused_by_the_crd(cluster: Cluster, override: dict, message: str) -> None:
     refused = cluster.apply(run_manifest("refused", **override))

@@ -21,6 +21,9 @@ DEFAULT = policy.default(STAGE_IMAGE)
 HF_TOKEN = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}}}
 MLFLOW = {"trackingUri": "https://ml.example.com/mlflow", "credentialsSecret": "mlflow-creds"}
 TRACKING = Policy(secrets=["mlflow-creds"], endpoints=["https://ml.example.com/mlflow"])
+JUDGE = {"name": "gpt4", "endpoint": {"baseUrl": "https://api.openai.com/v1", "model": "gpt-4-1106-preview",
+                                      "apiKeySecret": {"name": "openai", "key": "api-key"}}}  # fmt: skip
+JUDGES = Policy(secrets=["openai"], endpoints=["https://api.openai.com/v1", "http://judge.llm.svc:8000/v1"])
 # The issue's two manifests: a ranker that prints a Secret it reads into status, one that runs prompts as code.
 SECRET_READER = {
     "ranking": {"ranker": "function", "function": "os:getenv", "model": None},
@@ -91,6 +94,24 @@ CASES: dict[str, tuple[dict[str, Any], Policy, list[str]]] = {
     "tracking-without-credentials": ({"tracking": {"mlflow": {"trackingUri": "http://anywhere:5000"}}}, DEFAULT, []),
     "tracking-into-the-container": ({"tracking": {"mlflow": {"trackingUri": "file:///workspace/other-run"}}},
                                     DEFAULT, ["spec.tracking.mlflow.trackingUri"]),
+    # LLM judges: a key only to an allowed endpoint, and no endpoint outside the list even without a key (SSRF).
+    "judge-key-at-an-allowed-endpoint": ({"evaluation": {"judges": [JUDGE]}}, JUDGES, []),
+    "judge-key-from-another-secret": (
+        {"evaluation": {"judges": [{**JUDGE, "endpoint": {**JUDGE["endpoint"],
+                                                          "apiKeySecret": {"name": "db", "key": "p"}}}]}},
+        JUDGES, ["spec.evaluation.judges[0].endpoint.apiKeySecret"]),
+    "judge-key-elsewhere": ({"evaluation": {"judges": [{**JUDGE, "endpoint": {**JUDGE["endpoint"],
+                                                        "baseUrl": "https://api.openai.com.attacker.io/v1"}}]}},
+                            JUDGES, ["spec.evaluation.judges[0].endpoint.baseUrl"]),
+    "judge-key-under-the-default-policy": ({"evaluation": {"judges": [JUDGE]}}, DEFAULT,
+                                           ["spec.evaluation.judges[0].endpoint.apiKeySecret",
+                                            "spec.evaluation.judges[0].endpoint.baseUrl"]),
+    "keyless-judge-at-an-internal-address": ({"evaluation": {"judges": [{"name": "x", "endpoint": {
+                                                 "baseUrl": "http://169.254.169.254/latest", "model": "m"}}]}},
+                                             JUDGES, ["spec.evaluation.judges[0].endpoint.baseUrl"]),
+    "keyless-judge-in-the-cluster-allowed": ({"evaluation": {"judges": [{"name": "x", "endpoint": {
+                                                 "baseUrl": "http://judge.llm.svc:8000/v1", "model": "m"}}]}},
+                                             JUDGES, []),
     # Class 2: a checkpoint's own code.
     "remote-code": ({"model": {"trustRemoteCode": True}}, DEFAULT, ["spec.model.trustRemoteCode"]),
     "remote-code-allowed": ({"model": {"trustRemoteCode": True}, "ranking": {"trustRemoteCode": True}},

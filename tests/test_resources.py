@@ -255,6 +255,27 @@ def test_tracking_credentials_come_by_key_never_as_a_whole_secret() -> None:
     assert {n for n, r in refs.items() if r["name"] == "creds"} == set(resources.MLFLOW_CREDENTIALS)
 
 
+def test_a_judges_api_key_comes_from_its_secret_in_the_evaluate_stage_only() -> None:
+    judges = [
+        {"name": "gpt-4", "endpoint": {"baseUrl": "https://api.openai.com/v1", "model": "gpt-4-1106-preview",
+                                       "apiKeySecret": {"name": "openai", "key": "api-key"}}},
+        {"name": "local", "endpoint": {"baseUrl": "http://judge.llm.svc:8000/v1", "model": "m"}},
+    ]  # fmt: skip
+    s = spec(evaluation={"judges": judges})
+
+    def refs(key: StageKey) -> dict[str, dict[str, str]]:
+        container = job(s, key)["spec"]["template"]["spec"]["containers"][0]
+        return {
+            e["name"]: e["valueFrom"]["secretKeyRef"]
+            for e in container["env"]
+            if "secretKeyRef" in e.get("valueFrom", {})
+        }
+
+    assert refs(StageKey(2, Stage.EVALUATE)) == {"IDPO_JUDGE_API_KEY_GPT_4": {"name": "openai", "key": "api-key"}}
+    for stage in (Stage.GENERATE, Stage.RANK, Stage.TRAIN):
+        assert refs(StageKey(2, stage)) == {}
+
+
 def test_a_null_in_the_pod_security_context_keeps_the_restricted_default() -> None:
     nulls = {"seccompProfile": None, "runAsNonRoot": None, "fsGroup": None, "runAsUser": 1000680000}
     pod = job(spec(runtime={"podSecurityContext": nulls}))["spec"]["template"]["spec"]

@@ -329,6 +329,23 @@ FIELDS: dict[str, tuple[list[Any], list[Any]]] = {
         ]
         + [("file:///workspace/x", None)],
     ),
+    # LLM judges: every baseUrl under `endpoints` (with a key or without), the key's Secret under `secrets`.
+    "judges": (
+        [[]],
+        [
+            [{"name": "j", "endpoint": {"baseUrl": url, "model": "m", **key}}]
+            for url in (
+                *("http://127.0.0.1:5000/v1", "http://127.0.0.1:5001/v1", "https://ml.example.com/mlflow/v1"),
+                *("https://ml.example.com/mlflow-x/v1", "https://ml.example.com@evil.com/mlflow", "http://10.0.0.1"),
+                "https://ml.example.com/mlflow/../v1",
+            )
+            for key in (
+                {},
+                {"apiKeySecret": {"name": "mlflow-creds", "key": "k"}},
+                {"apiKeySecret": {"name": "x", "key": "k"}},
+            )
+        ],
+    ),
 }
 
 
@@ -351,6 +368,8 @@ def specs(draw: st.DrawFn) -> dict[str, Any]:
     }
     if pick["evaluation"]:
         spec["evaluation"] = {"prompts": {"source": pick["evaluation"], "split": "test"}}
+    if pick["judges"]:
+        spec["evaluation"] = {**spec.get("evaluation", {}), "judges": pick["judges"]}
     if pick["tracking"]:
         uri, secret = pick["tracking"]
         spec["tracking"] = {

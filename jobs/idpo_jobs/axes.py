@@ -58,6 +58,16 @@ for _kind in ("pairrm", "reward-model", "function"):
     register(_kind)(_ranker(_kind))
 
 
+@register("judge")
+def _judge(axis: AxisSpec, ranking: RankingSpec) -> Scorer:
+    """An LLM judge's 1-9 rating (`Judge.score`): NaN where it gave none. Not cached on the claim here: the
+    rank stage keeps each axis's finished chunks (resume.chunked), so a retry rates only the unfinished ones."""
+    from idpo_jobs.judge import Judge
+
+    assert axis.judge is not None  # AxisSpec: kind judge has one
+    return Judge(axis.judge)
+
+
 def scoring_view(ranking: RankingSpec, axis: AxisSpec) -> RankingSpec:
     """The ranking section as far as `axis`'s scores depend on it: the axis as the single ranker, the shared
     scoring settings, nothing that only decides pairs (weights, gates, combination, pairing). Also what
@@ -84,7 +94,15 @@ def release() -> None:
 # What scores decide: pure functions
 # ---------------------------------------------------------------------------------------------
 def normalize(values: Sequence[float], how: str) -> list[float]:
-    """One prompt's candidates' scores on one axis, made comparable with other axes' (CombineSpec.normalize)."""
+    """One prompt's candidates' scores on one axis, made comparable with other axes' (CombineSpec.normalize).
+    A score that is not a number (an LLM judge's unreadable rating) stays NaN; the others are normalised
+    among themselves."""
+    if not all(math.isfinite(v) for v in values):
+        kept = [i for i, v in enumerate(values) if math.isfinite(v)]
+        out = [math.nan] * len(values)
+        for i, v in zip(kept, normalize([values[i] for i in kept], how) if kept else [], strict=True):
+            out[i] = v
+        return out
     if how == "none":
         return [float(v) for v in values]
     if how == "zscore":
@@ -110,15 +128,27 @@ def combine(scores: Mapping[str, Sequence[float]], axes: Sequence[AxisSpec], how
     One objective: its raw scores (nothing to make comparable; the single-ranker form stays as it was)."""
     wanted = objectives(axes)
     if len(wanted) == 1:
-        return [float(v) for v in scores[wanted[0].name]]
-    parts = [[a.weight * v for v in normalize(scores[a.name], how)] for a in wanted if a.weight is not None]
-    return [math.fsum(column) for column in zip(*parts, strict=True)]
+        combined = [float(v) for v in scores[wanted[0].name]]
+    else:
+        parts = [[a.weight * v for v in normalize(scores[a.name], how)] for a in wanted if a.weight is not None]
+        combined = [math.fsum(column) for column in zip(*parts, strict=True)]
+    return _below_the_rest(combined)
+
+
+def _below_the_rest(combined: list[float]) -> list[float]:
+    """A candidate some axis could not score (NaN) gets a finite score below every scored one, so it sorts
+    last and stays a number in pairs.jsonl; `passing` keeps it from being chosen."""
+    finite = [v for v in combined if math.isfinite(v)]
+    floor = min(finite) - 1.0 if finite else 0.0
+    return [v if math.isfinite(v) else floor for v in combined]
 
 
 def passing(scores: Mapping[str, Sequence[float]], axes: Sequence[AxisSpec]) -> list[bool]:
-    """Per candidate: whether it passes every gate."""
+    """Per candidate: whether it passes every gate, and has a score on every axis (an LLM judge may give none:
+    such a candidate may be rejected, never chosen)."""
     n = len(next(iter(scores.values())))
-    return [all(a.gate.passes(scores[a.name][i]) for a in gates(axes) if a.gate) for i in range(n)]
+    scored = [all(math.isfinite(v[i]) for v in scores.values()) for i in range(n)]
+    return [scored[i] and all(a.gate.passes(scores[a.name][i]) for a in gates(axes) if a.gate) for i in range(n)]
 
 
 def closed_gates(scores: Mapping[str, Sequence[float]], axes: Sequence[AxisSpec]) -> list[str]:

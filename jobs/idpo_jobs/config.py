@@ -224,6 +224,14 @@ class PairingSpec(Model):
         "where none does is dropped and counted (`dropped_length_ratio`). 1.0: never prefer the longer of a pair, "
         "so a length-biased ranker teaches nothing about length. None: off (docs/ranking.md).",
     )
+    min_length_ratio: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="The other side of the band: the chosen response is at least this many times as long as the "
+        "rejected one. With `maxLengthRatio`, pairs whose lengths are close either way teach neither longer nor "
+        "shorter (a one-sided `maxLengthRatio: 1.0` teaches shorter). None: off (docs/ranking.md).",
+    )
 
 
 # An axis's name: a DNS label of at most 32 characters, so that status keys stay short and safe.
@@ -231,7 +239,7 @@ AXIS_NAME = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 MAX_AXIS_NAME = 32
 MAX_AXES = 8  # axes of a run: each is a model load per rank shard and a block of figures per evaluation
 FUNCTION_REF = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
-ScorerKind = Literal["pairrm", "reward-model", "function"]
+ScorerKind = Literal["pairrm", "reward-model", "function", "judge"]
 
 
 class GateSpec(Model):
@@ -263,7 +271,13 @@ class AxisSpec(Model):
     )
     kind: ScorerKind = Field(
         description="pairrm: PairRM through llm-blender; reward-model: a sequence-classification reward model "
-        "(score = logit 0); function: a Python callable `module:function` (as `ranking.ranker`)."
+        "(score = logit 0); function: a Python callable `module:function` (as `ranking.ranker`); judge: an LLM "
+        "judge over an OpenAI-compatible endpoint rating each response 1-9 (`judge`, template `pointwise`)."
+    )
+    judge: JudgeSpec | None = Field(
+        None,
+        description="For kind judge: the LLM judge (as an `evaluation.judges` entry, template `pointwise`). A "
+        "response it gives no readable rating is never chosen (it may be rejected).",
     )
     model: Location | None = Field(
         None, max_length=MAX_URI, description="Checkpoint (HF id, directory or `pvc://`), for pairrm and reward-model."
@@ -295,7 +309,12 @@ class AxisSpec(Model):
             raise ValueError(f"axis {self.name!r}: weight 0 makes no objective; leave the axis out")
         if self.kind == "function" and not self.function:
             raise ValueError(f"axis {self.name!r} of kind function needs `function: module:callable`")
-        if self.kind != "function" and not self.model:
+        if self.kind == "judge":
+            if self.judge is None or self.judge.template != "pointwise":
+                raise ValueError(f"axis {self.name!r} of kind judge needs `judge` with template `pointwise`")
+        elif self.judge is not None:
+            raise ValueError(f"axis {self.name!r}: `judge` is for kind judge")
+        if self.kind not in ("function", "judge") and not self.model:
             raise ValueError(f"axis {self.name!r} of kind {self.kind} needs `model`")
         if self.kind == "pairrm" and self.gate is not None:
             raise ValueError(
@@ -614,6 +633,13 @@ class StopWhen(Model):
         description="Read `metric` of this axis of `ranking.axes` (its own judgement of each iteration) instead of "
         "the combined one; `bestIteration` follows it too. None: the combined judgement.",
     )
+    judge: str | None = Field(
+        None,
+        max_length=MAX_AXIS_NAME,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="Read `metric` of this judge of `evaluation.judges` (an LLM judge's view of each iteration) "
+        "instead of the ranker's; `bestIteration` follows it too. At most one of `axis` and `judge`.",
+    )
     max_length_ratio: float | None = Field(
         None,
         gt=0,
@@ -643,10 +669,101 @@ class StopWhen(Model):
     )
 
     @model_validator(mode="after")
+    def _one_source(self) -> StopWhen:
+        if self.axis is not None and self.judge is not None:
+            raise ValueError("stopWhen: name an `axis` or a `judge`, not both")
+        return self
+
+    @property
+    def source(self) -> tuple[str, str] | None:
+        """Where the rules read `metric`: ("axes", name), ("judges", name), or None for the combined figures."""
+        if self.judge is not None:
+            return "judges", self.judge
+        return ("axes", self.axis) if self.axis is not None else None
+
+    @model_validator(mode="after")
     def _has_a_rule(self) -> StopWhen:
         if self.below is None and self.patience is None and self.max_length_ratio is None:
             raise ValueError("stopWhen needs `below`, `patience` or `maxLengthRatio`: without a rule it never stops")
         return self
+
+
+MAX_JUDGES = 8
+JUDGE_KEY_ENV_PREFIX = "IDPO_JUDGE_API_KEY_"
+
+
+class SecretKeyRef(Model):
+    """One key of a Secret in the run's namespace."""
+
+    name: str = Field(min_length=1, max_length=MAX_NAME, description="The Secret's name.")
+    key: str = Field(min_length=1, max_length=MAX_NAME, description="The key in the Secret holding the value.")
+
+
+class JudgeEndpoint(Model):
+    """An OpenAI-compatible chat completions API: OpenAI's, or a judge model served by vLLM in the cluster."""
+
+    base_url: str = Field(
+        max_length=MAX_URI,
+        pattern=r"^https?://[^\s/]+(/\S*)?$",
+        description="The API root the stage pods reach, with its version path: `https://api.openai.com/v1`, "
+        "`http://judge.llm.svc:8000/v1` (vLLM's OpenAI server).",
+    )
+    model: str = Field(
+        min_length=1, max_length=256, description="The judge model's name at the endpoint (`gpt-4-1106-preview`)."
+    )
+    api_key_secret: SecretKeyRef | None = Field(
+        None,
+        description="Where the API key is: the evaluate stage gets it as an environment variable (never in its "
+        "config, status, logs or MLflow). None: no key is sent (an endpoint inside the cluster).",
+    )
+
+
+class JudgeSpec(Model):
+    """An LLM judge over an OpenAI-compatible endpoint (docs/evaluation.md): a scorer the run never trains on.
+
+    Each comparison is judged in both orders (position bias cancels); every answer is cached on the claim,
+    so a retried or preempted stage never pays for a judgment twice.
+    """
+
+    name: str = Field(
+        min_length=1,
+        max_length=MAX_AXIS_NAME,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="The judge's name (a DNS label of at most 32 characters, as an axis's): its figures appear "
+        "under it in status, reports and MLflow.",
+    )
+    endpoint: JudgeEndpoint
+    template: Literal["alpaca-eval", "pairwise", "pointwise"] = Field(
+        "alpaca-eval",
+        description="`alpaca-eval`: AlpacaEval 2.0's annotator (weighted_alpaca_eval_gpt4_turbo): one output "
+        "token, P(preferred) from its two labels' log-probabilities; the endpoint must return `top_logprobs`. "
+        "`pairwise`: AlpacaEval's gpt4_turbo annotator, answered in words (`Output (a)`), for endpoints without "
+        "log-probabilities. `pointwise`: a 1-9 rating of one response, the expected value over the digits' "
+        "log-probabilities (or the digit answered): the ranker form.",
+    )
+    max_concurrency: int = Field(4, ge=1, le=64, description="Requests in flight at once.")
+    timeout_seconds: float = Field(60.0, gt=0, le=600, description="Per request; a timeout is retried.")
+    max_retries: int = Field(
+        6,
+        ge=0,
+        le=20,
+        description="Retries of a request answered 429 or 5xx, timed out or not connected, with exponential "
+        "backoff, or after the `Retry-After` the endpoint asks for. Past them the stage fails as transient and "
+        "its Job retries it (judgments made are cached).",
+    )
+    max_requests: int = Field(
+        20000,
+        ge=1,
+        le=1_000_000,
+        description="Requests (retries included) one stage attempt may send this judge. Reaching it fails the "
+        "stage as bad input, naming the judge: raise it and rerun (cached judgments are not sent again). One "
+        "evaluation sends 2 per held-out prompt and baseline (both orders), 1 per response for `pointwise`.",
+    )
+
+    @property
+    def api_key_env(self) -> str:
+        """The environment variable the stage reads the API key from (the operator fills it from the Secret)."""
+        return JUDGE_KEY_ENV_PREFIX + self.name.upper().replace("-", "_")
 
 
 class EvaluationSpec(Model):
@@ -699,11 +816,26 @@ class EvaluationSpec(Model):
     stop_when: StopWhen | None = Field(
         None, description="End the run early when evaluations stop improving. None: run every iteration."
     )
+    judges: list[JudgeSpec] = Field(
+        default_factory=list,
+        max_length=MAX_JUDGES,
+        description="LLM judges over OpenAI-compatible endpoints, each with a unique name: an independent view "
+        "of every iteration: the evaluate stage has each judge compare its responses with the base model's and the "
+        "previous iteration's, in both orders; figures under `judges.<name>` (docs/evaluation.md). Empty: none.",
+    )
 
     @model_validator(mode="after")
     def _fixed_prompt_set(self) -> EvaluationSpec:
         if self.prompts is not None and self.prompts.per_iteration is not None:
             raise ValueError("evaluation.prompts.perIteration: the held-out set is one fixed set; use `limit`")
+        return self
+
+    @model_validator(mode="after")
+    def _judge_names_are_unique(self) -> EvaluationSpec:
+        names = [j.name for j in self.judges]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"evaluation.judges: names must be unique; {', '.join(twice)} appear more than once")
         return self
 
     def heldout_split(self, run_prompts: PromptsSpec) -> str | None:

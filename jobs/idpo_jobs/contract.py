@@ -264,9 +264,32 @@ def write_termination_log(config: StageConfig | None, summary: dict[str, Any]) -
     if len(text.encode()) > TERMINATION_LIMIT and "warnings" in compact:  # they are in the log too: metrics first
         compact["warnings"] = [w[:100] for w in compact["warnings"][:1]]
         text = json.dumps(compact, separators=(",", ":"), default=str)
+    if len(text.encode()) > TERMINATION_LIMIT and isinstance(compact.get("metrics"), dict):
+        compact["metrics"] = trimmed_blocks(compact["metrics"])
+        text = json.dumps(compact, separators=(",", ":"), default=str)
     if len(text.encode()) > TERMINATION_LIMIT:
         text = json.dumps({k: compact[k] for k in ("stage", "iteration", "shard", "reason", "error") if k in compact})
     path.write_text(text)
+
+
+# What a per-axis or per-judge block keeps when the summary is past the limit (8 axes and 8 judges at their
+# caps): what stopWhen and bestIteration read, a gate's pass rate, and what a judge cost. The whole blocks
+# stay in `_SUCCESS.json` and the tracking server.
+BLOCK_HEADLINE = ("lc_win_rate_vs_base", "lc_win_rate_vs_previous", "pass_rate", "calls", "failures", "tokens")
+
+
+def trimmed_blocks(metrics: dict[str, Any]) -> dict[str, Any]:
+    """`metrics` with its `axes` and `judges` blocks cut to BLOCK_HEADLINE, rates as plain values."""
+    out = dict(metrics, blocks_trimmed=True)
+    for block in ("axes", "judges"):
+        found = metrics.get(block)
+        if isinstance(found, dict):
+            out[block] = {
+                name: {k: v[0] if isinstance(v, list) and v else v for k, v in f.items() if k in BLOCK_HEADLINE}
+                for name, f in found.items()
+                if isinstance(f, dict)
+            }
+    return out
 
 
 def remove_leftovers(final: Path) -> list[Path]:

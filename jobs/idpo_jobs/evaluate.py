@@ -44,12 +44,14 @@ from idpo_jobs.config import (
     Workspace,
     on_volume,
 )
+from idpo_jobs.judge import Judge
 from idpo_jobs.uris import resolve_uri
 
 RESPONSES = "responses.jsonl"
 ALPACA_EVAL = "alpaca_eval.json"
 ALPACA_EVAL_BEST_OF_N = "alpaca_eval_best_of_n.json"
 JUDGMENTS = "judgments.jsonl"
+RESPONSES_KEPT = "responses.json"  # in the work directory, for a retried attempt's judges
 # Greedy decoding through the engines' sampling path: a nucleus of (almost) no mass keeps only the
 # most likely token, in transformers and vLLM alike (both always keep at least one).
 GREEDY_TOP_P = 1e-9
@@ -166,6 +168,7 @@ class Versus:
     ours: list[str]
     theirs: list[str]
     judged: dict[str, Judged] = field(default_factory=dict)  # by axis
+    by_judge: dict[str, list[float | None]] = field(default_factory=dict)  # P(ours wins) by each LLM judge
 
     @classmethod
     def of(cls, against: str, rows: list[dict[str, Any]], responses: list[str], baseline: dict[str, str]) -> Versus:
@@ -179,9 +182,12 @@ class Versus:
     def prompts(self) -> list[str]:
         return [row["prompt"] for row in self.rows]
 
-    def comparison(self, preferences: list[float]) -> winrate.Comparison:
-        diffs = [len(a) - len(b) for a, b in zip(self.ours, self.theirs, strict=True)]
-        return winrate.compare([winrate.outcome(p) for p in preferences], diffs)
+    def comparison(self, preferences: list[float] | list[float | None]) -> winrate.Comparison:
+        """The statistics of `preferences`, leaving out the prompts judged None (an LLM judge's failures)."""
+        kept = [
+            (p, len(a) - len(b)) for p, a, b in zip(preferences, self.ours, self.theirs, strict=True) if p is not None
+        ]
+        return winrate.compare([winrate.outcome(p) for p, _ in kept], [d for _, d in kept])
 
     def combined(self, axis_list: list[AxisSpec]) -> list[float]:
         """Per prompt, P(ours beats theirs) by all axes together (`axes.vote`)."""
@@ -214,6 +220,8 @@ class Versus:
             }
             if per_axis:
                 entry["axes"] = {name: round(j.preferences[i], 6) for name, j in self.judged.items()}
+            if self.by_judge:
+                entry["judges"] = {n: None if v[i] is None else round(v[i], 6) for n, v in self.by_judge.items()}
             out.append(entry)
         return out
 
@@ -265,6 +273,63 @@ def score_all(
     return best, own
 
 
+def judge_all(judges: list[Judge], versus: list[Versus], labels: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
+    """Every LLM judge of `evaluation.judges` on each comparison in `versus` (both orders; identical responses
+    tie without a call), its answers cached in the stage's work directory (it outlives a failed attempt, so a
+    retry pays only for what is left). Per judge, compact figures: the rates as
+    [value, low, high] as an axis's, ties per baseline, and what the judge cost this attempt. `labels`: the
+    baselines each comparison stands for (iteration 1's base is also its previous)."""
+    out: dict[str, dict[str, Any]] = {}
+    for judge in judges:
+        spec = judge.spec
+        figures: dict[str, Any] = {}
+        for vs in versus:
+            todo = [i for i, (a, b) in enumerate(zip(vs.ours, vs.theirs, strict=True)) if a != b]
+            found = judge.compare(
+                [vs.prompts[i] for i in todo], [vs.ours[i] for i in todo], [vs.theirs[i] for i in todo]
+            )
+            preferences: list[float | None] = [0.5] * len(vs.rows)
+            for i, p in zip(todo, found, strict=True):
+                preferences[i] = p
+            vs.by_judge[spec.name] = preferences
+            if any(p is not None for p in preferences):
+                comparison = vs.comparison(preferences)
+                for name in labels[vs.against]:
+                    figures |= {**comparison.figures(f"vs_{name}"), f"ties_vs_{name}": comparison.ties}
+        stats = judge.stats
+        figures |= {
+            "calls": stats.requests,
+            "cached": stats.cached,
+            "failures": sum(stats.failures.values()),
+            "tokens": stats.prompt_tokens + stats.completion_tokens,
+        }
+        out[spec.name] = figures
+    return out
+
+
+def cached_responses(work: Path, rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]] | None] | None:
+    """The responses an earlier attempt generated for these prompts (kept in the work directory), or None: a
+    retried stage judges the same texts, so its judges' cache answers (sampling need not be bit-exact)."""
+    try:
+        kept = json.loads((work / RESPONSES_KEPT).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(kept, dict) or kept.get("prompt_ids") != [row["prompt_id"] for row in rows]:
+        return None
+    responses = kept.get("responses")
+    return (responses, kept.get("samples")) if isinstance(responses, list) and len(responses) == len(rows) else None
+
+
+def keep_responses(
+    work: Path, rows: list[dict[str, Any]], responses: list[str], samples: list[list[str]] | None
+) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    kept = {"prompt_ids": [row["prompt_id"] for row in rows], "responses": responses, "samples": samples}
+    tmp = work / f"{RESPONSES_KEPT}.tmp"
+    tmp.write_text(json.dumps(kept))
+    os.replace(tmp, work / RESPONSES_KEPT)
+
+
 def compute(config: EvaluateConfig, out: Path, shard: int) -> dict[str, Any]:
     ev = config.evaluation
     rows = heldout_prompts(config)
@@ -272,8 +337,16 @@ def compute(config: EvaluateConfig, out: Path, shard: int) -> dict[str, Any]:
     # Read before the model loads: a missing baseline fails in seconds, not after generation.
     baselines = {name: read_responses(config, k) for name, k in iterations.items() if k is not None}
     prompts = [row["prompt"] for row in rows]
-    responses, samples = generate_responses(config, prompts)
-    release_accelerator()
+    work = contract.work_dir(contract.output_dir(config, shard))
+    judges = [Judge(spec, work / "judges") for spec in ev.judges]  # a missing key fails now, not after generating
+    kept = cached_responses(work, rows) if ev.judges else None
+    if kept is not None:
+        responses, samples = kept
+    else:
+        responses, samples = generate_responses(config, prompts)
+        release_accelerator()
+        if ev.judges:
+            keep_responses(work, rows, responses, samples)
 
     generator = f"{config.run}-iter-{config.iteration}"
     axis_list = config.ranking.scorer_axes()
@@ -315,6 +388,13 @@ def compute(config: EvaluateConfig, out: Path, shard: int) -> dict[str, Any]:
     if per_axis:
         metrics["axes"] = {name: figures for name, figures in by_axis.items() if figures}
 
+    if ev.judges and versus:
+        labels = {
+            vs.against: [n for n, k in iterations.items() if k is not None and distinct[k] == vs.against]
+            for vs in versus
+        }
+        metrics["judges"] = judge_all(judges, versus, labels)
+
     best = None
     if samples is not None and best_index is not None:
         best = [row[i] for row, i in zip(samples, best_index, strict=True)]
@@ -344,13 +424,16 @@ def compute(config: EvaluateConfig, out: Path, shard: int) -> dict[str, Any]:
 
 
 def track(config: EvaluateConfig, metrics: dict[str, Any]) -> None:
-    """On the run's own MLflow run: this evaluation's metrics (step = iteration; an axis's rate as its value,
-    `evaluate/axes/<axis>/lc_win_rate_vs_base`), the best checkpoint so far as a tag, and the report of the
-    iterations evaluated so far as an artifact."""
+    """On the run's own MLflow run: this evaluation's metrics (step = iteration; an axis's or a judge's rate as
+    its value, `evaluate/axes/<axis>/lc_win_rate_vs_base`, `evaluate/judges/<judge>/lc_win_rate_vs_base`), the
+    best checkpoint so far as a tag, and the report of the iterations evaluated so far as an artifact."""
     tracker = tracking.current()
-    axes_figures = metrics.get("axes", {}).items()
-    per_axis = {a: {k: winrate.value_of(v) for k, v in figures.items()} for a, figures in axes_figures}
-    tracker.metrics({**metrics, "axes": per_axis}, step=config.iteration, prefix="evaluate/", parent=True)
+    blocks = {
+        block: {name: {k: winrate.value_of(v) for k, v in figures.items()} for name, figures in found.items()}
+        for block in ("axes", "judges")
+        if isinstance(found := metrics.get(block), dict)
+    }
+    tracker.metrics({**metrics, **blocks}, step=config.iteration, prefix="evaluate/", parent=True)
     if not tracker.enabled or config.iteration == 0:
         return
     ws = Workspace(config.workspace)

@@ -1,13 +1,14 @@
 """Turning scored candidates into preference pairs: best = chosen, worst = rejected.
 
 With gates (`ranking.axes`), candidates that fail a gate rank below every candidate that passes: they may be
-rejected, never chosen. With `maxLengthRatio`, the best candidate is paired with the worst one it is at most
-that many times longer than. A prompt without a pair is dropped, and why (`Drop`) is counted.
+rejected, never chosen. With `maxLengthRatio` (and `minLengthRatio`), the best candidate is paired with the
+worst one whose length is within that band of its own. A prompt without a pair is dropped, and why (`Drop`) is counted.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ class Pair:
 class Drop(enum.StrEnum):
     TIE = "ties"  # best and worst score alike (or are the same text)
     GATE = "gates"  # no candidate passes every gate
-    LENGTH_RATIO = "length_ratio"  # no candidate is long enough to be the best's rejected
+    LENGTH_RATIO = "length_ratio"  # no candidate's length is within the band of the best's
 
 
 def adjusted(scores: Sequence[float], responses: Sequence[str], spec: PairingSpec) -> list[float]:
@@ -41,12 +42,15 @@ def decide(
     if not eligible:
         return Drop.GATE
     best = max(eligible, key=adj.__getitem__)  # first index wins among equals: stable
-    ratio = spec.max_length_ratio
-    others = [
-        i for i in range(len(adj)) if i != best and (ratio is None or len(responses[best]) <= ratio * len(responses[i]))
-    ]
+    high, low = spec.max_length_ratio, spec.min_length_ratio
+    size = len(responses[best])
+
+    def in_band(i: int) -> bool:
+        return (high is None or size <= high * len(responses[i])) and (low is None or size >= low * len(responses[i]))
+
+    others = [i for i in range(len(adj)) if i != best and in_band(i)]
     if not others:
-        return Drop.LENGTH_RATIO if ratio is not None else Drop.TIE
+        return Drop.LENGTH_RATIO if high is not None or low is not None else Drop.TIE
     worst = min(others, key=lambda i: (ok[i], adj[i]))  # a failing candidate is worse than any passing one
     same = ok[worst] and adj[best] - adj[worst] <= spec.tie_epsilon
     if (same or responses[best] == responses[worst]) and spec.drop_ties:
@@ -79,6 +83,6 @@ def preference_row(
         "score_chosen": scores[pair.chosen],
         "score_rejected": scores[pair.rejected],
     }
-    if axis_scores is not None:
-        out["axis_scores"] = dict(axis_scores)
+    if axis_scores is not None:  # an LLM judge's missing rating (NaN) as null: pairs.jsonl stays strict JSON
+        out["axis_scores"] = {k: [v if math.isfinite(v) else None for v in vs] for k, vs in axis_scores.items()}
     return out

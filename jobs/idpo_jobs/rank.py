@@ -260,6 +260,7 @@ def compute(config: RankConfig, out: Path, shard: int) -> dict[str, Any]:
     data.write_jsonl(out / OUTPUT, pairs)
 
     def mean(values: list[float]) -> float:
+        values = [v for v in values if math.isfinite(v)]  # an LLM judge's missing ratings left out
         return round(statistics.fmean(values), 4) if values else 0.0
 
     metrics: dict[str, Any] = {

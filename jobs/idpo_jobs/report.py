@@ -212,13 +212,7 @@ def axis_rows(status: dict[str, Any]) -> list[dict[str, Any]]:
             figures, scores = mapping(evaluated.get(axis)), mapping(ranked.get(axis))
             row = {"iteration": n, "axis": axis, "pass_rate": number(figures.get("pass_rate"))}
             row |= {k: number(scores.get(k)) for k in ("mean_chosen_score", "mean_rejected_score", "dropped_prompts")}
-            for _, key in AXIS_COLUMNS:  # an axis's rate is [value, low, high]
-                figure = figures.get(key)
-                whole = isinstance(figure, list) and len(figure) == 3
-                row[key], row[f"{key}_ci"] = (number(figure[0]), interval(figure[1:])) if whole else (None, None)
-                if row[key] is None:
-                    row[f"{key}_ci"] = None
-            rows.append(row)
+            rows.append(row | _rates_of(figures))  # an axis's rate is [value, low, high]
     return rows
 
 
@@ -246,13 +240,60 @@ def axes_table(status: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return titles, cells
 
 
-def axes_markdown(status: dict[str, Any]) -> list[str]:
-    titles, cells = axes_table(status)
+def _named_markdown(heading: str, titles: list[str], cells: list[list[str]], note: str) -> list[str]:
+    """A per-axis or per-judge table in Markdown; its second column, a name, is status text (escaped)."""
     if not cells:
         return []
-    lines = ["## Axes", "", "| " + " | ".join(titles) + " |", "|" + "|".join("---:" for _ in titles) + "|"]
-    cells = [[row[0], markdown(row[1], 32), *row[2:]] for row in cells]  # the axis name is status text
-    return ["", *lines, *("| " + " | ".join(row) + " |" for row in cells), "", AXES_NOTE]
+    lines = [f"## {heading}", "", "| " + " | ".join(titles) + " |", "|" + "|".join("---:" for _ in titles) + "|"]
+    cells = [[row[0], markdown(row[1], 32), *row[2:]] for row in cells]
+    return ["", *lines, *("| " + " | ".join(row) + " |" for row in cells), "", note]
+
+
+def axes_markdown(status: dict[str, Any]) -> list[str]:
+    return _named_markdown("Axes", *axes_table(status), AXES_NOTE)
+
+
+def _rates_of(figures: dict[str, Any]) -> dict[str, Any]:
+    """An axis's or judge's rates, each [value, low, high], as a row's `key` and `key_ci` (None when unknown)."""
+    row: dict[str, Any] = {}
+    for _, key in AXIS_COLUMNS:
+        figure = figures.get(key)
+        whole = isinstance(figure, list) and len(figure) == 3
+        row[key], row[f"{key}_ci"] = (number(figure[0]), interval(figure[1:])) if whole else (None, None)
+        if row[key] is None:
+            row[f"{key}_ci"] = None
+    return row
+
+
+JUDGE_COUNTS = ("ties_vs_base", "ties_vs_previous", "calls", "cached", "failures", "tokens")
+JUDGES_NOTE = (
+    "Per LLM judge (evaluation.judges): its win rates against the base model's and the previous iteration's "
+    "responses, both orders per prompt (95% intervals), ties, and what it cost: requests sent, answers read from "
+    "the cache, failed judgments (left out of the rates), tokens (docs/evaluation.md)."
+)
+
+
+def judges_table(status: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The per-judge table's titles and cells: each LLM judge's view of each iteration. No rows without judges."""
+    titles = ["Iteration", "Judge", *(t for t, _ in AXIS_COLUMNS), "Ties (base / previous)", "Calls", "Cached"]
+    titles += ["Failures", "Tokens"]
+    cells = []
+    for n, it in _entries(status):
+        found = _metrics(mapping(it.get("stages")), "evaluate").get("judges")
+        for judge, figures in (found if isinstance(found, dict) else {}).items():
+            figures = mapping(figures)
+            row = _rates_of(figures)
+            counts = {k: number(figures.get(k)) for k in JUDGE_COUNTS}
+            ties = f"{_number(counts['ties_vs_base'], 0)} / {_number(counts['ties_vs_previous'], 0)}"
+            cells.append(
+                [str(n), printable(judge, 32), *(_rate(row, key) for _, key in AXIS_COLUMNS), ties]
+                + [_number(counts[k], 0) for k in ("calls", "cached", "failures", "tokens")]
+            )
+    return titles, cells
+
+
+def judges_markdown(status: dict[str, Any]) -> list[str]:
+    return _named_markdown("LLM judges", *judges_table(status), JUDGES_NOTE)
 
 
 def _html_table(titles: list[str], cells: list[list[str]]) -> str:
@@ -270,7 +311,8 @@ def render_markdown(status: dict[str, Any], name: str = "") -> str:
     lines.append("| " + " | ".join(title for title, _ in cols) + " |")
     lines.append("|" + "|".join("---:" for _ in cols) + "|")
     lines += ["| " + " | ".join(cell(r) for _, cell in cols) + " |" for r in rows]
-    body = [*lines, "", *_summary(status, rows, markdown, code), *axes_markdown(status), *curves_markdown(status)]
+    body = [*lines, "", *_summary(status, rows, markdown, code), *axes_markdown(status), *judges_markdown(status)]
+    body += curves_markdown(status)
     return "\n".join(body).rstrip() + "\n"
 
 
@@ -418,6 +460,8 @@ def render_html(status: dict[str, Any], name: str = "") -> str:
         if plotted
         else ""
     )
+    judged = judges_table(status)
+    per_judge = f"<h2>LLM judges</h2>\n{_html_table(*judged)}\n<p>{html.escape(JUDGES_NOTE)}</p>\n" if judged[1] else ""
     table = _html_table([t for t, _ in cols], [[cell(r) for _, cell in cols] for r in rows])
     notes = "".join(f"<p>{line}</p>" for line in _summary(status, rows, html_text, _html_code))
     return (
@@ -425,5 +469,5 @@ def render_html(status: dict[str, Any], name: str = "") -> str:
         f"<style>{STYLE}</style></head><body>\n<h1>{title}</h1>\n"
         f'<img src="data:image/png;base64,{image}" alt="win rates, mean length, DPO loss and reward accuracy '
         f'per iteration">\n{table}\n{notes}\n'
-        f"{per_axis}{curves}</body></html>\n"
+        f"{per_axis}{per_judge}{curves}</body></html>\n"
     )

@@ -91,13 +91,11 @@ def _train_bpe(corpus: list[str], vocab_size: int, specials: list[str]):  # -> t
     return tok
 
 
-def build_tiny_policy(out: str | Path, seed: int = 0, vocab_size: int = 1024) -> Path:
-    import torch
+def _tiny_mistral(raw: Any) -> tuple[Any, Any]:  # tokenizers.Tokenizer -> (PreTrainedTokenizerFast, MistralConfig)
+    """A tokenizer with Mistral's conventions over `raw`, and the config of a tiny Mistral for it."""
     from tokenizers import processors
-    from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+    from transformers import MistralConfig, PreTrainedTokenizerFast
 
-    out = Path(out)
-    raw = _train_bpe(_corpus(seed), vocab_size, SPECIALS)
     bos = raw.token_to_id("<s>")
     # Like Mistral's tokenizer: encode() adds BOS; apply_chat_template emits it in the text instead.
     raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
@@ -119,6 +117,15 @@ def build_tiny_policy(out: str | Path, seed: int = 0, vocab_size: int = 1024) ->
         tie_word_embeddings=False,
         sliding_window=None,
     )
+    return tok, config
+
+
+def build_tiny_policy(out: str | Path, seed: int = 0, vocab_size: int = 1024) -> Path:
+    import torch
+    from transformers import MistralForCausalLM
+
+    out = Path(out)
+    tok, config = _tiny_mistral(_train_bpe(_corpus(seed), vocab_size, SPECIALS))
     torch.manual_seed(seed)
     model = MistralForCausalLM(config)
     model.save_pretrained(out)
@@ -314,3 +321,76 @@ def _add_aside(final: Path, build: Callable[[Path], Any]) -> None:
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _judge_example(rng: random.Random, name: str) -> tuple[list[dict[str, str]], str]:
+    """A judge prompt of template `name` over random candidates and the tiny judge's answer: the candidate
+    with the larger share of POSITIVE words wins, and a rating grows with that share."""
+    from idpo_jobs.judge.templates import template
+
+    tmpl, instruction = template(name), rng.choice(tiny_prompts())
+    if not tmpl.pairwise:
+        output = _candidate(rng)
+        return tmpl.render(instruction, output), str(1 + round(8 * positive_share(output)))
+    first, second = _candidate(rng), _candidate(rng)
+    share_1, share_2 = positive_share(first), positive_share(second)
+    first_wins = share_1 > share_2 or (share_1 == share_2 and rng.random() < 0.5)
+    if tmpl.labels[0]:
+        answer = tmpl.labels[0] if first_wins else tmpl.labels[1]
+    else:
+        answer = "Output (a)" if first_wins else "Output (b)"
+    return tmpl.render(instruction, first, second), answer
+
+
+def positive_share(text: str) -> float:
+    words = text.split()
+    return positive_words(text) / len(words) if words else 0.0
+
+
+JUDGE_TEMPLATES = ("alpaca-eval", "pairwise", "pointwise")
+
+
+def build_tiny_judge(out: str | Path, seed: int = 0, steps: int = 450) -> Path:
+    """A tiny chat model trained (seconds) to answer the judge templates of `idpo_jobs.judge` in their formats
+    (`m`/`M`, `Output (a)`, a digit), its answers following the share of POSITIVE words. Its tokenizer is
+    trained on those templates, so a judge prompt is a few hundred tokens and each label has tokens of its
+    own. In that time it learns the formats, hardly the preference: a format fixture for the judge tests,
+    served by vLLM's OpenAI server, not a judge to trust."""
+    import torch
+    from transformers import MistralForCausalLM
+
+    out = Path(out)
+    rng = random.Random(seed)
+    examples = [_judge_example(rng, JUDGE_TEMPLATES[n % 3]) for n in range(300)]
+    corpus = _corpus(seed, lines=1000) + [m["content"] for msgs, _ in examples for m in msgs]
+    corpus += [a for _, a in examples] + [str(n) for n in range(10)] * 500
+    tok, config = _tiny_mistral(_train_bpe(corpus, 1024, [*SPECIALS, "[INST]", "[/INST]"]))
+    torch.manual_seed(seed)
+    model = MistralForCausalLM(config)
+    optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matrices: more threads only contend, several times slower on a busy machine
+    for step in range(steps):
+        ids, labels = [], []
+        for _ in range(8):
+            messages, answer = _judge_example(rng, JUDGE_TEMPLATES[step % 3])
+            prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            p = tok(prompt, add_special_tokens=False)["input_ids"]
+            a = tok(answer + tok.eos_token, add_special_tokens=False)["input_ids"]
+            ids.append(p + a)
+            labels.append([-100] * len(p) + a)
+        width = max(len(x) for x in ids)
+        pad = tok.eos_token_id
+        batch = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
+        target = torch.tensor([y + [-100] * (width - len(y)) for y in labels])
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+        loss = model(input_ids=batch, attention_mask=mask, labels=target).loss
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    torch.set_num_threads(threads)
+    model.eval()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -174,19 +174,25 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _read(entry: Mapping[str, Any], key: str, axis: str | None) -> Any:
-    """`key` of one evaluation: the combined figure, or `axes.<axis>.<key>`."""
-    if axis is None:
+SOURCE_NAMES = {"axes": "axis", "judges": "judge"}
+
+
+def _read(entry: Mapping[str, Any], key: str, source: tuple[str, str] | None) -> Any:
+    """`key` of one evaluation: the combined figure, or `<axes|judges>.<name>.<key>` (StopWhen.source)."""
+    if source is None:
         return entry.get(key)
-    figures = entry.get("axes")
-    figures = figures.get(axis) if isinstance(figures, Mapping) else None
+    block, name = source
+    figures = entry.get(block)
+    figures = figures.get(name) if isinstance(figures, Mapping) else None
     return figures.get(key) if isinstance(figures, Mapping) else None
 
 
-def _values(history: Sequence[Mapping[str, Any]], metric: str, axis: str | None = None) -> list[tuple[int, float]]:
+def _values(
+    history: Sequence[Mapping[str, Any]], metric: str, source: tuple[str, str] | None = None
+) -> list[tuple[int, float]]:
     """(position, value) of the evaluations that have `metric` (iteration 0 and failed ones have not)."""
     key = METRIC_KEYS[metric]
-    return [(pos, v) for pos, h in enumerate(history) if (v := value_of(_read(h, key, axis))) is not None]
+    return [(pos, v) for pos, h in enumerate(history) if (v := value_of(_read(h, key, source))) is not None]
 
 
 def too_long(entry: Mapping[str, Any], stop_when: StopWhen | None) -> bool:
@@ -202,15 +208,16 @@ def should_stop(history: Sequence[Mapping[str, Any]], stop_when: StopWhen | None
     `maxLengthRatio`: the latest mean length is more than this many times the base model's. `below`: the
     latest value is below it. `patience`: the best of the last `patience` values is less than `minDelta`
     above the best value before them (so a slow but steady climb does not stop a run). Entries without the
-    metric are skipped. With `axis`, the rules read that axis's figures.
+    metric are skipped. With `axis` or `judge`, the rules read that axis's or judge's figures.
     """
     if stop_when is None:
         return False, ""
     if history and too_long(history[-1], stop_when):
         ratio, bound = history[-1][LENGTH_RATIO], stop_when.max_length_ratio
         return True, f"the mean response length is {ratio:.2f} times the base model's, above {bound:g}"
-    name = f"{stop_when.metric} of axis {stop_when.axis}" if stop_when.axis else stop_when.metric
-    values = [v for _, v in _values(history, stop_when.metric, stop_when.axis)]
+    source = stop_when.source
+    name = f"{stop_when.metric} of {SOURCE_NAMES[source[0]]} {source[1]}" if source else stop_when.metric
+    values = [v for _, v in _values(history, stop_when.metric, source)]
     if not values:
         return False, ""
     if stop_when.below is not None and values[-1] < stop_when.below:
@@ -227,17 +234,17 @@ def should_stop(history: Sequence[Mapping[str, Any]], stop_when: StopWhen | None
 
 
 def best_index(
-    history: Sequence[Mapping[str, Any]], metric: str = "lcWinRateVsBase", axis: str | None = None
+    history: Sequence[Mapping[str, Any]], metric: str = "lcWinRateVsBase", source: tuple[str, str] | None = None
 ) -> int | None:
     """Position in `history` of the highest `metric` (the earliest on a tie); None when no entry has it."""
-    values = _values(history, metric, axis)
+    values = _values(history, metric, source)
     return max(values, key=lambda pv: (pv[1], -pv[0]))[0] if values else None
 
 
 def best_of(history: Sequence[Mapping[str, Any]], stop_when: StopWhen | None) -> int | None:
-    """The best iteration's position as `stopWhen` judges: its metric and axis (the combined LC win rate vs the
+    """The best iteration's position as `stopWhen` judges: its metric and axis or judge (the combined LC win rate vs the
     base model without one), among the evaluations within its length bound."""
     if stop_when is None:
         return best_index(history)
     kept = [{} if too_long(h, stop_when) else h for h in history]  # positions stay
-    return best_index(kept, stop_when.metric, stop_when.axis)
+    return best_index(kept, stop_when.metric, stop_when.source)

@@ -37,11 +37,12 @@ HEADLINE = {
         "mean_response_chars",
         "mean_length_ratio_vs_base",
         "axes",
+        "judges",
         *TRACKING,
     ),
 }
-# What a compacted evaluation keeps of the axis `stopWhen` follows (the metrics it can name), as plain values;
-# other axes' figures go (8 axes of 100 iterations would not fit).
+# What a compacted evaluation keeps of the axis or judge `stopWhen` follows (the metrics it can name), as plain
+# values; other axes' and judges' figures go (8 of each for 100 iterations would not fit).
 AXIS_HEADLINE = ("lc_win_rate_vs_base", "lc_win_rate_vs_previous")
 KEPT_FIELDS = ("phase", "attempts", "startTime", "completionTime")
 
@@ -66,31 +67,34 @@ def kept_specs(iterations: list[dict[str, Any]], specs: dict[str, Any]) -> dict[
     return {d: s for d, s in specs.items() if d in wanted}
 
 
-def _headline(key: str, value: Any, axes: tuple[str, ...]) -> Any:
+def _headline(key: str, value: Any, follow: tuple[tuple[str, str], ...]) -> Any:
     if isinstance(value, str):
         return value[:60]
-    if key == "axes" and isinstance(value, dict):
-        kept = {a: f for a, f in value.items() if a in axes and isinstance(f, dict)}
-        return {a: {k: winrate.value_of(v) for k, v in f.items() if k in AXIS_HEADLINE} for a, f in kept.items()}
+    if key in ("axes", "judges") and isinstance(value, dict):
+        kept = {n: f for n, f in value.items() if (key, n) in follow and isinstance(f, dict)}
+        return {n: {k: winrate.value_of(v) for k, v in f.items() if k in AXIS_HEADLINE} for n, f in kept.items()}
     return value
 
 
-def _compacted(name: str, stage: dict[str, Any], axes: tuple[str, ...]) -> dict[str, Any]:
+def _compacted(name: str, stage: dict[str, Any], follow: tuple[tuple[str, str], ...]) -> dict[str, Any]:
     metrics = stage.get("metrics") or {}
-    headline = {k: _headline(k, v, axes) for k, v in metrics.items() if k in HEADLINE[name]}
+    headline = {k: _headline(k, v, follow) for k, v in metrics.items() if k in HEADLINE[name]}
     return {**{k: stage[k] for k in KEPT_FIELDS if k in stage}, "metrics": headline, "compacted": True}
 
 
 def within_budget(
-    iterations: list[dict[str, Any]], specs: dict[str, Any], budget: int = BUDGET, axes: tuple[str, ...] = ()
+    iterations: list[dict[str, Any]],
+    specs: dict[str, Any],
+    budget: int = BUDGET,
+    follow: tuple[tuple[str, str], ...] = (),
 ) -> None:
-    """Compact the oldest finished iterations, in place, until iterations and specs fit `budget`; `axes`: those
-    whose figures decisions read (`evaluation.stopWhen.axis`)."""
+    """Compact the oldest finished iterations, in place, until iterations and specs fit `budget`; `follow`: the
+    (`axes` or `judges`, name) whose figures decisions read (`evaluation.stopWhen.source`)."""
     size = _size(iterations) + _size(specs)
     candidates = [e for e in iterations[:-KEEP_WHOLE] if e["phase"] == "Succeeded"]
     for entry in candidates:
         if size <= budget:
             return
         before = _size(entry)
-        entry["stages"] = {name: _compacted(name, stage, axes) for name, stage in entry["stages"].items()}
+        entry["stages"] = {name: _compacted(name, stage, follow) for name, stage in entry["stages"].items()}
         size -= before - _size(entry)

@@ -67,9 +67,20 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
             "fieldPath": ".function",
         },
         {
-            "rule": "self.kind == 'function' || has(self.model)",
+            "rule": "self.kind == 'function' || self.kind == 'judge' || has(self.model)",
             "message": "axes of kind pairrm and reward-model need `model`",
             "fieldPath": ".model",
+        },
+        {
+            "rule": "(self.kind == 'judge') == (has(self.judge) && self.judge != null)",
+            "message": "an axis of kind judge needs `judge`, and only it",
+            "fieldPath": ".judge",
+        },
+        {
+            "rule": "!has(self.judge) || self.judge == null || "
+            "(has(self.judge.template) && self.judge.template == 'pointwise')",
+            "message": "a judge axis needs template `pointwise` (a rating per response)",
+            "fieldPath": ".judge.template",
         },
         {
             "rule": "self.kind != 'pairrm' || !has(self.gate)",
@@ -98,6 +109,13 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
         },
     ],
     "PromptsSpec": [_on_the_claim("source")],
+    "EvaluationSpec": [
+        {
+            "rule": "!has(self.judges) || self.judges.all(j, self.judges.filter(k, k.name == j.name).size() == 1)",
+            "message": "evaluation.judges: names must be unique",
+            "fieldPath": ".judges",
+        }
+    ],
     "RuntimeSpec": [
         {
             "rule": f"!has(self.env) || self.env.map(e, has(e.value) ? size(e.value) : 0).sum() <= {MAX_ENV_VALUES}",
@@ -189,8 +207,9 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
 
 def _with_object_default(schema: dict[str, Any]) -> dict[str, Any]:
     """Sections default to their fields' defaults, as pydantic fills them. Spelled out rather than
-    `{}`: the apiserver checks a default against the section's CEL rules, which read its fields."""
-    if "properties" in schema and "default" not in schema and not schema.get("nullable"):
+    `{}`: the apiserver checks a default against the section's CEL rules, which read its fields. An object
+    with required fields (a judge's `endpoint`) has no default: the field is required too."""
+    if "properties" in schema and "default" not in schema and not schema.get("nullable") and not schema.get("required"):
         default = {name: prop["default"] for name, prop in schema["properties"].items() if "default" in prop}
         return {**schema, "default": default}
     return schema

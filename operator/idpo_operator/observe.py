@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from idpo_jobs.config import MAX_AXES, MAX_AXIS_NAME, Stage
+from idpo_jobs.config import MAX_AXES, MAX_AXIS_NAME, MAX_JUDGES, Stage
 
 from idpo_operator import resources
 from idpo_operator.plan import StageKey
@@ -35,7 +35,9 @@ from idpo_operator.status import (
 
 CONTROLLER_UID = "batch.kubernetes.io/controller-uid"  # the Job controller's label on its pods
 MAX_LIST = 64  # items of a list metric (e.g. rank_steps: one per process)
-AXES = "axes"  # the one metric that is a map: per-axis figures, {axis: {metric: value}} (docs/ranking.md)
+AXES = "axes"  # the metrics that are maps: per-axis figures, {axis: {metric: value}} (docs/ranking.md), and
+JUDGES = "judges"  # per LLM judge, {judge: {metric: value}} (docs/evaluation.md)
+BLOCKS = {AXES: (MAX_AXES, MAX_AXIS_NAME), JUDGES: (MAX_JUDGES, MAX_AXIS_NAME)}  # entries at most, name length
 # Waiting reasons that no amount of waiting fixes: the stage fails at once, not at its start deadline.
 FATAL_WAITING = frozenset({"InvalidImageName", "ErrImageNeverPull"})
 # Why a gang restarts (StageRecord.restarting): a pod failed (an attempt), or was disrupted (not one).
@@ -207,23 +209,24 @@ def waiting(status: Mapping[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def _axes(value: Any, warnings: list[str]) -> dict[str, dict[str, Any]]:
-    """The per-axis figures (`axes`: {axis: {metric: value}}), bounded as a summary's metrics are."""
-    if not isinstance(value, dict) or len(value) > MAX_AXES:
-        raise ValueError(f"metric 'axes' is not a map of at most {MAX_AXES} axes")
+def _blocks(block: str, value: Any, warnings: list[str]) -> dict[str, dict[str, Any]]:
+    """Per-axis or per-judge figures ({name: {metric: value}}), bounded as a summary's metrics are."""
+    most, longest = BLOCKS[block]
+    if not isinstance(value, dict) or len(value) > most:
+        raise ValueError(f"metric {block!r} is not a map of at most {most} {block}")
     out = {}
-    for axis, figures in value.items():
+    for key, figures in value.items():
         if not isinstance(figures, dict) or len(figures) > MAX_METRICS:
-            raise ValueError(f"metric 'axes' has {str(axis)[:40]!r}, not a map of at most {MAX_METRICS} metrics")
-        name = str(axis)[:MAX_AXIS_NAME]
-        out[name] = {str(k)[:100]: _metric(f"axes.{name}.{k}", v, warnings) for k, v in figures.items()}
+            raise ValueError(f"metric {block!r} has {str(key)[:40]!r}, not a map of at most {MAX_METRICS} metrics")
+        name = str(key)[:longest]
+        out[name] = {str(k)[:100]: _metric(f"{block}.{name}.{k}", v, warnings) for k, v in figures.items()}
     return out
 
 
 def _metric(name: str, value: Any, warnings: list[str]) -> Any:
     """A metric value as status may hold it; raises ValueError for what no metric can be."""
-    if name == AXES:
-        return _axes(value, warnings)
+    if name in BLOCKS:
+        return _blocks(name, value, warnings)
     if isinstance(value, float) and not math.isfinite(value):
         warnings.append(f"metric {name} was {value}; recorded as null")
         return None

@@ -119,8 +119,8 @@ class Policy(Model):
     )
     secrets: list[str] | None = Field(
         default_factory=list,
-        description="Secrets runtime.env (secretKeyRef), runtime.envFrom (secretRef) and "
-        "tracking.mlflow.credentialsSecret may reference. null: any.",
+        description="Secrets runtime.env (secretKeyRef), runtime.envFrom (secretRef), "
+        "tracking.mlflow.credentialsSecret and evaluation.judges[].endpoint.apiKeySecret may reference. null: any.",
     )
     env: list[str] | None = Field(
         default_factory=lambda: list(SAFE_ENV),
@@ -135,9 +135,10 @@ class Policy(Model):
     )
     endpoints: list[str] | None = Field(
         default_factory=list,
-        description="Where a run may send credentials: `scheme://host[:port][/path]`, matched on scheme, host, "
-        "port (80 and 443 by default) and whole path segments. Applies to tracking.mlflow.trackingUri when a "
-        "credentialsSecret is attached. null: anywhere.",
+        description="Where a run may send credentials or its data: `scheme://host[:port][/path]`, matched on "
+        "scheme, host, port (80 and 443 by default) and whole path segments. Applies to "
+        "tracking.mlflow.trackingUri when a credentialsSecret is attached, and to every LLM judge's "
+        "evaluation.judges[].endpoint.baseUrl (with or without an apiKeySecret). null: anywhere.",
     )
     models: list[str] | None = Field(
         None,
@@ -380,6 +381,7 @@ def violations(spec: IterativeDPORunSpec, policy: Policy) -> list[str]:
     out += [p for field, value in _locations(spec) if (p := location_problem(field, value))]
     out += env_problems(spec, policy)
     out += tracking_problems(spec, policy)
+    out += judge_problems(spec, policy)
     if rt.service_account_name and not _allowed(rt.service_account_name, policy.service_accounts):
         out.append(f"spec.runtime.serviceAccountName: {rt.service_account_name!r} is not allowed")
     for key, value in rt.node_selector.items():
@@ -405,6 +407,25 @@ def tracking_problems(spec: IterativeDPORunSpec, policy: Policy) -> list[str]:
         if not _allowed(mlflow.credentials_secret, policy.secrets):
             out.append(f"spec.tracking.mlflow.credentialsSecret: Secret {mlflow.credentials_secret!r} is not allowed")
         problem = endpoint_problem("spec.tracking.mlflow.trackingUri", mlflow.tracking_uri, policy)
+        out += [problem] if problem else []
+    return out
+
+
+def judge_problems(spec: IterativeDPORunSpec, policy: Policy) -> list[str]:
+    """LLM judges (`evaluation.judges`, judge axes): a judge's `baseUrl` is always under `endpoints`, with a key
+    or without. Without a key the
+    stage still sends the run's prompts and responses there, and an address of the tenant's choosing would
+    let a run make the cluster's pods call any internal service (SSRF), so there is no keyless exception.
+    Its `apiKeySecret` must be one of `secrets`."""
+    out = []
+    judges = [(f"spec.evaluation.judges[{n}]", j) for n, j in enumerate(spec.evaluation.judges)]
+    judges += [(f"spec.ranking.axes[{n}].judge", a.judge) for n, a in enumerate(spec.ranking.axes or []) if a.judge]
+    for where, judge in judges:
+        field = f"{where}.endpoint"
+        secret = judge.endpoint.api_key_secret
+        if secret is not None and not _allowed(secret.name, policy.secrets):
+            out.append(f"{field}.apiKeySecret: Secret {secret.name!r} is not allowed")
+        problem = endpoint_problem(f"{field}.baseUrl", judge.endpoint.base_url, policy)
         out += [problem] if problem else []
     return out
 

@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from idpo_jobs.config import PVC_CLAIM_ENV, PVC_ROOT_ENV, Resources, Stage, StageConfig, Workspace
+from idpo_jobs.config import PVC_CLAIM_ENV, PVC_ROOT_ENV, JudgeSpec, Resources, Stage, StageConfig, Workspace
 from idpo_jobs.contract import EXIT_BAD_INPUT, EXIT_VOLUME_FULL, TERMINATION_LOG, TERMINATION_LOG_ENV
 
 from idpo_operator.plan import StageKey
@@ -320,11 +320,34 @@ def _credentials(spec: IterativeDPORunSpec) -> list[dict[str, Any]]:
     ]
 
 
+def judges_of(spec: IterativeDPORunSpec, stage: Stage) -> list[JudgeSpec]:
+    """The LLM judges a stage calls: the evaluation's judges in the evaluate stage, a judge axis's in the rank
+    and evaluate stages (which score with every axis); one per name."""
+    found = list(spec.evaluation.judges) if stage is Stage.EVALUATE else []
+    if stage in (Stage.RANK, Stage.EVALUATE):
+        found += [a.judge for a in spec.ranking.axes or [] if a.judge is not None]
+    return list({j.name: j for j in reversed(found)}.values())
+
+
+def _judge_keys(spec: IterativeDPORunSpec, stage: Stage) -> list[dict[str, Any]]:
+    """Each judge's API key, from its Secret, as `IDPO_JUDGE_API_KEY_<NAME>`: only in the stages that call
+    the judge, and never in the stage's config, status or logs."""
+    return [
+        {
+            "name": judge.api_key_env,
+            "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}},
+        }
+        for judge in judges_of(spec, stage)
+        if (secret := judge.endpoint.api_key_secret) is not None
+    ]
+
+
 def _container(spec: IterativeDPORunSpec, owner: Owner, key: StageKey, image: str) -> dict[str, Any]:
     rt = spec.runtime
     env = [
         *rt.env_wire(),
         *_credentials(spec),
+        *_judge_keys(spec, key.stage),
         # Last, so that they win over the run's: a later entry of the same name replaces an earlier one
         # (and env replaces envFrom). The stage's paths and termination log are the operator's alone.
         {"name": PVC_ROOT_ENV, "value": VOLUME_MOUNT},

@@ -211,6 +211,17 @@ class IterativeDPORunSpec(Model):
         if rule is not None and rule.axis is not None and rule.axis not in names:
             known = ", ".join(names) or "none: per-axis figures come with ranking.axes"
             raise ValueError(f"evaluation.stopWhen.axis: {rule.axis!r} is not an axis of ranking.axes ({known})")
+        judges = [j.name for j in self.evaluation.judges]
+        by_name = {j.name: j for j in self.evaluation.judges}
+        for axis in self.ranking.axes or []:
+            if axis.judge is not None and by_name.setdefault(axis.judge.name, axis.judge) != axis.judge:
+                # One name, one API key variable (IDPO_JUDGE_API_KEY_<NAME>) in the stage pods.
+                raise ValueError(
+                    f"ranking.axes: judge {axis.judge.name!r} is defined twice, differently; give it another name"
+                )
+        if rule is not None and rule.judge is not None and rule.judge not in judges:
+            known = ", ".join(judges) or "none"
+            raise ValueError(f"evaluation.stopWhen.judge: {rule.judge!r} is not a judge of evaluation.judges ({known})")
         return self
 
 

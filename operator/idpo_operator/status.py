@@ -429,7 +429,7 @@ def build_status(
     compact.drop_used_digests(iterations)
     stored_specs = compact.kept_specs(iterations, stored_specs)
     rule = spec.evaluation.stop_when
-    compact.within_budget(iterations, stored_specs, axes=(rule.axis,) if rule and rule.axis else ())
+    compact.within_budget(iterations, stored_specs, follow=(rule.source,) if rule and rule.source else ())
 
     done_iterations = [e for e in iterations if "checkpoint" in e]
     evaluated = [e for e in iterations if e["iteration"] >= 1 and "evaluate" in e["stages"]]

@@ -90,14 +90,25 @@ def _evaluated(it: Any) -> dict[str, Any]:
     return mapping(mapping(mapping(mapping(it).get("stages")).get("evaluate")).get("metrics"))
 
 
+def _per_name_block(status: dict[str, Any], block: str, cell: Any, title: str) -> list[str]:
+    """A column per axis or judge (`block`), a row per evaluated iteration, and the length ratio. Empty without."""
+    entries = [it for it in listing(status.get("iterations")) if iteration_number(it) is not None]
+    iterations = [it for it in entries if isinstance(_evaluated(it).get(block), dict)]
+    names = list(dict.fromkeys(n for it in iterations for n in _evaluated(it)[block]))
+    if not names:
+        return []
+    header = ["ITER", *(printable(n, 32).upper() for n in names), "LENGTH/BASE"]
+    rows = []
+    for it in iterations:
+        metrics = _evaluated(it)
+        ratio = _fmt(metrics.get("mean_length_ratio_vs_base"))
+        rows.append([str(iteration_number(it)), *(cell(metrics[block].get(n)) for n in names), ratio])
+    return ["", title, *_aligned([header, *rows])]
+
+
 def axes_block(status: dict[str, Any]) -> list[str]:
     """Per iteration, each axis's own LC win rate against the base model (a gate's pass rate), and the mean
     length against the base model's: does each axis move, and does length stay put? Empty without axes."""
-    entries = [it for it in listing(status.get("iterations")) if iteration_number(it) is not None]
-    iterations = [it for it in entries if isinstance(_evaluated(it).get("axes"), dict)]
-    names = list(dict.fromkeys(n for it in iterations for n in _evaluated(it)["axes"]))
-    if not names:
-        return []
 
     def cell(figures: Any) -> str:
         if not isinstance(figures, dict):
@@ -107,13 +118,22 @@ def axes_block(status: dict[str, Any]) -> list[str]:
         shown += [f"pass {passed:.3f}"] if number(passed) is not None else []
         return " / ".join(shown) or "-"
 
-    header = ["ITER", *(printable(n, 32).upper() for n in names), "LENGTH/BASE"]
-    rows = []
-    for it in iterations:
-        metrics = _evaluated(it)
-        ratio = _fmt(metrics.get("mean_length_ratio_vs_base"))
-        rows.append([str(iteration_number(it)), *(cell(metrics["axes"].get(n)) for n in names), ratio])
-    return ["", "axes: LC win rate vs base (gates: pass rate)", *_aligned([header, *rows])]
+    return _per_name_block(status, "axes", cell, "axes: LC win rate vs base (gates: pass rate)")
+
+
+def judges_block(status: dict[str, Any]) -> list[str]:
+    """Per iteration, each LLM judge's LC win rate against the base model and its failed judgments: does the
+    independent judge agree with the ranker? Empty without judges."""
+
+    def cell(figures: Any) -> str:
+        if not isinstance(figures, dict):
+            return "-"
+        lc, failures = value_of(figures.get("lc_win_rate_vs_base")), number(figures.get("failures"))
+        shown = [f"{lc:.3f}"] if number(lc) is not None else []
+        shown += [f"{failures:g} failed"] if failures else []
+        return " / ".join(shown) or "-"
+
+    return _per_name_block(status, "judges", cell, "judges: LC win rate vs base (failed judgments)")
 
 
 def render(status: dict[str, Any], name: str = "") -> str:
@@ -125,4 +145,4 @@ def render(status: dict[str, Any], name: str = "") -> str:
         f"{printable(name) + ': ' if name else ''}{field('phase', 'Pending')} — {field('message', '')}\n"
         f"iteration {field('currentIteration')}/{field('iterationsTotal')}, stage {field('currentStage')}"
     )
-    return head + "\n\n" + "\n".join([*_aligned(rows), *axes_block(status)])
+    return head + "\n\n" + "\n".join([*_aligned(rows), *axes_block(status), *judges_block(status)])

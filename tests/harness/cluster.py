@@ -31,6 +31,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import urllib.request
 import uuid
 import venv
 from dataclasses import dataclass
@@ -137,6 +138,40 @@ def free_port() -> int:
 def audit_stamp() -> str:
     """Now, as the audit log writes its timestamps (UTC, microseconds): such strings sort by time."""
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def start_server(
+    command: list[str], log: Path, health: str, timeout: float, what: str, **popen: Any
+) -> subprocess.Popen[bytes]:
+    """Start a server in a session of its own (`stop_group` stops it whole), its output appended to `log`, and
+    wait until `health` answers 200; if it exits or the `timeout` passes first, fail with the log's tail."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **popen)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(health, timeout=5) as answer:
+                if answer.status == 200:
+                    return proc
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_group(proc)
+            tail = log.read_text(errors="replace")[-3000:]
+            raise AssertionError(f"{what} did not come up (exit code {proc.returncode}):\n{tail}")
+        time.sleep(0.25)
+
+
+def stop_group(proc: subprocess.Popen[bytes] | None, grace: float = 30) -> None:
+    """Stop a server started in a session of its own, children included: SIGTERM to its process group,
+    SIGKILL after `grace` seconds."""
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def kubectl_binary() -> str:

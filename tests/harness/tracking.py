@@ -6,19 +6,15 @@ this machine) reach it on loopback. The checks read it back through `MlflowClien
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from idpo_jobs import tracking
 
-from tests.harness.cluster import free_port
+from tests.harness.cluster import free_port, start_server, stop_group
 
 
 class TrackingServer:
@@ -32,29 +28,12 @@ class TrackingServer:
         command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port)]
         command += ["--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--workers", "1"]
         command += ["--artifacts-destination", str(self.root / "artifacts")]
-        log = (self.root / "server.log").open("ab")
-        self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        return self
-            except OSError:
-                pass
-            assert self.proc.poll() is None, (self.root / "server.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "the MLflow server did not come up"
-            time.sleep(0.25)
+        self.proc = start_server(command, self.root / "server.log", f"{self.uri}/health", timeout, "the MLflow server")
+        return self
 
     def stop(self) -> None:
         """The whole server: `mlflow server` runs uvicorn and a job runner as children, in its session."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc)
 
     def client(self) -> Any:
         from mlflow import MlflowClient
