@@ -165,14 +165,14 @@ def test_idpo_run_trains_on_two_local_processes_through_the_jobs_torchrun_launch
 
 
 def test_runs_in_different_directories_share_one_build_of_the_tiny_models(tmp_path: Path, monkeypatch) -> None:
-    from idpo_jobs.tiny import tiny_cache
+    from idpo_jobs.tiny import STOPPING_POLICY, tiny_cache
     from idpo_operator.local import LocalRunner
     from idpo_operator.spec import parse_manifest
 
     monkeypatch.setenv("IDPO_TINY_CACHE", str(tmp_path / "cache"))
     built = tiny_cache()
     assert built.parent == tmp_path / "cache" and len(built.name) == 12  # named after the builder's version
-    built.mkdir(parents=True)
+    (built / STOPPING_POLICY).mkdir(parents=True)
     (built / "_SUCCESS").touch()  # as a first run leaves it: nothing is built again
     specs = [LocalRunner(parse_manifest(manifest("cached")), tmp_path / w).spec for w in ("a", "b")]
     assert {s.model.name for s in specs} == {str(built / "policy")}
