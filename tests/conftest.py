@@ -20,6 +20,11 @@ from idpo_operator.spec import IterativeDPORunSpec
 if TYPE_CHECKING:
     from tests.harness.cluster import Target
 
+# One intra-op thread in every torch process the suite starts (this one, its stage subprocesses and `idpo
+# run`s, which inherit it): four workers share the machine, and torch's default of a thread per core then
+# spins on an oversubscribed CPU (the e2e image sets the same: Dockerfile, target e2e).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 TESTS = Path(__file__).parent
 
 TINY_SPEC: dict[str, Any] = {
