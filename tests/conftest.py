@@ -20,6 +20,11 @@ from idpo_operator.spec import IterativeDPORunSpec
 if TYPE_CHECKING:
     from tests.harness.cluster import Target
 
+# One intra-op thread in every torch process the suite starts (this one, its stage subprocesses and `idpo
+# run`s, which inherit it): four workers share the machine, and torch's default of a thread per core then
+# spins on an oversubscribed CPU (the e2e image sets the same: Dockerfile, target e2e).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 TESTS = Path(__file__).parent
 
 TINY_SPEC: dict[str, Any] = {
@@ -197,10 +202,20 @@ def evaluated_run(mlflow_server: Any, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from idpo_jobs.tiny import build_tiny
+def tiny() -> dict[str, Path]:
+    """The tiny models (idpo_jobs.tiny.build_tiny), built once per machine into the versioned cache `idpo run`
+    uses: the first worker builds them under a lock, the others wait and read them. Tests only read them."""
+    import fcntl
 
-    return build_tiny(tmp_path_factory.mktemp("tiny"))
+    from idpo_jobs.tiny import STOPPING_POLICY, ensure_tiny, tiny_cache
+
+    root = tiny_cache()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with (root.parent / f".{root.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ensure_tiny(root)
+    models = {name: root / name for name in ("policy", STOPPING_POLICY, "pairrm", "reward")}
+    return models | {"prompts": root / "prompts.jsonl"}
 
 
 def tiny_spec(tiny: dict[str, Path], **override: Any) -> IterativeDPORunSpec:

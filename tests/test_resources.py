@@ -285,3 +285,36 @@ def test_a_null_in_the_pod_security_context_keeps_the_restricted_default() -> No
         "fsGroupChangePolicy": "OnRootMismatch",
         "runAsUser": 1000680000,
     }  # fsGroup removed (OpenShift assigns it); the profile's own settings stay
+
+
+def threads(s, key=RANK) -> list[str]:
+    env = job(s, key)["spec"]["template"]["spec"]["containers"][0]["env"]
+    return [e["value"] for e in env if e["name"] == "OMP_NUM_THREADS"]
+
+
+TRAIN = StageKey(1, Stage.TRAIN)
+
+
+@pytest.mark.parametrize(
+    ("section", "resources_", "key", "expected"),
+    [
+        ("ranking", {"limits": {"cpu": "4"}, "requests": {"cpu": "2"}}, RANK, ["4"]),  # the limit first
+        ("ranking", {"requests": {"cpu": 6}}, RANK, ["6"]),
+        ("ranking", {"limits": {"cpu": "500m"}}, RANK, ["1"]),  # never 0
+        ("ranking", {"limits": {"cpu": "2.5"}}, RANK, ["2"]),
+        ("ranking", {"limits": {"memory": "8Gi"}}, RANK, []),  # no CPUs named: torch's own default
+        ("generation", {"limits": {"cpu": "3"}}, StageKey(1, Stage.EVALUATE), ["3"]),  # evaluate sizes as generate
+        ("training", {"limits": {"cpu": "16", "nvidia.com/gpu": 4}}, TRAIN, ["4"]),  # shared by 4 processes
+    ],
+    ids=["limit", "request", "millicores", "fraction", "no-cpu", "evaluate", "processes"],
+)
+def test_torch_threads_follow_the_pods_cpus(section: str, resources_: dict, key: StageKey, expected: list) -> None:
+    assert threads(spec(**{section: {"resources": resources_}}), key) == expected
+
+
+def test_a_runs_own_thread_count_is_kept() -> None:
+    own = {
+        "runtime": {"env": [{"name": "OMP_NUM_THREADS", "value": "7"}]},
+        "ranking": {"resources": {"limits": {"cpu": 2}}},
+    }
+    assert threads(spec(**own)) == ["7"]

@@ -197,6 +197,34 @@ def stage_resources(spec: IterativeDPORunSpec, stage: Stage) -> Resources:
     return sections.get(stage, spec.generation).resources
 
 
+THREADS_ENV = "OMP_NUM_THREADS"
+
+
+def _cpus(quantity: str | int) -> float | None:
+    """A CPU quantity (`4`, "1.5", "500m") as a number of CPUs; None for a form CPUs are not written in."""
+    text = str(quantity)
+    try:
+        return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        return None
+
+
+def thread_env(spec: IterativeDPORunSpec, stage: Stage) -> list[dict[str, Any]]:
+    """torch's intra-op threads per process, from the CPUs the pod may use (its limit, else its request),
+    shared by its processes. Left to torch (a thread per core of the *node*) when the pod names no CPUs or
+    the run sets the variable itself. On a shared node torch's default oversubscribes the pod's CPUs, and
+    OpenMP's spin-waiting then burns its CFS quota (bench/threads.py: ~15x the CPU seconds of a tiny
+    train step, 2 cores, 4 processes). torchrun sets 1 when it starts several processes and finds none."""
+    if any(var.name == THREADS_ENV for var in spec.runtime.env):
+        return []
+    res = stage_resources(spec, stage)
+    cpus = _cpus(res.limits.get("cpu", res.requests.get("cpu", 0)))
+    if not cpus:
+        return []
+    processes = spec.training.distributed.processes(res) if stage is Stage.TRAIN else 1
+    return [{"name": THREADS_ENV, "value": str(max(1, int(cpus // processes)))}]
+
+
 # The restricted Pod Security Standard, with no fixed uid: the image's user (1000) by default, or the
 # one the platform assigns (OpenShift's restricted-v2). fsGroup makes the claim group-writable;
 # `runtime.podSecurityContext` may change any of it (the policy keeps the result restricted, and the
@@ -345,6 +373,7 @@ def _judge_keys(spec: IterativeDPORunSpec, stage: Stage) -> list[dict[str, Any]]
 def _container(spec: IterativeDPORunSpec, owner: Owner, key: StageKey, image: str) -> dict[str, Any]:
     rt = spec.runtime
     env = [
+        *thread_env(spec, key.stage),
         *rt.env_wire(),
         *_credentials(spec),
         *_judge_keys(spec, key.stage),

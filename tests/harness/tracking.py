@@ -6,6 +6,7 @@ this machine) reach it on loopback. The checks read it back through `MlflowClien
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -28,11 +29,15 @@ class TrackingServer:
         command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port)]
         command += ["--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--workers", "1"]
         command += ["--artifacts-destination", str(self.root / "artifacts")]
-        self.proc = start_server(command, self.root / "server.log", f"{self.uri}/health", timeout, "the MLflow server")
+        # No server-side job runner: idpo uses none of MLflow's server jobs (GenAI scorers), and its seven
+        # polling consumer processes per server would take memory and CPU from the stages under test.
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        health = f"{self.uri}/health"
+        self.proc = start_server(command, self.root / "server.log", health, timeout, "the MLflow server", env=env)
         return self
 
     def stop(self) -> None:
-        """The whole server: `mlflow server` runs uvicorn and a job runner as children, in its session."""
+        """The whole server: `mlflow server` runs uvicorn as a child, in its session."""
         stop_group(self.proc)
 
     def client(self) -> Any:
