@@ -32,7 +32,7 @@ for _ in range(int(sys.argv[2])):
     opt.step()
     opt.zero_grad()
 with torch.no_grad():
-    model.generate(x[:, :8], max_new_tokens=32, do_sample=True)
+    model.generate(x[:, :8], attention_mask=torch.ones_like(x[:, :8]), max_new_tokens=32, do_sample=True)
 after = resource.getrusage(resource.RUSAGE_SELF)
 cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 print(json.dumps({"cpu_s": cpu, "wall_s": time.perf_counter() - started, "threads": torch.get_num_threads()}))
