@@ -303,10 +303,13 @@ TRAIN = StageKey(1, Stage.TRAIN)
         ("ranking", {"limits": {"cpu": "500m"}}, RANK, ["1"]),  # never 0
         ("ranking", {"limits": {"cpu": "2.5"}}, RANK, ["2"]),
         ("ranking", {"limits": {"memory": "8Gi"}}, RANK, []),  # no CPUs named: torch's own default
+        ("ranking", {"limits": {"cpu": "inf"}}, RANK, []),  # no CPU count: the apiserver judges it
+        ("ranking", {"limits": {"cpu": "1e308"}}, RANK, []),
+        ("ranking", {"limits": {"cpu": "999999"}}, RANK, ["1024"]),
         ("generation", {"limits": {"cpu": "3"}}, StageKey(1, Stage.EVALUATE), ["3"]),  # evaluate sizes as generate
         ("training", {"limits": {"cpu": "16", "nvidia.com/gpu": 4}}, TRAIN, ["4"]),  # shared by 4 processes
     ],
-    ids=["limit", "request", "millicores", "fraction", "no-cpu", "evaluate", "processes"],
+    ids=["limit", "request", "millicores", "fraction", "no-cpu", "inf", "exponent", "huge", "evaluate", "processes"],
 )
 def test_torch_threads_follow_the_pods_cpus(section: str, resources_: dict, key: StageKey, expected: list) -> None:
     assert threads(spec(**{section: {"resources": resources_}}), key) == expected

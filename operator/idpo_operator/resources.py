@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,13 +201,19 @@ def stage_resources(spec: IterativeDPORunSpec, stage: Stage) -> Resources:
 THREADS_ENV = "OMP_NUM_THREADS"
 
 
+# A CPU count as people write one (`4`, "1.5", "500m"). Anything else (exponents, "inf", "nan", other suffixes)
+# is left to the apiserver, which refuses what is no quantity, and the pod keeps torch's default.
+CPU_QUANTITY = re.compile(r"(\d{1,6})(\.\d{1,6})?(m?)")
+MAX_THREADS = 1024
+
+
 def _cpus(quantity: str | int) -> float | None:
-    """A CPU quantity (`4`, "1.5", "500m") as a number of CPUs; None for a form CPUs are not written in."""
-    text = str(quantity)
-    try:
-        return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
-    except ValueError:
+    """A CPU quantity as a number of CPUs; None for a form CPUs are not written in."""
+    found = CPU_QUANTITY.fullmatch(str(quantity))
+    if found is None:
         return None
+    cpus = float(found.group(1) + (found.group(2) or ""))
+    return cpus / 1000 if found.group(3) else cpus
 
 
 def thread_env(spec: IterativeDPORunSpec, stage: Stage) -> list[dict[str, Any]]:
@@ -222,7 +229,7 @@ def thread_env(spec: IterativeDPORunSpec, stage: Stage) -> list[dict[str, Any]]:
     if not cpus:
         return []
     processes = spec.training.distributed.processes(res) if stage is Stage.TRAIN else 1
-    return [{"name": THREADS_ENV, "value": str(max(1, int(cpus // processes)))}]
+    return [{"name": THREADS_ENV, "value": str(min(MAX_THREADS, max(1, int(cpus // processes))))}]
 
 
 # The restricted Pod Security Standard, with no fixed uid: the image's user (1000) by default, or the
