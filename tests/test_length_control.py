@@ -9,6 +9,9 @@ run side by side (one `idpo run` each; the tests below read the same runs):
   the base model's at every iteration while `s-words` beats the base model (its 95% interval above 0.5);
 - `uncontrolled`, the same without it: the length grows over the iterations, and the length guard
   (`stopWhen.maxLengthRatio`) stops such a run.
+
+The controlled bar holds at the example's sampling seed, not at every seed (docs/ranking.md, "What the tiny
+models show"): a failure after a change of the tiny models, the sampler or TRL may be that, not a broken control.
 """
 
 from __future__ import annotations
