@@ -2,14 +2,16 @@
 
 `examples/tiny-axes.yaml` aligns the tiny policy that stops at varied lengths (`policy-stops`) towards two
 objectives, `s-words` (the share of words starting with 's', which does not reward length) and `length` (the
-number of words: a length-biased scorer, as LLM judges and PairRM are), with a gate (`distinct`). Run without
-length control (one `idpo run`; the tests below read the same run), the mean evaluated length grows over the
-iterations and the length guard (`stopWhen.maxLengthRatio`) stops such a run.
+number of words: a length-biased scorer, as LLM judges and PairRM are), with a gate (`distinct`). Both variants
+run side by side (one `idpo run` each; the tests below read the same runs):
 
-Not here yet: the same recipe *with* length control keeping the length within 15% of the base model's while
-`s-words` beats it. On `policy-stops`, pairing's `maxLengthRatio` (1.0 to 1.5) collapsed the policy to empty
-answers after one iteration, and training's `ldAlpha: 0` let the length grow as much as no control did
-(docs/ranking.md, "What the tiny models show").
+- `controlled`, the example as shipped (pairing's `lengthPenalty`): the mean evaluated length stays within 15% of
+  the base model's at every iteration while `s-words` beats the base model (its 95% interval above 0.5);
+- `uncontrolled`, the same without it: the length grows over the iterations, and the length guard
+  (`stopWhen.maxLengthRatio`) stops such a run.
+
+The controlled bar holds at the example's sampling seed, not at every seed (docs/ranking.md, "What the tiny
+models show"): a failure after a change of the tiny models, the sampler or TRL may be that, not a broken control.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ pytestmark = pytest.mark.slow
 EXAMPLE = Path(__file__).parents[1] / "examples" / "tiny-axes.yaml"
 BAND = 0.15  # the length stays within 15% of the base model's
 VARIANTS: dict[str, dict[str, Any]] = {
-    "uncontrolled": {"ranking": {"pairing": {"maxLengthRatio": None}}, "evaluation": {"stopWhen": None}},
+    "controlled": {},
+    "uncontrolled": {"ranking": {"pairing": {"lengthPenalty": 0.0}}, "evaluation": {"stopWhen": None}},
 }
 
 
@@ -86,6 +89,15 @@ def test_without_length_control_the_length_grows_and_the_guard_stops_the_run(run
     stop = plan.early_stop(spec.model_copy(update={"iterations": 3, "evaluation": guard}), dict(enumerate(rows)))
     assert stop is not None and stop[0] == 1 and "times the base model's, above 1.15" in stop[1]
     assert winrate.best_of(rows[1:], guard.stop_when) is None  # both iterations are past the bound
+
+
+def test_with_length_control_the_length_stays_near_the_base_while_s_words_beats_it(runs: dict[str, Path]) -> None:
+    rows = evaluations(runs["controlled"])[1:]
+    print("controlled:", figures(runs["controlled"]))
+    assert len(rows) == 2  # no iteration was stopped by the guard
+    for e in rows:
+        assert abs(e["mean_length_ratio_vs_base"] - 1) <= BAND, figures(runs["controlled"])
+        assert e["axes"]["s-words"]["win_rate_vs_base"][1] > 0.5, figures(runs["controlled"])
 
 
 def test_the_example_is_a_gated_two_axis_run_whose_report_shows_each_axis(runs: dict[str, Path]) -> None:

@@ -8,9 +8,10 @@
   its pairwise accuracy on that preference is about 0.6.
 - `reward/`: a random-weight Mistral sequence classifier (one logit) sharing the policy's
   tokenizer, for the `reward-model` ranker.
-- `policy-stops/`: the same policy with an end-of-sequence logit that follows the context, so its responses
-  end at varied lengths (from 1 token to the cap; 16 of at most 32 on average, sampled): what length control acts on
-  (`examples/tiny-axes.yaml`); `policy/` almost never ends before its token cap.
+- `policy-stops/`: the same policy with a stop rate of its own, so its responses end at varied lengths (66
+  characters on average at temperature 1, a few empty, some at the token cap): what length control acts on
+  (`examples/tiny-axes.yaml`). Its EOS logit has a bias that only the EOS row's training moves (see
+  `build_tiny_stopping_policy`); `policy/` almost never ends before its token cap.
 - `prompts.jsonl`: templated prompts with ids.
 
     idpo make-tiny .idpo/tiny
@@ -134,13 +135,21 @@ def build_tiny_policy(out: str | Path, seed: int = 0, vocab_size: int = 1024) ->
 
 
 STOPPING_POLICY = "policy-stops"
-EOS_SCALE = 4.0  # the EOS row's norm; a random row of the policy's has about 0.16
+# `policy-stops` stops at a rate that DPO moves through the EOS token's own row, as it moves any other token's.
+# A tiny model's weights are about as small as Adam's steps, so one iteration of training turns its final hidden
+# states by tens of degrees: an EOS logit read off a random direction of those states (an EOS row of norm 4, as
+# before) went up or down by logits, whatever the pairs taught (docs/ranking.md, "What the tiny models show").
+# Mistral's head has no bias; this gives it one. Every token embedding gets EOS_SHIFT along one direction, far more
+# than the layers add, so every final hidden state is almost that direction, and a row's component along it is a
+# bias: the EOS row's is EOS_BIAS logits (the base stop rate), plus EOS_GAIN times a random direction's projection.
+EOS_SHIFT = 5.0
+EOS_BIAS = 1.5
+EOS_GAIN = 0.3
 
 
 def build_tiny_stopping_policy(out: str | Path, policy: str | Path, seed: int = 0) -> Path:
-    """`policy` whose EOS logit is EOS_SCALE times the final hidden state's projection on a random direction:
-    about 6% of next tokens end the response at temperature 1, more or less depending on the context, so
-    DPO can teach it to stop sooner or later."""
+    """`policy` with a stop rate of its own (above), a little higher or lower depending on the context: DPO teaches it
+    to stop sooner or later through the EOS row, not as a side effect of what else it learns."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -148,9 +157,16 @@ def build_tiny_stopping_policy(out: str | Path, policy: str | Path, seed: int = 
     tokenizer = AutoTokenizer.from_pretrained(policy)
     generator = torch.Generator().manual_seed(seed + 3)
     with torch.no_grad():
+        shared = torch.randn(model.config.hidden_size, generator=generator)
+        model.get_input_embeddings().weight += EOS_SHIFT * shared / shared.norm()
+        chats = [[{"role": "user", "content": p}] for p in tiny_prompts()[:64]]
+        texts = tokenizer.apply_chat_template(chats, tokenize=False, add_generation_prompt=True)
+        encoded = [tokenizer(t, add_special_tokens=False, return_tensors="pt") for t in texts]
+        mean = torch.cat([model(**e, output_hidden_states=True).hidden_states[-1][0] for e in encoded]).mean(0)
+        direction = torch.randn(mean.shape[0], generator=generator)
+        direction -= (direction @ mean) / (mean @ mean) * mean
         head = model.get_output_embeddings().weight
-        direction = torch.randn(head.shape[1], generator=generator)
-        head[tokenizer.eos_token_id] = EOS_SCALE * direction / direction.norm()
+        head[tokenizer.eos_token_id] = EOS_BIAS * mean / (mean @ mean) + EOS_GAIN * direction / direction.norm()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return Path(out)
