@@ -8,7 +8,7 @@ import signal
 import threading
 from pathlib import Path
 
-from tests.controlplane import binaries
+from tests.controlplane import binaries, images
 from tests.controlplane.plane import ControlPlane
 
 
@@ -21,13 +21,7 @@ def main() -> None:
     up.add_argument("--nodes", type=int, default=1)
     up.add_argument("--gpus", type=int, default=0, help="nvidia.com/gpu per node")
     up.add_argument("--fast-pods", type=float, help="pods succeed after this many seconds, without running")
-    up.add_argument(
-        "--image",
-        action="append",
-        help="an image the nodes have, built by the Dockerfile's TARGET (default jobs); repeatable (default: the "
-        "spec's stage image and the chart's operator image)",
-    )
-    up.add_argument("--layer", action="append", help="IMAGE=DIR: a virtualenv layered over IMAGE (repeatable)")
+    images.add_arguments(up)
     up.add_argument("--kueue", action="store_true", help="start Kueue's manager too (built on first use)")
     args = parser.parse_args()
     if args.command == "build":

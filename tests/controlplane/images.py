@@ -10,6 +10,7 @@ names in FROM.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shlex
@@ -129,6 +130,17 @@ def default_images() -> dict[str, str]:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     operator = f"{values['image']['repository']}:{values['image']['tag'] or chart['appVersion']}"
     return {DEFAULT_STAGE_IMAGE: STAGE_TARGET, operator: "operator"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--image` and `--layer`, as `python -m tests.controlplane up` and the node agent both take them."""
+    parser.add_argument(
+        "--image",
+        action="append",
+        help="an image the nodes have, built by the Dockerfile's TARGET (default jobs); repeatable "
+        "(default: the spec's stage image and the chart's operator image)",
+    )
+    parser.add_argument("--layer", action="append", help="IMAGE=DIR: a virtualenv layered over IMAGE (repeatable)")
 
 
 def parse_images(specs: list[str] | None) -> dict[str, str]:

@@ -370,13 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpu", default="32", help="cpu capacity per node")
     parser.add_argument("--memory", default="128Gi", help="memory capacity per node")
     parser.add_argument("--fast-pods", type=float, help="complete pods after this many seconds, without running them")
-    parser.add_argument(
-        "--image",
-        action="append",
-        help="an image the nodes have, built by the Dockerfile's TARGET (default jobs); repeatable "
-        "(default: the stage image and the chart's operator image)",
-    )
-    parser.add_argument("--layer", action="append", help="IMAGE=DIR: a virtualenv layered over IMAGE (repeatable)")
+    images.add_arguments(parser)
     parser.add_argument("--apiserver-port", type=int, required=True)
     parser.add_argument("--tls-cert", required=True, help="serving certificate for the log endpoint")
     parser.add_argument("--tls-key", required=True)
