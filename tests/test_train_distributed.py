@@ -222,6 +222,7 @@ def test_bad_input_exits_2_through_torchrun_and_rank_zero_reports_it(tiny, tmp_p
     config, _ = write_config(tiny_spec(tiny), tmp_path, T1, termination_log=str(tmp_path / "term"))
     proc = launch(config)  # no rank stage in tmp_path
     assert proc.returncode == 2, proc.stderr[-3000:]  # not torchrun's 1: the Job must not retry it
+    assert (tmp_path / "term").exists(), proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "input stage 'rank' is incomplete" in json.loads((tmp_path / "term").read_text())["error"]
     assert list((tmp_path / "iter-1").iterdir()) == []  # the temporary directory is gone too
 
