@@ -54,6 +54,6 @@ CMD ["python", "-m", "idpo_jobs.generate", "--help"]
 FROM jobs AS e2e
 # A test node runs many small stage pods on a few cores. torch's default, a thread per core in each process,
 # oversubscribes them, and OpenMP's spin-waiting then burns the CPU the other pods need (a tiny train step:
-# about 15 times the CPU seconds of one thread on a loaded 2-core machine; bench/threads.py).
+# about 13 times the CPU seconds of one thread on a loaded 2-core machine; bench/threads.py).
 ENV OMP_NUM_THREADS=1
 COPY tests/rewards.py tests/hooks/sitecustomize.py /opt/venv/lib/python3.12/site-packages/

@@ -220,7 +220,7 @@ def thread_env(spec: IterativeDPORunSpec, stage: Stage) -> list[dict[str, Any]]:
     """torch's intra-op threads per process, from the CPUs the pod may use (its limit, else its request),
     shared by its processes. Left to torch (a thread per core of the *node*) when the pod names no CPUs or
     the run sets the variable itself. On a shared node torch's default oversubscribes the pod's CPUs, and
-    OpenMP's spin-waiting then burns its CFS quota (bench/threads.py: ~15x the CPU seconds of a tiny
+    OpenMP's spin-waiting then burns its CFS quota (bench/threads.py: ~13x the CPU seconds of a tiny
     train step, 2 cores, 4 processes). torchrun sets 1 when it starts several processes and finds none."""
     if any(var.name == THREADS_ENV for var in spec.runtime.env):
         return []
