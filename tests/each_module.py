@@ -10,6 +10,7 @@ side. The exit status is 0 when every module passed (or skipped all its tests).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -23,16 +24,25 @@ ROOT = TESTS.parent
 OUTCOME = re.compile(r"(\d+) (passed|failed|error|errors|skipped|deselected)")
 
 
-def run_module(module: Path, root: Path, seed: int | None) -> tuple[str, int, float, str, str]:
-    """(module, exit status, seconds, pytest's summary line, output tail)."""
+def run_module(module: Path, root: Path, seed: int | None) -> tuple[str, int, float, float, str, str]:
+    """(module, exit status, seconds, CPU seconds, pytest's summary line, output tail).
+
+    The CPU seconds are the module's whole process tree as its pytest reaped it: its control plane, pods,
+    local runs and servers included. They say what a module costs a CI machine, where wall time depends on
+    what ran beside it."""
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={root / module.stem}"]
     if seed is not None:
         command.append(f"--randomly-seed={seed}")
     started = time.monotonic()
-    done = subprocess.run([*command, str(module.relative_to(ROOT))], cwd=ROOT, capture_output=True, text=True)
-    lines = done.stdout.strip().splitlines()
+    with tempfile.TemporaryFile("w+") as out:
+        process = subprocess.Popen([*command, str(module.relative_to(ROOT))], cwd=ROOT, stdout=out, stderr=out)
+        _, status, usage = os.wait4(process.pid, 0)  # wait4: this child's tree's rusage, not the whole runner's
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        lines = out.read().strip().splitlines()
     summary = next((line.strip("= ") for line in reversed(lines) if OUTCOME.search(line)), "no summary")
-    return module.name, done.returncode, time.monotonic() - started, summary, "\n".join(lines[-30:])
+    cpu = usage.ru_utime + usage.ru_stime
+    return module.name, process.returncode, time.monotonic() - started, cpu, summary, "\n".join(lines[-30:])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,19 +54,26 @@ def main(argv: list[str] | None = None) -> int:
     modules = [TESTS / m for m in args.modules] if args.modules else sorted(TESTS.glob("test_*.py"))
     started = time.monotonic()
     (ROOT / ".pytest-tmp").mkdir(exist_ok=True)
-    results = []
+    results: list[str] = []
+    cpus: list[float] = []
     with (
         tempfile.TemporaryDirectory(prefix="each-module-", dir=ROOT / ".pytest-tmp") as root,
         ThreadPoolExecutor(args.jobs) as pool,
     ):
-        for name, code, seconds, summary, tail in pool.map(lambda m: run_module(m, Path(root), args.seed), modules):
+        for name, code, seconds, cpu, summary, tail in pool.map(
+            lambda m: run_module(m, Path(root), args.seed), modules
+        ):
             verdict = "ok" if code in (0, 5) else "FAILED"  # 5: no test selected (every one skipped by a marker)
-            print(f"{verdict:6} {seconds:7.1f} s  {name:32} {summary}", flush=True)
+            print(f"{verdict:6} {seconds:7.1f} s {cpu:7.1f} cpu-s  {name:32} {summary}", flush=True)
             if verdict != "ok":
                 print("    " + tail.replace("\n", "\n    "), flush=True)
             results.append(verdict)
+            cpus.append(cpu)
     failed = results.count("FAILED")
-    print(f"{len(results) - failed} of {len(results)} modules green alone, in {time.monotonic() - started:.0f} s")
+    print(
+        f"{len(results) - failed} of {len(results)} modules green alone, in {time.monotonic() - started:.0f} s,"
+        f" {sum(cpus):.0f} CPU-s"
+    )
     return 1 if failed else 0
 
 
