@@ -17,6 +17,8 @@ from idpo_operator import plan
 from idpo_operator.plan import StageKey
 from idpo_operator.spec import IterativeDPORunSpec
 
+from tests.harness.tiny import tiny_models
+
 if TYPE_CHECKING:
     from tests.harness.cluster import Target
 
@@ -204,16 +206,10 @@ def evaluated_run(mlflow_server: Any, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="session")
 def tiny() -> dict[str, Path]:
     """The tiny models (idpo_jobs.tiny.build_tiny), built once per machine into the versioned cache `idpo run`
-    uses: the first worker builds them under a lock, the others wait and read them. Tests only read them."""
-    import fcntl
+    uses (tests.harness.tiny). Tests only read them."""
+    from idpo_jobs.tiny import STOPPING_POLICY
 
-    from idpo_jobs.tiny import STOPPING_POLICY, ensure_tiny, tiny_cache
-
-    root = tiny_cache()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with (root.parent / f".{root.name}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        ensure_tiny(root)
+    root = tiny_models()
     models = {name: root / name for name in ("policy", STOPPING_POLICY, "pairrm", "reward")}
     return models | {"prompts": root / "prompts.jsonl"}
 

@@ -366,3 +366,53 @@ def test_a_full_volume_is_told_apart_from_a_transient_io_error(error: Exception)
     wrapped = RuntimeError("saving the checkpoint failed")
     wrapped.__cause__ = error
     assert contract.exit_code(wrapped) == contract.EXIT_VOLUME_FULL
+
+
+EXITING = """
+import atexit, logging, sys, threading, time
+from pathlib import Path
+from idpo_jobs import contract
+
+out = Path(sys.argv[1])
+teardown = type("Teardown", (), {"__del__": lambda self: (out / "teardown").touch()})()  # freed by CPython's teardown
+
+def main() -> int:
+    atexit.register(lambda: (out / "atexit").touch())  # a library's, registered while the stage runs
+    logging.basicConfig(stream=open(out / "log", "w"))
+    logging.getLogger("stage").warning("kept")
+    threading.Thread(target=lambda: (time.sleep(0.5), (out / "thread").touch())).start()
+    print("unflushed", end="")
+    if sys.argv[2] == "raise":
+        raise RuntimeError("boom")
+    return int(sys.argv[2])
+
+contract.exit_after(main)
+"""
+
+
+@pytest.mark.parametrize("status", [0, 2, 75])
+def test_exit_after_keeps_the_status_the_atexit_handlers_threads_and_output_but_skips_the_teardown(
+    tmp_path: Path, status: int
+) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", EXITING, str(tmp_path), str(status)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == status, done.stderr
+    assert done.stdout == "unflushed"
+    assert (tmp_path / "atexit").exists() and (tmp_path / "thread").exists()
+    assert (tmp_path / "log").read_text() == "WARNING:stage:kept\n"
+    assert not (tmp_path / "teardown").exists()  # what the interpreter's teardown would have run
+
+
+def test_a_main_that_raises_exits_the_ordinary_way(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", EXITING, str(tmp_path), "raise"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1 and "RuntimeError: boom" in done.stderr
+    assert (tmp_path / "atexit").exists() and (tmp_path / "teardown").exists()

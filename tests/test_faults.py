@@ -25,6 +25,7 @@ from tests.test_children import legacy_job_name, refused_pods_stall_the_run, sta
 from tests.test_operator_e2e import (
     CLAIM,
     FAULT_PATH_GRANTS,
+    LIGHT_RANKING,
     delete_runs_afterwards,  # noqa: F401  (autouse: the e2e module's, here too)
     on_volume,
     pods_per_job,
@@ -51,7 +52,7 @@ def no_stage_ran_twice(cluster: Cluster, run: str) -> None:
 def test_any_run_name_kubernetes_accepts_runs_to_succeeded(cluster: Cluster) -> None:
     names = ["team.a.tiny", "r" + "-long" * 50]  # dotted, and near the 253-character limit: both at once
     for name in names:
-        applied = cluster.apply(run_manifest(name, iterations=1))
+        applied = cluster.apply(run_manifest(name, iterations=1, ranking=LIGHT_RANKING))
         assert applied.returncode == 0, applied.stderr
     for name in names:
         status = cluster.wait_phase(name, "Succeeded", "Failed")
@@ -80,7 +81,8 @@ def test_a_missing_secret_waits_and_the_stage_starts_once_it_exists(cluster: Clu
         *run_manifest("x")["spec"]["runtime"]["env"],
         {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hub-token", "key": "token"}}},
     ]
-    assert cluster.apply(run_manifest("secretive", iterations=1, runtime={"env": env})).returncode == 0
+    secretive = run_manifest("secretive", iterations=1, runtime={"env": env}, ranking=LIGHT_RANKING)
+    assert cluster.apply(secretive).returncode == 0
     waiting = cluster.wait("secretive", lambda s: "CreateContainerConfigError" in s.get("message", ""), timeout=60)
     assert 'secret "hub-token" not found' in waiting["message"]
     created = cluster.kubectl("create", "secret", "generic", "hub-token", "--from-literal=token=hf_x")
@@ -215,7 +217,7 @@ def test_a_run_costs_its_own_writes_only_and_reads_nothing_but_its_watches(clust
         return sorted(e["reason"] for e in json.loads(listed.stdout)["items"])
 
     before = reads()
-    assert cluster.apply(run_manifest("cached", iterations=1)).returncode == 0
+    assert cluster.apply(run_manifest("cached", iterations=1, ranking=LIGHT_RANKING)).returncode == 0
     assert cluster.wait_phase("cached", "Succeeded", "Failed")["phase"] == "Succeeded"
     # The run's last event is posted just after its last status write.
     wait_for(lambda: "RunSucceeded" in reasons(), "no RunSucceeded event", 60 * cluster.patience)
@@ -312,7 +314,7 @@ def test_a_nan_metric_is_recorded_as_null_with_a_warning_and_a_run_alongside_suc
     env = [*run_manifest("x")["spec"]["runtime"]["env"], {"name": "IDPO_STUB_SUMMARY", "value": summary}]
     ranking = {"ranker": "function", "function": "rewards:stub_summary", "model": None}
     assert cluster.apply(run_manifest("nan", iterations=1, ranking=ranking, runtime={"env": env})).returncode == 0
-    assert cluster.apply(run_manifest("alongside", iterations=1)).returncode == 0
+    assert cluster.apply(run_manifest("alongside", iterations=1, ranking=LIGHT_RANKING)).returncode == 0
     status = cluster.wait_phase("nan", "Failed")
     rank = status["iterations"][0]["stages"]["rank"]
     assert rank["phase"] == "Succeeded" and rank["metrics"] == {"pairs": 1}  # the NaN is not sent to the API
@@ -394,7 +396,7 @@ def test_a_leader_paused_past_its_lease_writes_nothing_once_another_took_over(cl
 def test_with_two_replicas_every_edit_of_a_succeeded_run_is_acted_on(cluster: Cluster, tmp_path) -> None:
     second = cluster.spawn_operator(tmp_path / "follower.log", f"http://127.0.0.1:{free_port()}/healthz", free_port())
     try:
-        assert cluster.apply(run_manifest("edited", iterations=1)).returncode == 0
+        assert cluster.apply(run_manifest("edited", iterations=1, ranking=LIGHT_RANKING)).returncode == 0
         assert cluster.wait_phase("edited", "Succeeded", "Failed")["phase"] == "Succeeded"
         before = len(cluster.operator_audit()) if cluster.target.plane is not None else 0
         for n in range(2, 12):

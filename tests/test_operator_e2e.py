@@ -55,6 +55,11 @@ SPEC: dict[str, Any] = merge(
 )
 
 
+# A ranker that loads nothing (tests/rewards.py), for runs that only need their stages to succeed: a PairRM rank
+# pod spends ~5 CPU-s importing torch and llm-blender. Seeded generation makes its iteration 1 yield pairs.
+LIGHT_RANKING: dict[str, Any] = {"ranker": "function", "function": "rewards:starts_with_s", "model": None}
+
+
 def run_manifest(name: str, **override: Any) -> dict[str, Any]:
     return {
         "apiVersion": "idpo.dev/v1alpha1",
@@ -161,10 +166,11 @@ def test_an_applied_run_goes_through_every_stage_and_reports_it(cluster: Cluster
     assert float(row.split()[3]) == status["latestWinRate"]  # iteration 2's LC win rate against the base
     described = cluster.kubectl("describe", "idpo", "happy")
     assert "StageSucceeded" in described.stdout and "RunSucceeded" in described.stdout
+    metrics_and_idpo_status_tell_the_same_story(cluster, "happy")
 
 
 def test_a_killed_operator_resumes_without_duplicates(cluster: Cluster) -> None:
-    assert cluster.apply(run_manifest("restart")).returncode == 0
+    assert cluster.apply(run_manifest("restart", iterations=1)).returncode == 0
     cluster.wait("restart", lambda s: s.get("currentStage") == "rank")
     cluster.stop_operator(signal.SIGKILL)  # mid-stage: rank 1 runs on without anyone watching
     deadline = time.monotonic() + 120 * cluster.patience
@@ -178,7 +184,7 @@ def test_a_killed_operator_resumes_without_duplicates(cluster: Cluster) -> None:
     status = cluster.wait_phase("restart", "Succeeded", "Failed")
     assert status["phase"] == "Succeeded", status.get("message")
     names = [j["metadata"]["name"] for j in cluster.jobs("restart")]
-    assert sorted(names) == sorted(set(names)) and len(names) == 6
+    assert sorted(names) == sorted(set(names)) and len(names) == 3
     pods = pods_per_job(cluster, "restart")
     assert set(pods.values()) == {1}, pods  # no stage ran twice
 
@@ -202,7 +208,9 @@ def test_a_failed_attempt_is_retried_and_counted(cluster: Cluster) -> None:
     assert (job["status"]["failed"], job["status"]["succeeded"]) == (1, 1)
 
 
-def test_a_stage_that_always_fails_stalls_the_run_and_keeps_earlier_outputs(cluster: Cluster) -> None:
+def test_a_stage_that_always_fails_stalls_the_run_keeps_earlier_outputs_and_runs_again_once_fixed(
+    cluster: Cluster,
+) -> None:
     bad = {"ranker": "function", "function": "rewards:not_a_number", "model": None}
     assert cluster.apply(run_manifest("doomed", iterations=1, ranking=bad)).returncode == 0
     status = cluster.wait_phase("doomed", "Failed")
@@ -216,6 +224,13 @@ def test_a_stage_that_always_fails_stalls_the_run_and_keeps_earlier_outputs(clus
     intact, message = cluster.run_job(["-c", "import json, sys; json.load(open(sys.argv[1]))", gen], claim=CLAIM)
     assert intact, message
     assert pods_per_job(cluster, "doomed")["doomed-i1-rank"] == 1  # bad input: not retried
+
+    good = {**bad, "function": "rewards:starts_with_s"}
+    assert cluster.apply(run_manifest("doomed", iterations=1, ranking=good)).returncode == 0  # the fix is the commit
+    status = cluster.wait_phase("doomed", "Succeeded", timeout=120)
+    rank = status["iterations"][0]["stages"]["rank"]
+    assert rank["metrics"]["ranker"] == "function" and rank["attempts"] == 2
+    assert pods_per_job(cluster, "doomed")["doomed-i1-generate"] == 1
 
 
 JUDGE = {"name": "gpt4", "endpoint": {"baseUrl": "https://api.openai.com/v1", "model": "gpt-4-1106-preview"}}
@@ -344,14 +359,12 @@ def test_the_chart_rbac_allows_exactly_the_calls_the_operator_makes(cluster: Clu
         assert allowed - calls <= FAULT_PATH_GRANTS | KUEUE_GRANTS, "RBAC grants more than the operator uses"
 
 
-def test_metrics_and_idpo_status_tell_the_same_story(cluster: Cluster) -> None:
+def metrics_and_idpo_status_tell_the_same_story(cluster: Cluster, run: str) -> None:
+    """For a Succeeded `run` with a train stage: the operator's metrics count it, and `idpo status` says it."""
     import os
     import subprocess
     import sys
     import urllib.request
-
-    assert cluster.apply(run_manifest("metered", iterations=1)).returncode == 0
-    assert cluster.wait_phase("metered", "Succeeded")["phase"] == "Succeeded"
 
     def scrape() -> dict[str, float]:
         url = f"http://127.0.0.1:{cluster.metrics_port}/metrics"
@@ -369,7 +382,7 @@ def test_metrics_and_idpo_status_tell_the_same_story(cluster: Cluster) -> None:
 
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
     table = subprocess.run(
-        [sys.executable, "-m", "idpo_operator", "status", "metered", "-n", cluster.namespace],
+        [sys.executable, "-m", "idpo_operator", "status", run, "-n", cluster.namespace],
         capture_output=True,
         text=True,
         env=env,
@@ -377,21 +390,8 @@ def test_metrics_and_idpo_status_tell_the_same_story(cluster: Cluster) -> None:
     )
     assert table.returncode == 0, table.stderr
     assert (
-        table.stdout.startswith("metered: Succeeded")
-        and f"pvc://{CLAIM}/idpo/metered-" in table.stdout.splitlines()[-1]
+        table.stdout.startswith(f"{run}: Succeeded") and f"pvc://{CLAIM}/idpo/{run}-" in table.stdout.splitlines()[-1]
     )
-
-
-def test_a_failed_stage_runs_again_once_the_spec_is_fixed(cluster: Cluster) -> None:
-    bad = {"ranker": "function", "function": "rewards:not_a_number", "model": None}
-    assert cluster.apply(run_manifest("fixed", iterations=1, ranking=bad)).returncode == 0
-    assert cluster.wait_phase("fixed", "Failed")["message"].startswith("iteration 1 rank failed")
-    good = {**bad, "function": "rewards:starts_with_s"}
-    assert cluster.apply(run_manifest("fixed", iterations=1, ranking=good)).returncode == 0  # the fix is the commit
-    status = cluster.wait_phase("fixed", "Succeeded", timeout=120)
-    rank = status["iterations"][0]["stages"]["rank"]
-    assert rank["metrics"]["ranker"] == "function" and rank["attempts"] == 2
-    assert pods_per_job(cluster, "fixed")["fixed-i1-generate"] == 1
 
 
 def test_gitops_labels_stay_on_the_run_and_an_unchanged_reapply_changes_nothing(cluster: Cluster) -> None:
@@ -483,7 +483,8 @@ def test_the_apiserver_rejects_an_indexed_job_whose_pod_hostnames_are_not_dns_la
 def test_evaluation_stops_a_run_early_and_names_the_best_checkpoint(cluster: Cluster) -> None:
     # An LC win rate is a logistic's value, always below 1: the rule fires after iteration 1 of 3.
     evaluation = {"enabled": True, "stopWhen": {"metric": "lcWinRateVsBase", "below": 1.0}}
-    assert cluster.apply(run_manifest("early", iterations=3, evaluation=evaluation)).returncode == 0
+    early = run_manifest("early", iterations=3, evaluation=evaluation, ranking=LIGHT_RANKING)
+    assert cluster.apply(early).returncode == 0
     status = cluster.wait_phase("early", "Succeeded", "Failed")
     assert status["phase"] == "Succeeded", status.get("message")
     assert {c["type"]: c["reason"] for c in status["conditions"]}["Ready"] == "EarlyStopped"

@@ -132,7 +132,9 @@ def test_a_generate_pod_lost_mid_way_generates_only_its_unfinished_chunks_again(
     # 16 prompts: 8 chunks of one batch each. Held at 8 done: 3 chunks written, the 4th generated, not written.
     hold = cluster.hold("generate", 8)
     generation = {"batchSize": 2, "chunkPrompts": 2}
-    assert cluster.apply(held_run("regenerated", log, hold, generation=generation)).returncode == 0
+    # Its rank refuses the first score (bad input, not retried): no rank or train runs on after generate.
+    ranking = {"ranker": "function", "function": "rewards:not_a_number", "model": None}
+    assert cluster.apply(held_run("regenerated", log, hold, generation=generation, ranking=ranking)).returncode == 0
     delete_pod_when_logged(cluster, "regenerated-i1-generate", hold.line)
     cluster.release(hold, CLAIM)
 

@@ -78,15 +78,21 @@ def test_rerunning_a_finished_stage_exits_at_once_and_changes_nothing(tiny, gene
     ],
     ids=["pairrm", "function", "reward-model"],
 )
-def test_rank_pairs_best_against_worst_from_all_generate_parts(tiny, generated, tmp_path, ranking, kind) -> None:
+def test_rank_pairs_best_against_worst_from_all_generate_parts(
+    tiny, generated, ranked, tmp_path, ranking, kind
+) -> None:
     import datasets
 
-    if ranking.get("model") == "REWARD":
-        ranking = {**ranking, "model": str(tiny["reward"])}
-    spec = tiny_spec(tiny, generation={"shards": 2}, ranking=ranking)
-    config, _ = write_config(spec, generated, R1, out_dir=tmp_path)
-    ok(run_cli("rank", config))
-    part = tmp_path / "iter-1" / "rank" / "part-00000"
+    if kind == "pairrm":  # the shared spec's ranker: `ranked` ran exactly this stage already
+        out = ranked
+    else:
+        if ranking.get("model") == "REWARD":
+            ranking = {**ranking, "model": str(tiny["reward"])}
+        spec = tiny_spec(tiny, generation={"shards": 2}, ranking=ranking)
+        config, _ = write_config(spec, generated, R1, out_dir=tmp_path)
+        ok(run_cli("rank", config))
+        out = tmp_path
+    part = out / "iter-1" / "rank" / "part-00000"
     metrics = read_json(part / "_SUCCESS.json")["metrics"]
     assert metrics["ranker"] == kind and metrics["prompts"] == 8
     assert metrics["pairs"] + metrics["dropped_ties"] == 8 and metrics["pairs"] > 0

@@ -114,7 +114,7 @@ def relative_difference(a: Any, b: Any) -> float:
 
 def train(tiny, ranked: Path, out: Path, training: dict[str, Any], processes: int, **env: str) -> Path:
     config, _ = write_config(tiny_spec(tiny, training=training), ranked, T1, out_dir=out)
-    ok(launch(config, processes, **env) if processes > 1 else run_cli("train", config))
+    ok(launch(config, processes, **env))
     return out / "iter-1" / "train"
 
 
@@ -139,7 +139,12 @@ def ddp(tiny, ranked, tmp_path_factory) -> tuple[Path, subprocess.CompletedProce
 
 @pytest.fixture(scope="module")
 def single(tiny, ranked, tmp_path_factory) -> Path:
-    return train(tiny, ranked, tmp_path_factory.mktemp("single"), BATCH4, processes=1)
+    """One process: the Job's command with a world of one, which trains in the launcher's own process."""
+    out = tmp_path_factory.mktemp("single")
+    config, _ = write_config(tiny_spec(tiny, training=BATCH4), ranked, T1, out_dir=out)
+    # torchrun would retry this address for many minutes; a plain process never looks it up.
+    ok(launch(config, processes=1, timeout=600, PET_MASTER_ADDR="no-such-host.invalid"))
+    return out / "iter-1" / "train"
 
 
 def test_pairs_fill_two_steps(ranked: Path) -> None:
@@ -227,12 +232,8 @@ def test_bad_input_exits_2_through_torchrun_and_rank_zero_reports_it(tiny, tmp_p
     assert list((tmp_path / "iter-1").iterdir()) == []  # the temporary directory is gone too
 
 
-def test_a_world_of_one_runs_in_the_launcher_process_without_torchrun(tiny, ranked, tmp_path) -> None:
-    config, _ = write_config(tiny_spec(tiny), ranked, T1, out_dir=tmp_path)
-    # torchrun would retry this address for many minutes; a plain process never looks it up (`single`).
-    proc = launch(config, processes=1, timeout=600, PET_MASTER_ADDR="no-such-host.invalid")
-    ok(proc)
-    assert read_json(tmp_path / "iter-1" / "train" / "_SUCCESS.json")["metrics"]["strategy"] == "single"
+def test_a_world_of_one_runs_in_the_launcher_process_without_torchrun(single: Path) -> None:
+    assert read_json(single / "_SUCCESS.json")["metrics"]["strategy"] == "single"
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

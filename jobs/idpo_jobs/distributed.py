@@ -278,4 +278,4 @@ def launch(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(launch())
+    contract.exit_after(launch)

@@ -27,7 +27,6 @@ import json
 import os
 import random
 import statistics
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,7 +265,8 @@ def score_all(
         if axis.gate is not None and responses is not None:
             own[axis.name] = [row[0] for row in scorer.score(prompts, [[r] for r in responses])]
         del scorer
-        axes.release()
+        if axis is not axis_list[-1]:  # after the last no model loads: a collection would only cost time
+            axes.release()
     if samples is not None and best is None:
         how = ranking.combine.normalize
         best = [axes.best({n: s[i] for n, s in sample_scores.items()}, axis_list, how) for i in range(len(samples))]
@@ -481,4 +481,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":  # the guard matters: vLLM spawns worker processes that re-import this
-    sys.exit(main())
+    contract.exit_after(main)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib
 import math
 import statistics
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -203,6 +202,8 @@ def score_axes(config: RankConfig, rows: list[dict[str, Any]], shard: int) -> tu
             raise contract.StageError(f"axis {axis.name}: its finished chunks do not match this shard's prompts")
         found[axis.name] = [r["scores"] for r in done.rows]
         resumed = min(resumed, done.resumed)
+        if n < len(axis_list) - 1:  # after the last no model loads: a collection would only cost time
+            axes.release()
     return found, resumed
 
 
@@ -228,9 +229,7 @@ def score_axis(
     ident = resume.identity(view, scorer_inputs(config, [axis]), shard=shard)
     work = contract.work_dir(contract.output_dir(config, shard)) / axis.name
     done = resume.chunked(work, ident, rows, resume.chunk_size(spec.chunk_prompts, spec.batch_size), score_chunk)
-    if loaded:
-        loaded.clear()
-        axes.release()
+    loaded.clear()  # the caller releases it
     return done
 
 
@@ -322,4 +321,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    contract.exit_after(main)

@@ -47,6 +47,7 @@ from idpo_operator.spec import DEFAULT_STAGE_IMAGE, GROUP, KIND, PLURAL, VERSION
 from kubernetes import client, config
 
 from tests.harness import chart
+from tests.harness.tiny import tiny_models
 
 HARNESS_AGENT = "idpo-test-harness"
 TESTS = Path(__file__).parents[1]
@@ -109,15 +110,26 @@ path.parent.mkdir(parents=True, exist_ok=True)
 path.touch()
 """
 
-# Builds the tiny models on the claim.
-SEED_SCRIPT = "import sys; from idpo_jobs.tiny import build_tiny; build_tiny(sys.argv[1])"
+# Puts the tiny models on the claim: a copy of the image's (`e2e_layer`), else built there. The builds are seeded,
+# so a copy is what the build would write; it spares each seed Job a build (~10 CPU-s: it trains a tiny PairRM).
+SEED_SCRIPT = """
+import shutil, sys
+from pathlib import Path
+built = Path(sys.prefix, "idpo-tiny")
+if built.is_dir():
+    shutil.copytree(built, sys.argv[1], dirs_exist_ok=True)
+else:
+    from idpo_jobs.tiny import build_tiny
+    build_tiny(sys.argv[1])
+"""
 
 
 def e2e_layer() -> Path:
     """The local plane's version of the Dockerfile's `e2e` target: a virtualenv whose site-packages holds
-    IMAGE_MODULES and takes in this interpreter's own (the node agent puts it first on the image's PATH).
-    In a folder of its own that the pods' user may enter (pytest's temporary folders are private), removed
-    when this process exits."""
+    IMAGE_MODULES and takes in this interpreter's own (the node agent puts it first on the image's PATH), and
+    the tiny models under `idpo-tiny` for SEED_SCRIPT to copy (an image without them builds them). In a folder
+    of its own that the pods' user may enter and read (pytest's temporary folders are private), removed when
+    this process exits."""
     layer = Path(tempfile.mkdtemp(prefix="idpo-e2e-image-"))
     layer.chmod(0o755)
     atexit.register(shutil.rmtree, layer, ignore_errors=True)
@@ -126,6 +138,9 @@ def e2e_layer() -> Path:
     (site / "_idpo_jobs_image.pth").write_text(f"import site; site.addsitedir({sysconfig.get_path('purelib')!r})\n")
     for name, source in IMAGE_MODULES.items():
         shutil.copy(source, site / name)
+    models = shutil.copytree(tiny_models(), layer / "idpo-tiny", ignore=shutil.ignore_patterns("_SUCCESS"))
+    for path in [models, *models.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)  # the cache is private: mkdtemp's folders, 0600 weights
     return layer
 
 
@@ -252,6 +267,8 @@ class Cluster:
         self.liveness, self.metrics_port = "", 0  # each operator start takes free ports (start_operator)
         self.kubectl_bin = kubectl_binary()
         self.policy_overrides: dict[str, Any] = {}  # over `write_policy`'s, for the operator started next
+        self._audit: list[dict[str, Any]] = []  # operator_audit's events so far, and how far it has read
+        self._audit_read = 0
 
     def __enter__(self) -> Cluster:
         self.api = config.new_client_from_config(str(self.kubeconfig))
@@ -294,16 +311,21 @@ class Cluster:
         after another), and not through kubectl (a test's own calls with the operator's token)."""
         namespace, account = chart.service_account(chart.render())
         user = f"system:serviceaccount:{namespace}:{account}"
-        # Complete lines only: the apiserver may be half-way through writing the last one.
-        events = [json.loads(line) for line in self.target.plane.audit_log.read_text().split("\n")[:-1]]
-        return [
+        # Read on from where the last call stopped (tests poll this), complete lines only: the apiserver may be
+        # half-way through writing the last one.
+        with self.target.plane.audit_log.open("rb") as log:
+            log.seek(self._audit_read)
+            lines = log.read().split(b"\n")[:-1]
+        self._audit_read += sum(len(line) + 1 for line in lines)
+        self._audit += [
             e
-            for e in events
+            for e in map(json.loads, lines)
             if e["user"]["username"] == user
             and e.get("objectRef")
             and e["requestReceivedTimestamp"] >= self.since
             and "kubectl" not in e.get("userAgent", "")
         ]
+        return list(self._audit)
 
     def operator_requests(self, prefix: str = "") -> list[tuple[str, str, str]]:
         """(verb, group, resource) of each request the operator's identity made, from the audit log; with
@@ -529,7 +551,14 @@ class Cluster:
         while time.monotonic() < deadline:
             for pod in self.pods(job):
                 name = pod["metadata"]["name"]
-                if pod["status"].get("phase") == "Running" and text in self.kubectl("logs", name).stdout:
+                if pod["status"].get("phase") != "Running":
+                    continue
+                # Through the client, not a kubectl process per poll: pods log for minutes while they import.
+                try:
+                    log = self.core.read_namespaced_pod_log(name, self.namespace, _preload_content=False).data
+                except client.ApiException:  # not serving logs yet (kubectl's output would be empty)
+                    continue
+                if text in log.decode(errors="replace"):
                     return name
             time.sleep(0.2)
         raise AssertionError(f"no pod of {job} logged {text!r}: {json.dumps(self.pods(job))[:2000]}")
