@@ -232,6 +232,45 @@ def test_bad_input_exits_2_through_torchrun_and_rank_zero_reports_it(tiny, tmp_p
     assert list((tmp_path / "iter-1").iterdir()) == []  # the temporary directory is gone too
 
 
+# Rank 0 finds the bad input like every rank, and then never gets to write its report: torchrun stops it.
+RANK_ZERO_NEVER_REPORTS = """
+import os, time
+if os.environ.get("RANK") == "0":
+    from idpo_jobs import contract
+    contract.write_termination_log = lambda config, summary: time.sleep(3600)
+"""
+
+
+def test_a_rank_that_fails_first_is_reported_by_the_launcher_when_rank_zero_could_not(tiny, tmp_path) -> None:
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(RANK_ZERO_NEVER_REPORTS)
+    env = {"PYTHONPATH": f"{tmp_path / 'site'}:{env_with_tests()['PYTHONPATH']}"}
+    config, _ = write_config(tiny_spec(tiny), tmp_path, T1, termination_log=str(tmp_path / "term"))
+    proc = launch(config, **env)  # no rank stage in tmp_path
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "term").read_text())
+    assert summary["stage"] == "train" and summary["iteration"] == 1
+    assert summary["error"].startswith("rank 1: ") and "input stage 'rank' is incomplete" in summary["error"]
+
+
+@pytest.mark.parametrize(
+    ("codes", "cause"),
+    [
+        ({0: -15, 1: 2}, 1),  # torchrun stopped rank 0 after rank 1 found the bad input
+        ({0: -9, 1: 1}, 0),  # rank 0 OOM-killed; rank 1's collective failed after it
+        ({0: -15, 1: 75, 2: 1}, 2),  # two errors of their own: the earlier one
+        ({0: -15, 1: -15}, 0),
+    ],
+)
+def test_the_reported_failure_is_the_cause_not_what_torchrun_did_to_the_others(codes, cause) -> None:
+    from types import SimpleNamespace
+
+    from idpo_jobs.distributed import first_failure
+
+    failures = {rank: SimpleNamespace(exitcode=code, timestamp=100 + (rank == 1)) for rank, code in codes.items()}
+    assert first_failure(failures)[0] == cause
+
+
 def test_a_world_of_one_runs_in_the_launcher_process_without_torchrun(single: Path) -> None:
     assert read_json(single / "_SUCCESS.json")["metrics"]["strategy"] == "single"
 

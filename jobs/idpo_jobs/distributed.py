@@ -24,8 +24,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from idpo_jobs import contract
-from idpo_jobs.config import load_stage_config
+from idpo_jobs.config import StageConfig, load_stage_config
 
 CONTROL_TIMEOUT = datetime.timedelta(hours=2)
 SCRATCH = ".shared"  # inside rank 0's temporary directory; removed before it is published
@@ -179,8 +181,12 @@ def _follow(ranks: Team, config_type: type[contract.C], compute: contract.Comput
         config = load_stage_config(args.config, config_type)
         compute(config, Path(out), shard)  # type: ignore[arg-type]
     except Exception as err:
-        # The same exit status as rank 0 would give, so the launcher reports the cause, not a symptom.
+        # The same exit status as rank 0 would give, so the launcher reports the cause, not a symptom; and the
+        # message in torchrun's error file, which the launcher reports should torchrun stop rank 0 first.
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
         print(f"error (rank {ranks.world.rank}): {err}", file=sys.stderr, flush=True)
+        ErrorHandler().record_exception(err)
         return contract.exit_code(err)
     ranks.wait()
     return 0
@@ -251,6 +257,50 @@ def exit_status(code: int) -> int:
     return code if code > 0 else 128 - code if code < 0 else contract.EXIT_FAILED
 
 
+def first_failure(failures: dict[int, Any]) -> tuple[int, Any]:
+    """The rank whose failure is the stage's, of torchrun's `ProcessFailure`s. Once one rank fails torchrun
+    stops the others with SIGTERM, and a rank whose peer died fails its next collective: neither is the
+    cause, and their whole-second timestamps cannot tell. So, earliest first within each: a verdict on the
+    input every rank reaches alike (bad input, a full volume), then a death by another signal (the kernel's
+    OOM kill), then any other error of a rank's own, then torchrun's SIGTERMs."""
+
+    def cause(rank: int) -> tuple[int, int, int]:
+        code = failures[rank].exitcode
+        if code in (contract.EXIT_BAD_INPUT, contract.EXIT_VOLUME_FULL):
+            kind = 0
+        elif code < 0:
+            kind = 3 if -code == signal.SIGTERM else 1
+        else:
+            kind = 2
+        return kind, failures[rank].timestamp, rank
+
+    rank = min(failures, key=cause)
+    return rank, failures[rank]
+
+
+def report_unreported(stage_args: list[str], rank: int, failure: Any) -> None:
+    """Rank 0 writes the stage's termination log, but a rank that fails first (the same bad input, found a
+    moment sooner) makes torchrun stop rank 0, perhaps before it has. Then the launcher writes it, from
+    the failed rank's torchrun error file."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config")
+    config = load_stage_config(parser.parse_known_args(stage_args)[0].config, StageConfig)
+    path = contract.termination_log_path(config)
+    if path is None:
+        return
+    try:
+        reported = json.loads(path.read_text())
+    except (OSError, ValueError):
+        reported = None  # none yet, or cut short by the SIGTERM
+    if isinstance(reported, dict) and reported.get("error"):
+        return  # rank 0's own
+    message = failure.message["message"] if isinstance(failure.message, dict) else failure.message
+    summary: dict[str, Any] = {"stage": config.stage.value, "iteration": config.iteration}
+    if failure.exitcode == contract.EXIT_VOLUME_FULL:
+        summary["reason"] = contract.VOLUME_FULL
+    contract.write_termination_log(config, summary | {"error": f"rank {rank}: {message}"[:3000]})
+
+
 def launch(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m idpo_jobs.distributed", description=__doc__.split("\n")[0])
     parser.add_argument("stage", choices=sorted(STAGES))
@@ -271,8 +321,9 @@ def launch(argv: list[str] | None = None) -> int:
     except ChildFailedError as err:
         # torchrun itself exits 1 for any failure; the first failed rank's status keeps the stage's
         # meaning (2: bad input, not retried by the Job's podFailurePolicy).
-        rank, failure = err.get_first_failure()
+        rank, failure = first_failure(err.failures)
         print(f"error: rank {rank} exited with {failure.exitcode}", file=sys.stderr, flush=True)
+        report_unreported(stage_args, rank, failure)
         return exit_status(failure.exitcode)
     return 0
 
