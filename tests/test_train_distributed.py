@@ -232,12 +232,13 @@ def test_bad_input_exits_2_through_torchrun_and_rank_zero_reports_it(tiny, tmp_p
     assert list((tmp_path / "iter-1").iterdir()) == []  # the temporary directory is gone too
 
 
-# Rank 0 finds the bad input like every rank, and then never gets to write its report: torchrun stops it.
+# Rank 0 is slower to look at its input than rank 1 (here: forever), so torchrun stops it with its temporary
+# output in place and nothing reported.
 RANK_ZERO_NEVER_REPORTS = """
 import os, time
 if os.environ.get("RANK") == "0":
     from idpo_jobs import contract
-    contract.write_termination_log = lambda config, summary: time.sleep(3600)
+    contract.require_input = lambda *args: time.sleep(3600)
 """
 
 
@@ -251,6 +252,7 @@ def test_a_rank_that_fails_first_is_reported_by_the_launcher_when_rank_zero_coul
     summary = json.loads((tmp_path / "term").read_text())
     assert summary["stage"] == "train" and summary["iteration"] == 1
     assert summary["error"].startswith("rank 1: ") and "input stage 'rank' is incomplete" in summary["error"]
+    assert list((tmp_path / "iter-1").iterdir()) == []  # rank 0's temporary directory too, which it could not
 
 
 @pytest.mark.parametrize(

@@ -278,13 +278,20 @@ def first_failure(failures: dict[int, Any]) -> tuple[int, Any]:
     return rank, failures[rank]
 
 
-def report_unreported(stage_args: list[str], rank: int, failure: Any) -> None:
-    """Rank 0 writes the stage's termination log, but a rank that fails first (the same bad input, found a
-    moment sooner) makes torchrun stop rank 0, perhaps before it has. Then the launcher writes it, from
-    the failed rank's torchrun error file."""
+def after_failure(stage_args: list[str], rank: int, failure: Any) -> None:
+    """Do what rank 0 would have, had torchrun not stopped it: a rank that fails first (the same bad input,
+    found a moment sooner) makes torchrun SIGTERM rank 0, perhaps before it removed its temporary output and
+    wrote the termination log. On rank 0's node, once every worker has exited, the launcher removes the
+    part's leftovers and, if rank 0 wrote no report, writes one from the failed rank's torchrun error file."""
+    if os.environ.get("PET_NODE_RANK", "0") != "0":
+        return  # rank 0's node reports; the other pods' termination logs stay empty
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--config")
-    config = load_stage_config(parser.parse_known_args(stage_args)[0].config, StageConfig)
+    try:
+        config = load_stage_config(parser.parse_known_args(stage_args)[0].config, StageConfig)
+    except Exception:  # a config no rank could read: rank 0 said why itself
+        return
+    contract.remove_leftovers(contract.output_dir(config, contract.shard_index(config)))
     path = contract.termination_log_path(config)
     if path is None:
         return
@@ -323,7 +330,7 @@ def launch(argv: list[str] | None = None) -> int:
         # meaning (2: bad input, not retried by the Job's podFailurePolicy).
         rank, failure = first_failure(err.failures)
         print(f"error: rank {rank} exited with {failure.exitcode}", file=sys.stderr, flush=True)
-        report_unreported(stage_args, rank, failure)
+        after_failure(stage_args, rank, failure)
         return exit_status(failure.exitcode)
     return 0
 
