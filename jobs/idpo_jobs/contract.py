@@ -390,11 +390,12 @@ def exit_after(main: Callable[[], int]) -> NoReturn:
 
     A stage's work is durable once `main` returns (published, summary written), and the process then only
     has to end. CPython would still free every module and object one by one before it does: with torch and
-    transformers loaded that is ~2 CPU-seconds (a quarter of a tiny stage's whole process, under load;
-    bench/results/exit.json), paid by every stage pod. So the usual shutdown runs — non-daemon threads are
-    joined, every atexit handler registered after this one runs (they run last-registered-first: MLflow's,
-    torch's, multiprocessing's, tempfile's) — and then, logs and stdio flushed, `os._exit` ends it. A `main`
-    that raises (a crash, Ctrl-C) takes the ordinary way out, with its usual exit status."""
+    transformers loaded that is ~1.5 CPU-seconds, a fifth of a process that loads a tiny model and exits
+    (bench/results/exit.json; ~1.8 on a loaded machine), paid by every stage pod. So the usual shutdown
+    runs — non-daemon threads are joined, every atexit handler registered after this one runs (they run
+    last-registered-first: MLflow's, torch's, multiprocessing's, tempfile's) — and then, logs and stdio
+    flushed, `os._exit` ends it. A `main` that raises (a crash, Ctrl-C) takes the ordinary way out, with its
+    usual exit status."""
     status: list[int] = []
 
     def end_without_teardown() -> None:
