@@ -120,6 +120,13 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         )
 
 
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """The random order's seed at the end too: `-q` (the README's command) hides pytest-randomly's header."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int):
+        terminalreporter.write_line(f"random order: -p randomly --randomly-seed={seed} repeats it")
+
+
 def env_with_tests() -> dict[str, str]:
     """Stage subprocesses import test reward functions from tests/."""
     path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
