@@ -326,7 +326,7 @@ def launch(argv: list[str] | None = None) -> int:
     try:
         torchrun.run(torchrun.parse_args(torchrun_args(module, stage_args)))
     except ChildFailedError as err:
-        # torchrun itself exits 1 for any failure; the first failed rank's status keeps the stage's
+        # torchrun itself exits 1 for any failure; the status of the rank that caused it keeps the stage's
         # meaning (2: bad input, not retried by the Job's podFailurePolicy).
         rank, failure = first_failure(err.failures)
         print(f"error: rank {rank} exited with {failure.exitcode}", file=sys.stderr, flush=True)
