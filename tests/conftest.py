@@ -108,6 +108,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(pytest.mark.xdist_group(group))
 
 
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadgroup`, its units dealt longest first (tests/schedule.py)."""
+    if config.getoption("dist") == "loadgroup":
+        from tests.schedule import LongestFirst
+
+        return LongestFirst(config, log)
+    return None
+
+
 @pytest.hookimpl(trylast=True)  # after xdist's, which names each grouped test `<id>@<group>` for its scheduler
 def pytest_collection_finish(session: pytest.Session) -> None:
     if not getattr(session.config.option, "loadgroup", False):

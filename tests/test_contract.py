@@ -416,3 +416,34 @@ def test_a_main_that_raises_exits_the_ordinary_way(tmp_path: Path) -> None:
     )
     assert done.returncode == 1 and "RuntimeError: boom" in done.stderr
     assert (tmp_path / "atexit").exists() and (tmp_path / "teardown").exists()
+
+
+STARTING = """
+import json, sys
+from idpo_jobs import contract
+
+def main() -> int:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: F401
+    from trl import DPOTrainer  # noqa: F401
+
+    print(json.dumps({name: name in sys.modules for name in ("sklearn", "scipy", "trl")}))
+    return 0
+
+if sys.argv[1] == "stage":
+    contract.exit_after(main)
+sys.exit(main())
+"""
+
+
+def test_a_stage_process_loads_transformers_and_trl_without_the_optional_packages_no_stage_uses() -> None:
+    import json
+    import subprocess
+    import sys
+
+    def imported(how: str) -> dict[str, bool]:
+        done = subprocess.run([sys.executable, "-c", STARTING, how], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    assert imported("plain") == {"sklearn": True, "scipy": True, "trl": True}  # installed, so transformers loads them
+    assert imported("stage") == {"sklearn": False, "scipy": False, "trl": True}

@@ -28,7 +28,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from idpo_jobs import durable
+from idpo_jobs import durable, startup
 from idpo_jobs.config import PVC_CLAIM_ENV, SUCCESS_FILE, Stage, StageConfig, load_stage_config, part_name, volume_root
 
 SHARDED_STAGES = {Stage.GENERATE, Stage.RANK}
@@ -391,11 +391,12 @@ def exit_after(main: Callable[[], int]) -> NoReturn:
     A stage's work is durable once `main` returns (published, summary written), and the process then only
     has to end. CPython would still free every module and object one by one before it does: with torch and
     transformers loaded that is ~1.5 CPU-seconds, a fifth of a process that loads a tiny model and exits
-    (bench/results/exit.json; ~1.8 on a loaded machine), paid by every stage pod. So the usual shutdown
-    runs — non-daemon threads are joined, every atexit handler registered after this one runs (they run
-    last-registered-first: MLflow's, torch's, multiprocessing's, tempfile's) — and then, logs and stdio
-    flushed, `os._exit` ends it. A `main` that raises (a crash, Ctrl-C) takes the ordinary way out, with its
-    usual exit status."""
+    (bench/startup.py, bench/results/exit.json; ~1.8 on a loaded machine), paid by every stage pod. So the
+    usual shutdown runs — non-daemon threads are joined, every atexit handler registered after this one runs
+    (they run last-registered-first: MLflow's, torch's, multiprocessing's, tempfile's) — and then, logs and
+    stdio flushed, `os._exit` ends it. A `main` that raises (a crash, Ctrl-C) takes the ordinary way out, with its
+    usual exit status. The start is lean too: `startup.skip_unused_imports`."""
+    startup.skip_unused_imports()
     status: list[int] = []
 
     def end_without_teardown() -> None:

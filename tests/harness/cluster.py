@@ -342,6 +342,10 @@ class Cluster:
     def operator_calls(self, prefix: str = "") -> set[tuple[str, str, str]]:
         return set(self.operator_requests(prefix))
 
+    def wait_for_calls(self, calls: set[tuple[str, str, str]]) -> None:
+        """Until the operator made `calls`: one it makes on starting (a watch) reaches the audit log a moment later."""
+        self._wait_for(lambda: self.operator_calls() >= calls, f"operator calls {sorted(calls)}")
+
     # -- the operator process ---------------------------------------------------------------------
     def start_operator(self) -> None:
         # Ports free now: one probed when the cluster began may have gone to another process since.

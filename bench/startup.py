@@ -1,13 +1,18 @@
-"""What a stage process's exit costs: CPython's teardown against `contract.exit_after`'s.
+"""What a stage process's start and exit cost, with and without what `contract.exit_after` does about them.
 
-    python bench/exit.py                      # 6 rounds, each a pair of processes run one after the other
-    python bench/exit.py --rounds 10 --out bench/results/exit.json
+    python bench/startup.py                      # 6 rounds, each a process of every kind, one after the other
+    python bench/startup.py --rounds 10 --out bench/results/startup.json
 
 Each process imports what a train stage imports (torch, transformers' model classes, TRL's DPOTrainer),
-loads the tiny policy, and exits: with `sys.exit(0)` (the interpreter frees every module and object
-first) or through `contract.exit_after` (the atexit handlers run, the teardown does not). The two kinds
-alternate so that a machine's noise falls on both. Prints the mean CPU seconds (user + system, from the
-child's rusage) and wall seconds of each kind, and their difference.
+loads the tiny policy, and exits, in one of three ways:
+
+- `plain`: imports as they come, then `sys.exit(0)` (the interpreter frees every module and object first);
+- `lean`: `startup.skip_unused_imports()` first (transformers leaves scikit-learn out), then `sys.exit(0)`;
+- `stage`: through `contract.exit_after`, as every stage process does: a lean start, no teardown.
+
+The kinds alternate so that a machine's noise falls on all of them. Prints the mean CPU seconds (user +
+system, from the child's rusage) and wall seconds of each kind, and what the start and the exit save.
+(bench/results/exit.json is this benchmark before the lean start, when it compared `plain` and `stage`.)
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 
 STAGE = """
 import sys
-from idpo_jobs import contract
+from idpo_jobs import contract, startup
 
 def main() -> int:
     import torch
@@ -34,10 +39,13 @@ def main() -> int:
     AutoModelForCausalLM.from_pretrained(sys.argv[1])
     return 0
 
-if sys.argv[2] == "teardown":
-    sys.exit(main())
-contract.exit_after(main)
+if sys.argv[2] == "stage":
+    contract.exit_after(main)
+if sys.argv[2] == "lean":
+    startup.skip_unused_imports()
+sys.exit(main())
 """
+KINDS = ("plain", "lean", "stage")
 
 
 def one(model: Path, how: str) -> tuple[float, float]:
@@ -57,11 +65,11 @@ def main() -> None:
     from idpo_jobs.tiny import ensure_tiny, tiny_cache
 
     model = ensure_tiny(tiny_cache()) / "policy"
-    runs: dict[str, list[tuple[float, float]]] = {"teardown": [], "exit_after": []}
+    runs: dict[str, list[tuple[float, float]]] = {how: [] for how in KINDS}
     for _ in range(args.rounds):
-        for how in runs:
+        for how in KINDS:
             runs[how].append(one(model, how))
-    result = {
+    result: dict[str, object] = {
         how: {
             "cpu_s": statistics.mean(c for c, _ in done),
             "wall_s": statistics.mean(w for _, w in done),
@@ -69,10 +77,13 @@ def main() -> None:
         }
         for how, done in runs.items()
     }
-    result["saved_cpu_s"] = result["teardown"]["cpu_s"] - result["exit_after"]["cpu_s"]
-    result["rounds"] = args.rounds
-    result["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
-    result["cpus"] = os.cpu_count()
+    cpu = {how: statistics.mean(c for c, _ in done) for how, done in runs.items()}
+    result["saved_cpu_s"] = {
+        "lean_start": cpu["plain"] - cpu["lean"],
+        "exit": cpu["lean"] - cpu["stage"],
+        "both": cpu["plain"] - cpu["stage"],
+    }
+    result |= {"rounds": args.rounds, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count()}
     print(json.dumps(result, indent=1))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
