@@ -320,16 +320,24 @@ def test_suspend_holds_new_stages_and_resume_continues(cluster: Cluster) -> None
 
 def test_the_liveness_endpoint_reports_reconciles(cluster: Cluster) -> None:
     import json
+    import urllib.error
     import urllib.request
 
     def reconciles() -> int:
         return json.loads(urllib.request.urlopen(cluster.liveness, timeout=10).read())["reconciles"]
 
-    before = reconciles()
+    # Poll, as a kubelet's probe would: the endpoint serves once the operator has started (this module's
+    # operator may have started a moment ago), and kopf serves its value from a cache of some seconds.
+    deadline = time.monotonic() + 60 * cluster.patience
+    while True:
+        try:
+            before = reconciles()
+            break
+        except urllib.error.URLError:
+            assert time.monotonic() < deadline, "the liveness endpoint never answered"
+            time.sleep(1)
     assert cluster.apply(run_manifest("probed", iterations=1, suspend=True)).returncode == 0
     cluster.wait_phase("probed", "Suspended", timeout=60)  # a reconcile wrote that
-    # kopf serves a probe's value from a cache of some seconds: poll, as a kubelet's probe would.
-    deadline = time.monotonic() + 60 * cluster.patience
     while (count := reconciles()) <= before:
         assert time.monotonic() < deadline, f"reconciles stayed at {count}"
         time.sleep(1)

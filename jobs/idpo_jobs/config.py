@@ -189,6 +189,11 @@ class GenerationSpec(Model):
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel degree (GPUs per pod).")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1.0, description="vLLM GPU memory fraction.")
     max_model_length: int | None = Field(None, ge=16, description="vLLM max context; None: model's.")
+    enforce_eager: bool = Field(
+        False,
+        description="vLLM without CUDA graphs (torch.compile on its CPU backend): starts faster and holds less "
+        "memory, decodes slower; for short runs and debugging.",
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Weights dtype.")
     shards: int = Field(1, ge=1, le=256, description="Parallel pods (Indexed Job completions).")
     chunk_prompts: int = Field(

@@ -122,6 +122,7 @@ class VLLMEngine(Engine):
             "gpu_memory_utilization": spec.gpu_memory_utilization,
             "seed": self.seed,
             "trust_remote_code": self.trust_remote_code,
+            "enforce_eager": spec.enforce_eager,
         }
         if spec.max_model_length:
             kwargs["max_model_len"] = spec.max_model_length
