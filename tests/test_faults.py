@@ -352,6 +352,11 @@ def test_a_leader_paused_past_its_lease_writes_nothing_once_another_took_over(cl
     try:
         assert cluster.apply(run_manifest("paused", iterations=1)).returncode == 0
         cluster.wait("paused", lambda s: s.get("currentStage") == "rank")
+        # That step's Events go out after its status write, off the reconcile's path (apply.py): let them land
+        # (the wait above sees the status at once). An Event already past its `leading()` check when the
+        # process stops is sent when it resumes, as client-go's would be: what this test is about is what the
+        # old leader decides and writes after it lost the Lease.
+        time.sleep(2)
         old = identity(first_log)
         os.killpg(first.pid, signal.SIGSTOP)  # as a node's freeze or a long GC pause would
         patience = 90 * cluster.patience
