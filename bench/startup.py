@@ -4,10 +4,11 @@
     python bench/startup.py --rounds 10 --out bench/results/startup.json
 
 Each process imports what a train stage imports (torch, transformers' model classes, TRL's DPOTrainer),
-loads the tiny policy, and exits, in one of three ways:
+loads the tiny policy and its tokenizer, and exits, in one of three ways:
 
 - `plain`: imports as they come, then `sys.exit(0)` (the interpreter frees every module and object first);
-- `lean`: `startup.skip_unused_imports()` first (transformers leaves scikit-learn out), then `sys.exit(0)`;
+- `lean`: `startup.skip_unused_imports()` first (transformers leaves scikit-learn and mistral-common out),
+  then `sys.exit(0)`;
 - `stage`: through `contract.exit_after`, as every stage process does: a lean start, no teardown.
 
 The kinds alternate so that a machine's noise falls on all of them. Prints the mean CPU seconds (user +
@@ -33,10 +34,11 @@ from idpo_jobs import contract, startup
 
 def main() -> int:
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOTrainer  # noqa: F401
 
     AutoModelForCausalLM.from_pretrained(sys.argv[1])
+    AutoTokenizer.from_pretrained(sys.argv[1])
     return 0
 
 if sys.argv[2] == "stage":

@@ -33,9 +33,12 @@ def run_module(module: Path, root: Path, seed: int | None) -> tuple[str, int, fl
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={root / module.stem}"]
     if seed is not None:
         command.append(f"--randomly-seed={seed}")
+    # The tools the tests run (kubectl, hadolint) are installed beside this interpreter: found as in an
+    # activated virtualenv, however this script was started.
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     started = time.monotonic()
     with tempfile.TemporaryFile("w+") as out:
-        process = subprocess.Popen([*command, str(module.relative_to(ROOT))], cwd=ROOT, stdout=out, stderr=out)
+        process = subprocess.Popen([*command, str(module.relative_to(ROOT))], cwd=ROOT, stdout=out, stderr=out, env=env)
         _, status, usage = os.wait4(process.pid, 0)  # wait4: this child's tree's rusage, not the whole runner's
         process.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)

@@ -423,10 +423,11 @@ import json, sys
 from idpo_jobs import contract
 
 def main() -> int:
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
     from trl import DPOTrainer  # noqa: F401
 
-    print(json.dumps({name: name in sys.modules for name in ("sklearn", "scipy", "trl")}))
+    AutoTokenizer.from_pretrained(sys.argv[2])  # a Mistral-family tokenizer, as the tiny models' is
+    print(json.dumps({name: name in sys.modules for name in ("sklearn", "scipy", "mistral_common", "trl")}))
     return 0
 
 if sys.argv[1] == "stage":
@@ -435,15 +436,19 @@ sys.exit(main())
 """
 
 
-def test_a_stage_process_loads_transformers_and_trl_without_the_optional_packages_no_stage_uses() -> None:
+def test_a_stage_process_loads_transformers_and_trl_without_the_optional_packages_no_stage_uses(
+    tiny: dict[str, Path],
+) -> None:
     import json
     import subprocess
     import sys
 
     def imported(how: str) -> dict[str, bool]:
-        done = subprocess.run([sys.executable, "-c", STARTING, how], capture_output=True, text=True, timeout=120)
+        command = [sys.executable, "-c", STARTING, how, str(tiny["policy"])]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
 
-    assert imported("plain") == {"sklearn": True, "scipy": True, "trl": True}  # installed, so transformers loads them
-    assert imported("stage") == {"sklearn": False, "scipy": False, "trl": True}
+    installed = {"sklearn": True, "scipy": True, "mistral_common": True, "trl": True}
+    assert imported("plain") == installed  # installed, so transformers loads them
+    assert imported("stage") == installed | {"sklearn": False, "scipy": False, "mistral_common": False}
